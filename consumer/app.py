@@ -1,0 +1,124 @@
+"""Assemble the service from settings: encoder, tag system, LLM, core, metrics, health."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumer.config import Settings
+from consumer.core import TaggingCore
+from consumer.health import HealthServer, HealthState
+from consumer.llm import SelectiveTagger
+from consumer.llm_server import LocalLLM
+from consumer.metrics import Metrics
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem, build_tag_system, load_sample_tags
+
+log = structlog.get_logger(__name__)
+
+
+def sample_tag_system(encoder: OnnxEncoder) -> TagSystem:
+    """The built-in demo vocabulary, embedded with `encoder`."""
+    tags, gate, version = load_sample_tags()
+    return build_tag_system("sample", version, tags, encoder.encode, encoder.name, gate)
+
+
+def load_tag_system(path: Path | None, encoder: OnnxEncoder) -> TagSystem:
+    if path is None:
+        ts = sample_tag_system(encoder)
+        log.info("tag_system_sample", version=ts.version_id, tags=len(ts.tags))
+        return ts
+    ts = TagSystem.load(path)
+    log.info("tag_system_loaded", path=str(path), version=ts.version_id, tags=len(ts.tags))
+    return ts
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    metrics: Metrics
+    core: TaggingCore
+    health: HealthState
+    local_llm: LocalLLM | None
+
+
+@contextlib.contextmanager
+def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -> Iterator[Stack]:
+    """Everything but Kafka; stops the local LLM and the LLM thread pool on exit."""
+    metrics = Metrics(registry)
+    encoder = OnnxEncoder(settings.model, model_dir=settings.model_dir, device=settings.device)
+    log.info("encoder_loaded", encoder=encoder.id, device=encoder.device)
+    ts = load_tag_system(settings.tag_system, encoder)
+    local: LocalLLM | None = None
+    tagger: SelectiveTagger | None = None
+    llm = settings.llm.strip()
+    try:
+        if llm.lower() == "local":
+            local = LocalLLM().start()
+            tagger = SelectiveTagger(
+                local.base_url,
+                local.model,
+                SecretStr(""),
+                timeout_s=settings.llm_timeout_s,
+                max_tokens=settings.llm_max_tokens,
+                metrics=metrics,
+            )
+        elif llm.lower() not in ("", "none", "off"):
+            tagger = SelectiveTagger(
+                llm,
+                settings.llm_model,
+                settings.llm_api_key,
+                timeout_s=settings.llm_timeout_s,
+                max_tokens=settings.llm_max_tokens,
+                metrics=metrics,
+            )
+        core = TaggingCore(
+            encoder,
+            ts,
+            tagger=tagger,
+            metrics=metrics,
+            llm_concurrency=settings.llm_concurrency,
+            max_field_chars=settings.max_field_chars,
+            emit_embedding=settings.emit_embedding,
+        )
+        health = HealthState(settings.max_poll_interval_ms / 1000)
+        core.warm_up()
+        health.warmed = True
+        try:
+            yield Stack(settings, metrics, core, health, local)
+        finally:
+            core.close()
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def run_service(settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    """`tagstream run`: serve until SIGTERM/SIGINT, then finish the batch, commit, exit."""
+    from consumer.runner import KafkaService
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    with build_stack(settings, registry) as stack:
+        server = HealthServer(
+            stack.metrics.registry, stack.health, settings.metrics_host, settings.metrics_port
+        ).start()
+        log.info("metrics_listening", host=settings.metrics_host, port=server.port)
+        try:
+            KafkaService(settings, stack.core, stack.metrics, stack.health).run(stop)
+        finally:
+            server.stop()

@@ -1,0 +1,240 @@
+"""The `tagstream` command. Every option is also an environment variable `TAGSTREAM_…`."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from consumer import logs
+from tagsys.errors import TagstreamError
+
+app = typer.Typer(
+    help="Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, "
+    "selective LLM, tag events out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+
+
+class DeviceChoice(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _env(name: str) -> str:
+    return f"TAGSTREAM_{name.upper()}"
+
+
+Bootstrap = Annotated[
+    str,
+    typer.Option(envvar=_env("bootstrap_servers"), help="Kafka bootstrap servers, HOST:PORT[,…]."),
+]
+ModelOpt = Annotated[str, typer.Option(envvar=_env("model"), help="Encoder name.")]
+ModelDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar=_env("model_dir"),
+        help="Where exported encoders live [default: ~/.cache/tagstream/models].",
+    ),
+]
+LogLevel = Annotated[str, typer.Option(envvar=_env("log_level"), help="debug, info, warning.")]
+
+
+@app.command()
+def run(
+    bootstrap_servers: Bootstrap = "127.0.0.1:9092",
+    input_topic: Annotated[str, typer.Option(envvar=_env("input_topic"))] = "uploads",
+    output_topic: Annotated[str, typer.Option(envvar=_env("output_topic"))] = "tags",
+    group_id: Annotated[str, typer.Option(envvar=_env("group_id"))] = "tagstream",
+    tag_system: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("tag_system"), help="Tag-system folder [default: the built-in sample]."
+        ),
+    ] = None,
+    llm: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("llm"),
+            help="'none', 'local' (start the bundled SmolLM2 llama.cpp server) or the base URL "
+            "of an OpenAI-compatible API, e.g. http://host:8000/v1.",
+        ),
+    ] = "none",
+    llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
+    llm_api_key: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("llm_api_key"),
+            show_default=False,
+            help="API key for the LLM endpoint (kept secret: never logged).",
+        ),
+    ] = "",
+    llm_concurrency: Annotated[
+        int, typer.Option(envvar=_env("llm_concurrency"), help="Concurrent LLM requests.")
+    ] = 4,
+    llm_timeout_s: Annotated[float, typer.Option(envvar=_env("llm_timeout_s"))] = 30.0,
+    model: ModelOpt = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+    device: Annotated[
+        DeviceChoice,
+        typer.Option(envvar=_env("device"), help="Where the encoder runs (auto: CUDA if usable)."),
+    ] = DeviceChoice.auto,
+    batch_size: Annotated[int, typer.Option(envvar=_env("batch_size"))] = 64,
+    batch_timeout_s: Annotated[float, typer.Option(envvar=_env("batch_timeout_s"))] = 0.05,
+    emit_embedding: Annotated[
+        bool,
+        typer.Option(
+            envvar=_env("emit_embedding"), help="Put the content embedding on each tag event."
+        ),
+    ] = False,
+    metrics_host: Annotated[str, typer.Option(envvar=_env("metrics_host"))] = "0.0.0.0",
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("metrics_port"), help="Port for /metrics, /healthz, /readyz (0: any)."
+        ),
+    ] = 9108,
+    session_timeout_ms: Annotated[int, typer.Option(envvar=_env("session_timeout_ms"))] = 10000,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the service until SIGTERM/SIGINT; then finish the batch, commit and exit 0."""
+    from pydantic import SecretStr
+
+    from consumer.app import run_service
+    from consumer.config import Settings
+
+    logs.configure(log_level)
+    settings = Settings(
+        bootstrap_servers=bootstrap_servers,
+        input_topic=input_topic,
+        output_topic=output_topic,
+        group_id=group_id,
+        tag_system=tag_system,
+        llm=llm,
+        llm_model=llm_model,
+        llm_api_key=SecretStr(llm_api_key),
+        llm_concurrency=llm_concurrency,
+        llm_timeout_s=llm_timeout_s,
+        model=model,
+        model_dir=model_dir,
+        device=device.value,
+        batch_size=batch_size,
+        batch_timeout_s=batch_timeout_s,
+        emit_embedding=emit_embedding,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        session_timeout_ms=session_timeout_ms,
+    )
+    run_service(settings)
+
+
+@app.command()
+def send(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSONL file, one upload event per line ('-' for stdin).", allow_dash=True
+        ),
+    ],
+    bootstrap_servers: Bootstrap = "127.0.0.1:9092",
+    topic: Annotated[str, typer.Option(envvar=_env("input_topic"))] = "uploads",
+) -> None:
+    """Produce events from a JSONL file (key = the event's id); lines are sent as they are."""
+    from consumer.send import send_lines
+
+    if str(file) == "-":
+        n = send_lines(bootstrap_servers, topic, sys.stdin.buffer)
+    else:
+        with file.open("rb") as f:
+            n = send_lines(bootstrap_servers, topic, f)
+    err.print(f"sent {n} records to {topic}")
+
+
+@app.command()
+def demo(
+    json: Annotated[
+        bool, typer.Option("--json", help="Last stdout line: one JSON summary.")
+    ] = False,
+    llm: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("demo_llm"), help="'local' (bundled SmolLM2), 'none', or a base URL."
+        ),
+    ] = "local",
+    model: ModelOpt = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Embedded broker + local LLM + the sample events through the whole path, then a summary."""
+    from consumer.demo import print_report, run_demo
+
+    logs.configure(log_level)
+    res = run_demo(llm=llm, model=model, model_dir=model_dir, console=err)
+    print_report(res, err)
+    if json:
+        sys.stdout.write(orjson.dumps(res.summary()).decode() + "\n")
+    if res.events_out != res.events_in:
+        raise typer.Exit(1)
+
+
+@app.command("export-onnx")
+def export_onnx(
+    model: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("model"),
+            help="Known encoder name, a Hugging Face model folder, or a hub id (needs hub access).",
+        ),
+    ] = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Re-export even if a verified export exists.")
+    ] = False,
+    fp16: Annotated[bool, typer.Option(help="Also write the fp16 (GPU) variant.")] = True,
+) -> None:
+    """(Re)export an encoder to ONNX: fp32, int8 per-channel (CPU) and fp16 (GPU) + manifest."""
+    from models_onnx.export import export_encoder
+
+    logs.configure("warning")
+    out = export_encoder(model, model_dir, force=force, fp16=fp16, step=lambda s: err.print(s))
+    err.print(f"[green]ok[/] {out}")
+
+
+@app.command("llm-serve")
+def llm_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 2,
+) -> None:
+    """Serve the bundled SmolLM2-135M-Instruct as an OpenAI-compatible API (foreground)."""
+    import os
+
+    from consumer.llm_server import serve
+
+    serve(port, parallel, 2048, os.cpu_count() or 2)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return app(args=argv, standalone_mode=True)
+    except TagstreamError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise SystemExit(2) from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        err.print(f"[red]invalid setting[/] {where}: {first['msg']}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Service settings: every field is also an environment variable `TAGSTREAM_<FIELD>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "uploads"
+    output_topic: str = "tags"
+    group_id: str = "tagstream"
+    tag_system: Path | None = None
+    model: str = "all-MiniLM-L6-v2"
+    model_dir: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "none", "local" (start the bundled llama.cpp server) or an OpenAI-compatible base URL
+    llm: str = "none"
+    llm_model: str = "smollm2"
+    llm_api_key: SecretStr = SecretStr("")
+    llm_concurrency: int = Field(4, ge=1, le=256)
+    llm_timeout_s: float = Field(30.0, gt=0)
+    llm_max_tokens: int = Field(96, ge=8)
+    batch_size: int = Field(64, ge=1, le=4096)
+    batch_timeout_s: float = Field(0.05, ge=0)
+    max_field_chars: int = Field(2000, ge=16)
+    max_event_bytes: int = Field(1 << 20, ge=64)
+    emit_embedding: bool = False
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    session_timeout_ms: int = Field(10000, ge=1000)
+    max_poll_interval_ms: int = Field(300000, ge=10000)
+    ce_source: str = "tagstream"
+    security_protocol: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings shared by consumer and producer; secrets revealed only here."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if self.security_protocol:
+            conf["security.protocol"] = self.security_protocol
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf

@@ -1,0 +1,179 @@
+"""The tagging core: events in, decisions out. No Kafka here.
+
+The confluent-kafka runtime, the (coming) Faust runtime and `tagstream eval` all call this
+one class, so a quality figure is a figure of the product.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
+from consumer.llm import LLMAnswer, SelectiveTagger
+from consumer.metrics import Metrics
+from models_onnx import OnnxEncoder
+from tagsys import Decision, TagSystem, decide, shortlist
+
+
+@dataclass
+class TagResult:
+    event: UploadEvent
+    decision: Decision
+    tags: list[tuple[int, float, str]]  # (tag index, score, source)
+    llm_asked: bool
+    shortlist: list[tuple[int, float]] = field(default_factory=list)
+    embedding: npt.NDArray[np.float32] | None = None
+    llm_status: str | None = None
+
+    @property
+    def needs_review(self) -> bool:
+        return self.decision is Decision.REVIEW
+
+
+class TaggingCore:
+    def __init__(
+        self,
+        encoder: OnnxEncoder,
+        tag_system: TagSystem,
+        *,
+        tagger: SelectiveTagger | None = None,
+        metrics: Metrics | None = None,
+        llm_concurrency: int = 4,
+        max_field_chars: int = 2000,
+        emit_embedding: bool = False,
+    ) -> None:
+        tag_system.check_encoder(encoder.name, encoder.dim)
+        self.encoder = encoder
+        self.tag_system = tag_system
+        self.tagger = tagger
+        self.metrics = metrics or Metrics()
+        self.max_field_chars = max_field_chars
+        self.emit_embedding = emit_embedding
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, llm_concurrency), thread_name_prefix="llm"
+        )
+        self.metrics.set_build(encoder.id, tag_system.version_id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - t0)
+
+    def warm_up(self) -> None:
+        """One forward pass so the first real batch does not pay for lazy initialisation."""
+        self.encoder.run(self.encoder.tokenize(["warm-up"]))
+
+    def embed(self, events: list[UploadEvent]) -> npt.NDArray[np.float32]:
+        texts = [event_text(e, max_chars=self.max_field_chars) for e in events]
+        with self._timed("tokenize"):
+            batch = self.encoder.tokenize(texts)
+        with self._timed("encode"):
+            return self.encoder.run(batch).embeddings
+
+    def process(self, events: list[UploadEvent]) -> list[TagResult]:
+        """Decide every event; the list that comes back is in the order of `events`."""
+        if not events:
+            return []
+        ts = self.tag_system
+        emb = self.embed(events)
+        with self._timed("match"):
+            idx, scores = shortlist(emb, ts.embeddings, ts.gate.top_k)
+            gates = [decide(idx[i], scores[i], ts.tag_ids, ts.gate) for i in range(len(events))]
+        results: list[TagResult] = []
+        pending: list[tuple[int, Any]] = []
+        for i, (ev, g) in enumerate(zip(events, gates, strict=True)):
+            short = [(int(j), float(s)) for j, s in zip(idx[i], scores[i], strict=True)]
+            res = TagResult(
+                event=ev,
+                decision=Decision.ENCODER,
+                tags=[(j, s, "encoder") for j, s in g.tags],
+                llm_asked=False,
+                shortlist=short,
+                embedding=emb[i] if self.emit_embedding else None,
+            )
+            if g.decision_hint is Decision.LLM:
+                self.metrics.llm_routed.inc()
+                res.decision = Decision.REVIEW
+                if self.tagger is not None:
+                    res.llm_asked = True
+                    pending.append((i, self._pool.submit(self._ask, ev, short)))
+            results.append(res)
+        for i, fut in pending:
+            self._apply_llm(results[i], fut.result())
+        return results
+
+    def _ask(self, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
+        assert self.tagger is not None
+        item = {
+            k: v
+            for k, v in {
+                "title": ev.title,
+                "caption": ev.caption,
+                "cover_text": ev.cover_text,
+                "ocr": ev.ocr,
+                "asr": ev.asr,
+                "hashtags": ev.hashtags or None,
+            }.items()
+            if v
+        }
+        for k, v in item.items():
+            if isinstance(v, str):
+                item[k] = v[: self.max_field_chars]
+        names = [self.tag_system.names[j] for j, _ in short]
+        return self.tagger.tag(item, names, self.tag_system.gate.max_tags)
+
+    def _apply_llm(self, res: TagResult, answer: LLMAnswer) -> None:
+        res.llm_status = answer.status
+        if answer.status != "ok" or not answer.tags:
+            return  # stays REVIEW with the encoder's tags
+        score_of = {j: s for j, s in res.shortlist}
+        chosen = []
+        for name in answer.tags:
+            j = self.tag_system.index_of(name)
+            if j is not None and j in score_of:
+                chosen.append((j, score_of[j], "llm"))
+        if chosen:
+            res.decision = Decision.LLM
+            res.tags = chosen
+
+    def to_payload(self, res: TagResult) -> dict[str, Any]:
+        """The tag event (schema consumer/schemas/tag-event.v1.json)."""
+        ts = self.tag_system
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "id": res.event.id,
+            "tags": [
+                {
+                    "id": ts.tags[j].id,
+                    "name": ts.tags[j].name,
+                    "category": ts.tags[j].category,
+                    "score": round(s, 5),
+                    "source": src,
+                }
+                for j, s, src in res.tags
+            ],
+            "decision": res.decision.value,
+            "tag_system_version": ts.version_id,
+            "encoder": self.encoder.id,
+            "llm_asked": res.llm_asked,
+            "llm_model": self.tagger.model if res.llm_asked and self.tagger else None,
+            "needs_review": res.needs_review,
+            "processed_at": now_iso(),
+        }
+        if res.embedding is not None:
+            out["embedding"] = [round(float(x), 6) for x in res.embedding]
+        return out

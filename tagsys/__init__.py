@@ -1,0 +1,26 @@
+"""The tag system: vocabulary, tag embeddings, thresholds, shortlist and decision rules.
+
+Pure Python + numpy: nothing here knows about Kafka, ONNX or LLMs, so the same rules run in
+the service, in `tagstream eval` and in tests.
+"""
+
+from tagsys.errors import EncoderMismatchError, TagstreamError, TagSystemError
+from tagsys.gate import Decision, GateConfig, GateResult, decide
+from tagsys.shortlist import shortlist
+from tagsys.tagsystem import Tag, TagSystem, build_tag_system, load_sample_tags, tag_prompt
+
+__all__ = [
+    "Decision",
+    "EncoderMismatchError",
+    "GateConfig",
+    "GateResult",
+    "Tag",
+    "TagSystem",
+    "TagSystemError",
+    "TagstreamError",
+    "build_tag_system",
+    "decide",
+    "load_sample_tags",
+    "shortlist",
+    "tag_prompt",
+]

@@ -1,0 +1,30 @@
+"""Top-k cosine shortlist: one matrix product per batch, argpartition instead of a full sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+def shortlist(queries: F32, tag_embeddings: F32, k: int) -> tuple[I64, F32]:
+    """Return (indices, scores), each (batch, k), best first.
+
+    Both inputs must already be L2-normalised, so the dot product is the cosine.
+    """
+    if queries.ndim != 2 or tag_embeddings.ndim != 2:
+        raise ValueError("queries and tag_embeddings must be 2-D")
+    n_tags = tag_embeddings.shape[0]
+    k = max(1, min(k, n_tags))
+    scores = queries @ tag_embeddings.T
+    if k < n_tags:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n_tags), scores.shape).copy()
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    top = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+    return idx, top

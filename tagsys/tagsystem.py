@@ -1,0 +1,220 @@
+"""The versioned tag-system artifact.
+
+On disk a tag system is a folder with `tagsystem.json` (tags, aliases, categories, gate,
+encoder identity, content hash) and `embeddings.npy` (one row per tag). The content hash
+covers both, so a tag event's `tag_system_version` pins exactly what decided it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tagsys.errors import EncoderMismatchError, TagSystemError
+from tagsys.gate import GateConfig
+
+FORMAT_VERSION = 1
+META_FILE = "tagsystem.json"
+EMB_FILE = "embeddings.npy"
+
+EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class Tag:
+    id: str
+    name: str
+    aliases: tuple[str, ...] = ()
+    category: str | None = None
+    description: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "name": self.name, "aliases": list(self.aliases)}
+        if self.category is not None:
+            d["category"] = self.category
+        if self.description is not None:
+            d["description"] = self.description
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tag:
+        try:
+            name = str(d["name"])
+        except KeyError as e:
+            raise TagSystemError(f"tag without a name: {d!r}") from e
+        return cls(
+            id=str(d.get("id", name)),
+            name=name,
+            aliases=tuple(str(a) for a in d.get("aliases", ())),
+            category=d.get("category"),
+            description=d.get("description"),
+        )
+
+
+def tag_prompt(tag: Tag) -> str:
+    """Text embedded for a tag: its name, then aliases and description add context."""
+    parts = [tag.name]
+    if tag.aliases:
+        parts.append(", ".join(tag.aliases))
+    if tag.description:
+        parts.append(tag.description)
+    return ": ".join(parts[:2]) + (". " + parts[2] if len(parts) > 2 else "")
+
+
+def _normalise(m: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    out: npt.NDArray[np.float32] = (m / norms).astype(np.float32)
+    return out
+
+
+@dataclass
+class TagSystem:
+    name: str
+    version: str
+    encoder: str  # encoder name, e.g. "all-MiniLM-L6-v2"; variants (int8/fp16) are compatible
+    tags: list[Tag]
+    embeddings: npt.NDArray[np.float32]
+    gate: GateConfig = field(default_factory=GateConfig)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def __post_init__(self) -> None:
+        if len(self.tags) == 0:
+            raise TagSystemError("a tag system needs at least one tag")
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.tags):
+            raise TagSystemError(
+                f"embeddings shape {self.embeddings.shape} does not match {len(self.tags)} tags"
+            )
+        ids = [t.id for t in self.tags]
+        if len(set(ids)) != len(ids):
+            raise TagSystemError("tag ids must be unique")
+        # Normalised once at load: scoring is then a plain matrix product.
+        self.embeddings = _normalise(np.ascontiguousarray(self.embeddings, dtype=np.float32))
+        self.tag_ids = ids
+        self.names = [t.name for t in self.tags]
+        self._by_name = {t.name: i for i, t in enumerate(self.tags)}
+        self.content_hash = self._hash()
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def version_id(self) -> str:
+        """What every tag event carries: name, version and the first 12 hex of the hash."""
+        return f"{self.name}@{self.version}#{self.content_hash[:12]}"
+
+    def index_of(self, name: str) -> int | None:
+        return self._by_name.get(name)
+
+    def check_encoder(self, encoder_name: str, dim: int) -> None:
+        if encoder_name != self.encoder:
+            raise EncoderMismatchError(
+                f"tag system {self.version_id} was embedded with encoder {self.encoder!r}, "
+                f"but the service runs {encoder_name!r}; rebuild the tag system with that "
+                f"encoder or run with --model {self.encoder}"
+            )
+        if dim != self.dim:
+            raise EncoderMismatchError(
+                f"tag embeddings have dimension {self.dim}, the encoder gives {dim}"
+            )
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "encoder": self.encoder,
+            "dim": self.dim,
+            "created_at": self.created_at,
+            "gate": self.gate.to_dict(),
+            "tags": [t.to_dict() for t in self.tags],
+        }
+
+    def _hash(self) -> str:
+        meta = self._meta()
+        meta.pop("created_at")
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+        h.update(self.embeddings.tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / EMB_FILE, self.embeddings)
+        meta = self._meta() | {"content_hash": self.content_hash}
+        (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> TagSystem:
+        folder = Path(path)
+        meta_path, emb_path = folder / META_FILE, folder / EMB_FILE
+        if not meta_path.is_file() or not emb_path.is_file():
+            raise TagSystemError(f"{folder} is not a tag system (needs {META_FILE}, {EMB_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            emb = np.load(emb_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TagSystemError(f"cannot read tag system {folder}: {e}") from e
+        if meta.get("format") != FORMAT_VERSION:
+            raise TagSystemError(f"{folder}: unsupported tag-system format {meta.get('format')}")
+        try:
+            ts = cls(
+                name=meta["name"],
+                version=str(meta["version"]),
+                encoder=meta["encoder"],
+                tags=[Tag.from_dict(t) for t in meta["tags"]],
+                embeddings=emb,
+                gate=GateConfig.from_dict(meta.get("gate", {})),
+                created_at=meta.get("created_at", ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TagSystemError(f"{folder}: malformed tag system: {e}") from e
+        expected = meta.get("content_hash")
+        if expected and expected != ts.content_hash:
+            raise TagSystemError(
+                f"{folder}: content hash mismatch (file says {expected[:12]}, "
+                f"contents give {ts.content_hash[:12]}); the artifact was altered"
+            )
+        return ts
+
+
+def build_tag_system(
+    name: str,
+    version: str,
+    tags: Sequence[Tag],
+    encode: EncodeFn,
+    encoder: str,
+    gate: GateConfig | None = None,
+) -> TagSystem:
+    """Embed every tag's prompt with `encode` and wrap the result as a versioned artifact."""
+    emb = encode([tag_prompt(t) for t in tags])
+    return TagSystem(
+        name=name,
+        version=version,
+        encoder=encoder,
+        tags=list(tags),
+        embeddings=np.asarray(emb, dtype=np.float32),
+        gate=gate or GateConfig(),
+    )
+
+
+def load_sample_tags() -> tuple[list[Tag], GateConfig, str]:
+    """The small built-in vocabulary of the demo: (tags, gate, version)."""
+    raw = importlib.resources.files("tagsys").joinpath("sample", "tags.json").read_text("utf-8")
+    data = json.loads(raw)
+    return (
+        [Tag.from_dict(t) for t in data["tags"]],
+        GateConfig.from_dict(data.get("gate", {})),
+        str(data["version"]),
+    )
