@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from models_onnx.manifest import Manifest, ModelNotFoundError
-from models_onnx.registry import default_model_dir, model_path
+from models_onnx.registry import model_path
 from tagsys.errors import TagstreamError
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,19 @@ class OnnxEncoder:
         self,
         name: str,
         *,
-        model_dir: Path | None = None,
+        model_dir: str | Path | None = None,
         device: Device = "auto",
         threads: int | None = None,
+        variant: str | None = None,
     ) -> None:
-        folder = model_path(name, model_dir or default_model_dir())
+        folder = model_path(name, model_dir)
         self.folder = folder
         self.manifest = Manifest.load(folder)
         self.name = self.manifest.name
         use_cuda = device == "cuda" or (device == "auto" and cuda_usable())
         if device == "cuda" and not cuda_usable():
             raise TagstreamError("--device cuda asked, but CUDA is not usable on this machine")
-        variant = self._pick_variant(use_cuda)
+        variant = variant or self._pick_variant(use_cuda)
         path = self.manifest.verify(folder, variant)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -49,8 +49,8 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_")
 
 
-def model_path(name: str, model_dir: Path | None = None) -> Path:
-    return (model_dir or default_model_dir()) / safe_name(name)
+def model_path(name: str, model_dir: str | Path | None = None) -> Path:
+    return Path(model_dir or default_model_dir()) / safe_name(name)
 
 
 def spec_for(name_or_path: str) -> EncoderSpec:

@@ -72,6 +72,8 @@ def tag_prompt(tag: Tag) -> str:
 
 def _normalise(m: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, rtol=0, atol=1e-5):
+        return m  # already unit rows: re-dividing would flip low bits and the content hash
     norms[norms == 0] = 1.0
     out: npt.NDArray[np.float32] = (m / norms).astype(np.float32)
     return out

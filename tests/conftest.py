@@ -1,0 +1,137 @@
+"""Shared fixtures: the exported encoder, the sample tag system, a Tansu broker per test,
+a fresh Prometheus registry per test, and a scriptable fake OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.app import sample_tag_system
+from consumer.broker import EmbeddedBroker
+from consumer.metrics import Metrics
+from models_onnx import OnnxEncoder, default_model_dir
+from models_onnx.export import export_encoder
+from tagsys import TagSystem
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    # A no-op when `make install` already exported and the manifest verifies.
+    export_encoder("all-MiniLM-L6-v2", default_model_dir())
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def encoder(model_dir: Path) -> OnnxEncoder:
+    return OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_ts(encoder: OnnxEncoder) -> TagSystem:
+    return sample_tag_system(encoder)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
+        yield b
+
+
+Responder = Callable[[dict[str, Any]], tuple[int, dict[str, Any] | str]]
+
+
+class FakeOpenAI:
+    """A tiny OpenAI-compatible /v1/chat/completions; `respond` decides each answer."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                code, payload = outer.respond(body)
+                data = (
+                    payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                )
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(
+    content: str | None, prompt_tokens: int = 50, completion_tokens: int = 8
+) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def shortlist_of(request: dict[str, Any]) -> list[str]:
+    """The shortlist the client put into the response schema's enum."""
+    schema = request["response_format"]["json_schema"]["schema"]
+    enum: list[str] = schema["properties"]["tags"]["items"]["enum"]
+    return enum
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[Callable[[Responder], FakeOpenAI]]:
+    servers: list[FakeOpenAI] = []
+
+    def make(respond: Responder) -> FakeOpenAI:
+        s = FakeOpenAI(respond)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from consumer.cli import app
+from consumer.demo import run_demo, sample_events
+
+runner = CliRunner()
+
+
+def test_every_command_has_help_and_env_vars() -> None:
+    for cmd in ("run", "send", "demo", "export-onnx", "llm-serve"):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    for var in (
+        "TAGSTREAM_BOOTSTRAP_SERVERS",
+        "TAGSTREAM_LLM",
+        "TAGSTREAM_METRICS_PORT",
+        "TAGSTREAM_TAG_SYSTEM",
+        "TAGSTREAM_LLM_API_KEY",
+    ):
+        assert var in res.output
+
+
+def test_the_api_key_never_shows_in_help() -> None:
+    res = runner.invoke(
+        app, ["run", "--help"], env={"TAGSTREAM_LLM_API_KEY": "sk-very-secret", "COLUMNS": "200"}
+    )
+    assert "sk-very-secret" not in res.output
+
+
+def test_settings_hide_secrets() -> None:
+    from pydantic import SecretStr
+
+    from consumer.config import Settings
+
+    s = Settings(llm_api_key=SecretStr("sk-1"), sasl_password=SecretStr("pw-2"))
+    dumped = repr(s) + str(s.model_dump())
+    assert "sk-1" not in dumped and "pw-2" not in dumped
+    assert s.kafka_common()["sasl.password"] == "pw-2"
+
+
+@pytest.mark.broker
+def test_demo_without_llm_tags_every_sample_event(model_dir: Path) -> None:
+    res = run_demo(llm="none", model_dir=model_dir)
+    assert res.events_in == len(sample_events()) == res.events_out
+    assert res.llm_calls == 0 and res.decisions.get("encoder", 0) > 0
+    assert res.decisions.get("review", 0) > 0  # the sample has vague items too
+
+
+@pytest.mark.broker
+def test_demo_cli_json_last_line(model_dir: Path) -> None:
+    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "demo", "--json", "--llm", "none"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"events_in", "events_out", "llm_calls", "elapsed_s"} <= set(summary)
+    assert summary["events_in"] == summary["events_out"] == len(sample_events())
+
+
+@pytest.mark.broker
+@pytest.mark.llm
+def test_demo_with_the_local_llm(model_dir: Path) -> None:
+    """The whole path with the real local LLM (SmolLM2 on llama.cpp)."""
+    res = run_demo(llm="local", model_dir=model_dir)
+    assert res.events_out == res.events_in
+    assert res.llm_calls >= 1 and res.llm_status.get("ok", 0) >= 1
+    llm_asked = [o for o in res.outputs if o["llm_asked"]]
+    assert llm_asked and all(o["llm_model"] == "smollm2" for o in llm_asked)
+    # whatever the small model said, every tag is from the vocabulary
+    from tagsys import load_sample_tags
+
+    names = {t.name for t in load_sample_tags()[0]}
+    assert all(t["name"] in names for o in res.outputs for t in o["tags"])

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models_onnx import Manifest, ModelIntegrityError, ModelNotFoundError, OnnxEncoder
+from models_onnx.encoder import cuda_usable
+from models_onnx.export import is_exported
+
+
+def test_manifest_pins_every_file(model_dir: Path) -> None:
+    m = Manifest.load(model_dir / "all-MiniLM-L6-v2")
+    assert {"fp32", "int8", "fp16"} <= set(m.files)
+    assert all(len(f["sha256"]) == 64 for f in m.files.values())
+    assert m.dim == 384 and m.pooling == "mean" and m.normalize
+    assert is_exported("all-MiniLM-L6-v2", model_dir)
+
+
+def test_cpu_runs_int8_and_vectors_are_unit_length(encoder: OnnxEncoder) -> None:
+    assert encoder.variant == "int8" and encoder.device == "cpu"
+    assert encoder.id == "all-MiniLM-L6-v2/int8"
+    v = encoder.encode(["a dog on a walk", "espresso with latte art", ""])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+
+
+def test_embeddings_carry_meaning(encoder: OnnxEncoder) -> None:
+    q = encoder.encode(["my puppy learned to sit today"])[0]
+    tags = encoder.encode(["dogs: puppy, dog training", "coffee: espresso, barista"])
+    assert q @ tags[0] > q @ tags[1] + 0.1
+
+
+def test_batching_and_order_do_not_change_results(model_dir: Path, encoder: OnnxEncoder) -> None:
+    texts = ["short", "a somewhat longer sentence about bread", "x " * 40, "mid length text"]
+    fp32 = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", variant="fp32")
+    one = np.vstack([fp32.encode([t]) for t in texts])
+    np.testing.assert_allclose(one, fp32.encode(texts, batch_size=3), atol=1e-4)
+    # int8 quantises activations per batch, so batch-mates move an item a little: bounded
+    one8 = np.vstack([encoder.encode([t]) for t in texts])
+    assert (one8 * encoder.encode(texts, batch_size=3)).sum(axis=1).min() >= 0.97
+
+
+def test_int8_stays_close_to_fp32(model_dir: Path, encoder: OnnxEncoder) -> None:
+    fp32 = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", variant="fp32")
+    texts = ["Soft pretzel buns at home", "Deadlift PR 180kg", "Three days in Kyoto"]
+    cos = (fp32.encode(texts) * encoder.encode(texts)).sum(axis=1)
+    assert cos.min() >= 0.98
+
+
+def test_tampered_model_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(model_dir / "all-MiniLM-L6-v2", tmp_path / "all-MiniLM-L6-v2")
+    f = tmp_path / "all-MiniLM-L6-v2" / "model_int8.onnx"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        OnnxEncoder("all-MiniLM-L6-v2", model_dir=tmp_path, device="cpu")
+
+
+def test_missing_model_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="export-onnx"):
+        OnnxEncoder("all-MiniLM-L6-v2", model_dir=tmp_path)
+
+
+def test_cuda_detection_is_false_without_a_driver() -> None:
+    # On CI (no GPU) this must be False so "auto" never tries the CUDA provider.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        assert cuda_usable() is False
+
+
+def test_runtime_imports_neither_torch_nor_transformers(model_dir: Path) -> None:
+    code = (
+        "import sys, consumer.app, consumer.runner, consumer.cli\n"
+        "from models_onnx import OnnxEncoder\n"
+        f"e = OnnxEncoder('all-MiniLM-L6-v2', model_dir={str(model_dir)!r}, device='cpu')\n"
+        "e.encode(['hello'])\n"
+        "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().replace("'", '"')) == []
