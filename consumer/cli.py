@@ -44,7 +44,7 @@ ModelDirOpt = Annotated[
     Path | None,
     typer.Option(
         envvar=_env("model_dir"),
-        help="Where exported encoders live [default: ~/.cache/tagstream/models].",
+        help="Where exported encoders live (default: ~/.cache/tagstream/models).",
     ),
 ]
 LogLevel = Annotated[str, typer.Option(envvar=_env("log_level"), help="debug, info, warning.")]
@@ -53,13 +53,20 @@ LogLevel = Annotated[str, typer.Option(envvar=_env("log_level"), help="debug, in
 @app.command()
 def run(
     bootstrap_servers: Bootstrap = "127.0.0.1:9092",
-    input_topic: Annotated[str, typer.Option(envvar=_env("input_topic"))] = "uploads",
-    output_topic: Annotated[str, typer.Option(envvar=_env("output_topic"))] = "tags",
-    group_id: Annotated[str, typer.Option(envvar=_env("group_id"))] = "tagstream",
+    input_topic: Annotated[
+        str, typer.Option(envvar=_env("input_topic"), help="Topic of upload events.")
+    ] = "uploads",
+    output_topic: Annotated[
+        str, typer.Option(envvar=_env("output_topic"), help="Topic for tag events.")
+    ] = "tags",
+    group_id: Annotated[
+        str, typer.Option(envvar=_env("group_id"), help="Consumer group id.")
+    ] = "tagstream",
     tag_system: Annotated[
         Path | None,
         typer.Option(
-            envvar=_env("tag_system"), help="Tag-system folder [default: the built-in sample]."
+            envvar=_env("tag_system"),
+            help="Tag-system folder (default: the built-in sample vocabulary).",
         ),
     ] = None,
     llm: Annotated[
@@ -70,7 +77,9 @@ def run(
             "of an OpenAI-compatible API, e.g. http://host:8000/v1.",
         ),
     ] = "none",
-    llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
+    llm_model: Annotated[
+        str, typer.Option(envvar=_env("llm_model"), help="Model name sent to the LLM endpoint.")
+    ] = "smollm2",
     llm_api_key: Annotated[
         str,
         typer.Option(
@@ -82,29 +91,43 @@ def run(
     llm_concurrency: Annotated[
         int, typer.Option(envvar=_env("llm_concurrency"), help="Concurrent LLM requests.")
     ] = 4,
-    llm_timeout_s: Annotated[float, typer.Option(envvar=_env("llm_timeout_s"))] = 30.0,
+    llm_timeout_s: Annotated[
+        float,
+        typer.Option(envvar=_env("llm_timeout_s"), help="Timeout of one LLM request, seconds."),
+    ] = 30.0,
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
     device: Annotated[
         DeviceChoice,
         typer.Option(envvar=_env("device"), help="Where the encoder runs (auto: CUDA if usable)."),
     ] = DeviceChoice.auto,
-    batch_size: Annotated[int, typer.Option(envvar=_env("batch_size"))] = 64,
-    batch_timeout_s: Annotated[float, typer.Option(envvar=_env("batch_timeout_s"))] = 0.05,
+    batch_size: Annotated[
+        int, typer.Option(envvar=_env("batch_size"), help="Most records per batch.")
+    ] = 64,
+    batch_timeout_s: Annotated[
+        float,
+        typer.Option(envvar=_env("batch_timeout_s"), help="Longest wait to fill a batch, seconds."),
+    ] = 0.05,
     emit_embedding: Annotated[
         bool,
         typer.Option(
             envvar=_env("emit_embedding"), help="Put the content embedding on each tag event."
         ),
     ] = False,
-    metrics_host: Annotated[str, typer.Option(envvar=_env("metrics_host"))] = "0.0.0.0",
+    metrics_host: Annotated[
+        str,
+        typer.Option(envvar=_env("metrics_host"), help="Bind address of the metrics/health port."),
+    ] = "0.0.0.0",
     metrics_port: Annotated[
         int,
         typer.Option(
             envvar=_env("metrics_port"), help="Port for /metrics, /healthz, /readyz (0: any)."
         ),
     ] = 9108,
-    session_timeout_ms: Annotated[int, typer.Option(envvar=_env("session_timeout_ms"))] = 10000,
+    session_timeout_ms: Annotated[
+        int,
+        typer.Option(envvar=_env("session_timeout_ms"), help="Kafka consumer session.timeout.ms."),
+    ] = 10000,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the service until SIGTERM/SIGINT; then finish the batch, commit and exit 0."""
