@@ -233,6 +233,38 @@ def export_onnx(
     err.print(f"[green]ok[/] {out}")
 
 
+@app.command("import-tags")
+def import_tags(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="Vocabulary JSON: {name, version, gate?, tags: "
+            "[{id?, name, aliases?, category?, description?}]}."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write the tag system to.")],
+    model: ModelOpt = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+) -> None:
+    """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
+    from models_onnx import OnnxEncoder
+    from tagsys import Tag, TagSystemError, build_tag_system
+    from tagsys.gate import GateConfig
+
+    logs.configure("warning")
+    try:
+        data = orjson.loads(file.read_bytes())
+        tags = [Tag.from_dict(t) for t in data["tags"]]
+        gate = GateConfig.from_dict(data.get("gate", {}))
+        name, version = str(data["name"]), str(data["version"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TagSystemError(f"cannot read vocabulary {file}: {e}") from e
+    enc = OnnxEncoder(model, model_dir=model_dir, device="cpu")
+    ts = build_tag_system(name, version, tags, enc.encode, enc.name, gate)
+    ts.save(out)
+    err.print(f"[green]ok[/] {ts.version_id}: {len(ts.tags)} tags embedded with {enc.id} → {out}")
+
+
 @app.command("llm-serve")
 def llm_serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,

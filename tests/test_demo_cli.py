@@ -86,3 +86,39 @@ def test_demo_with_the_local_llm(model_dir: Path) -> None:
 
     names = {t.name for t in load_sample_tags()[0]}
     assert all(t["name"] in names for o in res.outputs for t in o["tags"])
+
+
+def test_import_tags_writes_a_loadable_tag_system(model_dir: Path, tmp_path: Path) -> None:
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(
+        json.dumps(
+            {
+                "name": "toy",
+                "version": "7",
+                "gate": {"top_k": 2, "accept_threshold": 0.5},
+                "tags": [{"name": "dogs", "aliases": ["puppy"]}, {"id": "c", "name": "coffee"}],
+            }
+        )
+    )
+    res = runner.invoke(
+        app,
+        ["import-tags", str(vocab), "--out", str(tmp_path / "ts"), "--model-dir", str(model_dir)],
+    )
+    assert res.exit_code == 0, res.output
+    from tagsys import TagSystem
+
+    ts = TagSystem.load(tmp_path / "ts")
+    assert ts.version_id.startswith("toy@7#") and ts.tag_ids == ["dogs", "c"]
+    assert ts.encoder == "all-MiniLM-L6-v2" and ts.gate.top_k == 2
+
+
+def test_import_tags_rejects_a_bad_file_with_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tags": []')
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "import-tags", str(bad), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "cannot read vocabulary" in out.stderr
+    assert "Traceback" not in out.stderr

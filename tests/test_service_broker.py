@@ -180,3 +180,28 @@ def test_cli_run_serves_metrics_and_exits_0_on_sigterm_with_offsets_committed(
         if proc.poll() is None:
             proc.kill()
     assert committed_total(broker.bootstrap, "cli", "uploads", 2) == 50
+
+
+def test_send_cli_and_a_tag_system_from_disk(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from consumer.app import build_stack
+    from consumer.cli import app
+
+    create_topics(broker.bootstrap, {"uploads": 2, "tags": 2})
+    f = tmp_path / "events.jsonl"
+    f.write_bytes(b"\n".join(make_events(20)) + b"\n\n")
+    res = CliRunner().invoke(
+        app, ["send", str(f), "--bootstrap-servers", broker.bootstrap, "--topic", "uploads"]
+    )
+    assert res.exit_code == 0, res.output
+    sample_ts.save(tmp_path / "ts")
+    s = settings_for(
+        broker.bootstrap, tag_system=tmp_path / "ts", model_dir=encoder.folder.parent, device="cpu"
+    )
+    with build_stack(s, CollectorRegistry()) as stack, running(service(s, stack.core)):
+        out = read_topic(broker.bootstrap, "tags", expect=20)
+    versions = {orjson.loads(m.value())["tag_system_version"] for m in out}
+    assert versions == {sample_ts.version_id}
