@@ -19,6 +19,7 @@ from consumer.health import HealthServer, HealthState
 from consumer.llm import SelectiveTagger
 from consumer.llm_server import LocalLLM
 from consumer.metrics import Metrics
+from consumer.resilience import CircuitBreaker, RateLimiter
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, build_tag_system, load_sample_tags
 
@@ -39,6 +40,22 @@ def load_tag_system(path: Path | None, encoder: OnnxEncoder) -> TagSystem:
     ts = TagSystem.load(path)
     log.info("tag_system_loaded", path=str(path), version=ts.version_id, tags=len(ts.tags))
     return ts
+
+
+def make_tagger(
+    settings: Settings, base_url: str, model: str, key: SecretStr, metrics: Metrics
+) -> SelectiveTagger:
+    return SelectiveTagger(
+        base_url,
+        model,
+        key,
+        timeout_s=settings.llm_timeout_s,
+        max_tokens=settings.llm_max_tokens,
+        metrics=metrics,
+        attempts=settings.llm_attempts,
+        breaker=CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_reset_s),
+        limiter=RateLimiter(settings.llm_rate_limit) if settings.llm_rate_limit > 0 else None,
+    )
 
 
 @dataclass
@@ -63,23 +80,9 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
     try:
         if llm.lower() == "local":
             local = LocalLLM().start()
-            tagger = SelectiveTagger(
-                local.base_url,
-                local.model,
-                SecretStr(""),
-                timeout_s=settings.llm_timeout_s,
-                max_tokens=settings.llm_max_tokens,
-                metrics=metrics,
-            )
+            tagger = make_tagger(settings, local.base_url, local.model, SecretStr(""), metrics)
         elif llm.lower() not in ("", "none", "off"):
-            tagger = SelectiveTagger(
-                llm,
-                settings.llm_model,
-                settings.llm_api_key,
-                timeout_s=settings.llm_timeout_s,
-                max_tokens=settings.llm_max_tokens,
-                metrics=metrics,
-            )
+            tagger = make_tagger(settings, llm, settings.llm_model, settings.llm_api_key, metrics)
         core = TaggingCore(
             encoder,
             ts,
@@ -88,6 +91,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             llm_concurrency=settings.llm_concurrency,
             max_field_chars=settings.max_field_chars,
             emit_embedding=settings.emit_embedding,
+            defer_when_llm_unavailable=settings.llm_unavailable == "pause",
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

@@ -25,6 +25,11 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+class UnavailableChoice(StrEnum):
+    review = "review"
+    pause = "pause"
+
+
 class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -128,6 +133,29 @@ def run(
         int,
         typer.Option(envvar=_env("session_timeout_ms"), help="Kafka consumer session.timeout.ms."),
     ] = 10000,
+    dlq_topic: Annotated[
+        str | None,
+        typer.Option(envvar=_env("dlq_topic"), help="Dead-letter topic (default: <input>.dlq)."),
+    ] = None,
+    llm_unavailable: Annotated[
+        UnavailableChoice,
+        typer.Option(
+            envvar=_env("llm_unavailable"),
+            help="When the LLM is down: 'review' sends encoder tags with needs_review; 'pause' "
+            "pauses the partition and re-reads from the item later.",
+        ),
+    ] = UnavailableChoice.review,
+    llm_attempts: Annotated[
+        int, typer.Option(envvar=_env("llm_attempts"), help="Tries per LLM request.")
+    ] = 3,
+    llm_rate_limit: Annotated[
+        float,
+        typer.Option(envvar=_env("llm_rate_limit"), help="LLM requests/s per process (0: off)."),
+    ] = 0.0,
+    check_topics: Annotated[
+        bool,
+        typer.Option(envvar=_env("check_topics"), help="Refuse to start when a topic is missing."),
+    ] = True,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the service until SIGTERM/SIGINT; then finish the batch, commit and exit 0."""
@@ -157,6 +185,11 @@ def run(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         session_timeout_ms=session_timeout_ms,
+        dlq_topic=dlq_topic,
+        llm_unavailable=llm_unavailable.value,
+        llm_attempts=llm_attempts,
+        llm_rate_limit=llm_rate_limit,
+        check_topics=check_topics,
     )
     run_service(settings)
 
@@ -231,6 +264,60 @@ def export_onnx(
     logs.configure("warning")
     out = export_encoder(model, model_dir, force=force, fp16=fp16, step=lambda s: err.print(s))
     err.print(f"[green]ok[/] {out}")
+
+
+@app.command("replay-dlq")
+def replay_dlq_cmd(
+    bootstrap_servers: Bootstrap = "127.0.0.1:9092",
+    dlq_topic: Annotated[str, typer.Option(help="The dead-letter topic to read.")] = "uploads.dlq",
+    to_topic: Annotated[
+        str | None,
+        typer.Option(help="Send here (default: each record's original topic)."),
+    ] = None,
+    id: Annotated[
+        list[str] | None, typer.Option("--id", help="Only records with this key (repeatable).")
+    ] = None,
+    reason: Annotated[
+        list[str] | None,
+        typer.Option("--reason", help="Only this error reason, e.g. not_json (repeatable)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be sent; send nothing.")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON report.")] = (
+        False
+    ),
+) -> None:
+    """Re-send chosen dead-letter records to their input topic (after a fix)."""
+    from consumer.dlq import replay_dlq
+
+    logs.configure("warning")
+    rep = replay_dlq(
+        bootstrap_servers,
+        dlq_topic,
+        to_topic=to_topic,
+        ids=set(id) if id else None,
+        reasons=set(reason) if reason else None,
+        limit=limit,
+        dry_run=dry_run,
+    )
+    verb = "would replay" if dry_run else "replayed"
+    err.print(
+        f"scanned {rep.scanned}, matched {rep.matched}, {verb} "
+        f"{rep.matched if dry_run else rep.replayed}: {dict(rep.by_reason)} → {dict(rep.by_target)}"
+    )
+    if json:
+        sys.stdout.write(
+            orjson.dumps(
+                {
+                    "scanned": rep.scanned,
+                    "matched": rep.matched,
+                    "replayed": rep.replayed,
+                    "by_reason": dict(rep.by_reason),
+                    "by_target": dict(rep.by_target),
+                }
+            ).decode()
+            + "\n"
+        )
 
 
 @app.command("import-tags")

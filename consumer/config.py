@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     llm_concurrency: int = Field(4, ge=1, le=256)
     llm_timeout_s: float = Field(30.0, gt=0)
     llm_max_tokens: int = Field(96, ge=8)
+    llm_attempts: int = Field(3, ge=1, le=20)
+    llm_rate_limit: float = Field(0.0, ge=0)  # requests/s per process; 0: no limit
+    llm_breaker_failures: int = Field(5, ge=1)
+    llm_breaker_reset_s: float = Field(30.0, gt=0)
+    # when the LLM is unavailable: "review" (encoder tags, needs_review) or "pause" (pause the
+    # partition, re-read from the item later, quix-streams style)
+    llm_unavailable: Literal["review", "pause"] = "review"
+    llm_pause_s: float = Field(5.0, gt=0)
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)
     max_field_chars: int = Field(2000, ge=16)
@@ -37,10 +45,16 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(10000, ge=1000)
     max_poll_interval_ms: int = Field(300000, ge=10000)
     ce_source: str = "tagstream"
+    dlq_topic: str | None = None  # default: <input_topic>.dlq
+    check_topics: bool = True
     security_protocol: str | None = None
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+
+    @property
+    def dlq(self) -> str:
+        return self.dlq_topic or f"{self.input_topic}.dlq"
 
     def kafka_common(self) -> dict[str, Any]:
         """librdkafka settings shared by consumer and producer; secrets revealed only here."""

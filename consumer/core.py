@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
-from consumer.llm import LLMAnswer, SelectiveTagger
+from consumer.llm import UNAVAILABLE, LLMAnswer, SelectiveTagger
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, TagSystem, decide, shortlist
@@ -32,6 +32,8 @@ class TagResult:
     shortlist: list[tuple[int, float]] = field(default_factory=list)
     embedding: npt.NDArray[np.float32] | None = None
     llm_status: str | None = None
+    # pause mode: the LLM was unavailable, so the runtime re-reads the item later instead
+    deferred: bool = False
 
     @property
     def needs_review(self) -> bool:
@@ -49,6 +51,7 @@ class TaggingCore:
         llm_concurrency: int = 4,
         max_field_chars: int = 2000,
         emit_embedding: bool = False,
+        defer_when_llm_unavailable: bool = False,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -57,6 +60,7 @@ class TaggingCore:
         self.metrics = metrics or Metrics()
         self.max_field_chars = max_field_chars
         self.emit_embedding = emit_embedding
+        self.defer_when_llm_unavailable = defer_when_llm_unavailable
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, llm_concurrency), thread_name_prefix="llm"
         )
@@ -138,6 +142,9 @@ class TaggingCore:
 
     def _apply_llm(self, res: TagResult, answer: LLMAnswer) -> None:
         res.llm_status = answer.status
+        if answer.status in UNAVAILABLE and self.defer_when_llm_unavailable:
+            res.deferred = True
+            return
         if answer.status != "ok" or not answer.tags:
             return  # stays REVIEW with the encoder's tags
         score_of = {j: s for j, s in res.shortlist}

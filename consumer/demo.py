@@ -77,7 +77,7 @@ def run_demo(
     t0 = time.monotonic()
     with EmbeddedBroker(log_path=logdir / "broker.log") as broker:
         con.print(f"[bold]broker[/] Tansu on {broker.bootstrap}")
-        create_topics(broker.bootstrap, {INPUT: 3, OUTPUT: 3})
+        create_topics(broker.bootstrap, {INPUT: 3, OUTPUT: 3, f"{INPUT}.dlq": 1})
         settings = Settings(
             bootstrap_servers=broker.bootstrap,
             input_topic=INPUT,

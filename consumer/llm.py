@@ -7,6 +7,7 @@ whatever the model (or the content it read) says. Content is passed as quoted da
 
 from __future__ import annotations
 
+import email.utils
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 import openai
 import orjson
 import structlog
+import tenacity
 from pydantic import SecretStr
 
 from consumer.metrics import Metrics
+from consumer.resilience import CircuitBreaker, RateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -30,14 +33,69 @@ SYSTEM_PROMPT = (
 )
 
 
+# statuses after which the LLM counts as unavailable (review, or defer in pause mode)
+UNAVAILABLE = frozenset({"error", "timeout", "rate_limited", "unavailable"})
+STATUSES = ("ok", "error", "timeout", "rate_limited", "unavailable", "invalid", "empty")
+RETRYABLE = (
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+    openai.RateLimitError,
+    openai.InternalServerError,
+)
+
+
 @dataclass
 class LLMAnswer:
-    status: str  # ok | error | timeout | invalid | empty
+    status: str  # one of STATUSES
     tags: list[str] = field(default_factory=list)
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+
+class _UnusableAnswer(Exception):
+    """An answer that parsed badly: worth one more try, then it is what it is."""
+
+    def __init__(self, answer: LLMAnswer) -> None:
+        super().__init__(answer.error)
+        self.answer = answer
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if it did."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(ra) if ra else None
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class _WaitRetryAfter(tenacity.wait.wait_base):
+    """Honour Retry-After (capped); otherwise jittered exponential backoff."""
+
+    def __init__(self, cap_s: float, base_s: float, max_s: float) -> None:
+        self.cap_s = cap_s
+        self.backoff = tenacity.wait_random_exponential(multiplier=base_s, max=max_s)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        ra = retry_after_s(exc)
+        if ra is not None:
+            return min(ra, self.cap_s)
+        return float(self.backoff(retry_state))
 
 
 class SelectiveTagger:
@@ -50,12 +108,27 @@ class SelectiveTagger:
         timeout_s: float = 30.0,
         max_tokens: int = 96,
         metrics: Metrics | None = None,
+        attempts: int = 3,
+        retry_budget_s: float = 60.0,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        retry_after_cap_s: float = 30.0,
+        invalid_retries: int = 1,
+        breaker: CircuitBreaker | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.model = model
         self.max_tokens = max_tokens
         self.metrics = metrics
-        # Retries are left to the caller's policy (issue C); the client's own are off so that
-        # a request is never silently repeated behind our back.
+        self.timeout_s = timeout_s
+        self.attempts = max(1, attempts)
+        self.retry_budget_s = retry_budget_s
+        self.invalid_retries = max(0, invalid_retries)
+        self.breaker = breaker
+        self.limiter = limiter
+        self._wait = _WaitRetryAfter(retry_after_cap_s, backoff_base_s, backoff_max_s)
+        # Retries are ours (tenacity, with Retry-After and a breaker); the client's own are
+        # off so that no request is repeated behind our back or counted twice.
         self.client = openai.OpenAI(
             base_url=base_url,
             api_key=api_key.get_secret_value() or "not-needed",
@@ -114,37 +187,84 @@ class SelectiveTagger:
                 rejected += 1
         return LLMAnswer(status="ok", tags=chosen[:max_tags], rejected=rejected)
 
+    def _once(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
+        resp = self.client.chat.completions.create(
+            model=self.model,
+            messages=self.build_messages(item, shortlist, max_tags),
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "tags",
+                    "schema": self.response_schema(shortlist, max_tags),
+                    "strict": True,
+                },
+            },
+            temperature=0.0,
+            max_tokens=self.max_tokens,
+        )
+        content = resp.choices[0].message.content if resp.choices else None
+        answer = self.parse(content, shortlist, max_tags)
+        if resp.usage is not None:
+            answer.prompt_tokens = resp.usage.prompt_tokens or 0
+            answer.completion_tokens = resp.usage.completion_tokens or 0
+        return answer
+
+    def _should_retry(self, rs: tenacity.RetryCallState) -> bool:
+        exc = rs.outcome.exception() if rs.outcome is not None and rs.outcome.failed else None
+        if isinstance(exc, _UnusableAnswer):
+            return rs.attempt_number <= self.invalid_retries
+        return isinstance(exc, RETRYABLE)
+
     def tag(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
         """Ask the LLM; never raises: failures come back as a status for the gate to handle."""
         t0 = time.perf_counter()
-        try:
-            resp = self.client.chat.completions.create(
-                model=self.model,
-                messages=self.build_messages(item, shortlist, max_tags),
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": "tags",
-                        "schema": self.response_schema(shortlist, max_tags),
-                        "strict": True,
-                    },
-                },
-                temperature=0.0,
-                max_tokens=self.max_tokens,
-            )
-            content = resp.choices[0].message.content if resp.choices else None
-            answer = self.parse(content, shortlist, max_tags)
-            if resp.usage is not None:
-                answer.prompt_tokens = resp.usage.prompt_tokens or 0
-                answer.completion_tokens = resp.usage.completion_tokens or 0
-        except openai.APITimeoutError as e:
-            answer = LLMAnswer(status="timeout", error=str(e))
-        except (openai.APIError, ValueError) as e:
-            answer = LLMAnswer(status="error", error=f"{type(e).__name__}: {e}")
+        answer = self._guarded(item, shortlist, max_tags)
         self._record(answer, time.perf_counter() - t0)
         if answer.status != "ok":
             log.warning("llm_answer_unusable", status=answer.status, error=answer.error)
         return answer
+
+    def _guarded(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
+        if self.breaker is not None and not self.breaker.allow():
+            return LLMAnswer(status="unavailable", error="circuit breaker open")
+        if self.limiter is not None and not self.limiter.acquire(timeout_s=self.timeout_s):
+            return LLMAnswer(status="unavailable", error="rate limit: no slot in time")
+        tokens = [0, 0]
+
+        def once() -> LLMAnswer:
+            ans = self._once(item, shortlist, max_tags)
+            tokens[0] += ans.prompt_tokens
+            tokens[1] += ans.completion_tokens
+            if ans.status in ("invalid", "empty"):
+                raise _UnusableAnswer(ans)
+            return ans
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts)
+            | tenacity.stop_after_delay(self.retry_budget_s),
+            wait=self._wait,
+            retry=self._should_retry,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            answer = retrying(once)
+        except _UnusableAnswer as e:
+            answer = e.answer
+        except openai.APITimeoutError as e:
+            answer = LLMAnswer(status="timeout", error=str(e))
+        except openai.RateLimitError as e:
+            answer = LLMAnswer(status="rate_limited", error=str(e))
+        except (openai.APIError, ValueError) as e:
+            answer = LLMAnswer(status="error", error=f"{type(e).__name__}: {e}")
+        answer.prompt_tokens, answer.completion_tokens = tokens
+        if self.breaker is not None:
+            self.breaker.record(answer.status not in UNAVAILABLE)
+        return answer
+
+    def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        if self.metrics is not None:
+            self.metrics.llm_retries.inc()
 
     def _record(self, answer: LLMAnswer, seconds: float) -> None:
         m = self.metrics
@@ -156,3 +276,5 @@ class SelectiveTagger:
         m.llm_tokens.labels(kind="completion").inc(answer.completion_tokens)
         if answer.rejected:
             m.llm_rejected_tags.inc(answer.rejected)
+        if self.breaker is not None:
+            m.llm_circuit_open.set(1 if self.breaker.is_open else 0)

@@ -80,6 +80,16 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.llm_retries = Counter(
+            "tagstream_llm_retries_total",
+            "LLM requests repeated after a retryable failure (timeout, 429, 5xx, bad answer).",
+            registry=r,
+        )
+        self.llm_circuit_open = Gauge(
+            "tagstream_llm_circuit_open",
+            "1 while the LLM circuit breaker is open (items skip the LLM).",
+            registry=r,
+        )
         self.llm_routed = Counter(
             "tagstream_llm_routed_total",
             "Items the gate found uncertain and routed to the LLM (or to review when it is off).",
@@ -96,6 +106,22 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.dlq = Counter(
+            "tagstream_dlq_events_total",
+            "Records sent to the dead-letter topic (acknowledged), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.producer_recreated = Counter(
+            "tagstream_producer_recreated_total",
+            "Producers replaced after a fatal error or no acknowledgement for too long.",
+            registry=r,
+        )
+        self.partition_pauses = Counter(
+            "tagstream_partition_pauses_total",
+            "Partitions paused and rewound because the LLM was unavailable (pause mode).",
+            registry=r,
+        )
         self.commits = Counter(
             "tagstream_commits_total",
             "Offset commits by result (ok, error).",
@@ -108,7 +134,7 @@ class Metrics:
         self.build_info.info({"version": _pkg_version(), "encoder": "", "tag_system": ""})
         for s in STAGES:
             self.stage_seconds.labels(stage=s)
-        for status in ("ok", "error", "timeout", "invalid", "empty"):
+        for status in ("ok", "error", "timeout", "rate_limited", "unavailable", "invalid", "empty"):
             self.llm_requests.labels(status=status)
         for d in ("encoder", "llm", "review"):
             self.produced.labels(decision=d)

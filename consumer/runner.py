@@ -1,13 +1,14 @@
 """The confluent-kafka runtime: consume a batch, tag it, produce, commit what is safe.
 
-At-least-once: an input offset is committed only when the tag event of that input and of
-every earlier input of its partition has been acknowledged by the broker (OffsetTracker).
-SIGTERM/SIGINT only set `stop`; the loop finishes the batch in flight, drains the producer,
-commits and closes (quix-streams style).
+At-least-once: an input offset is committed only when the tag event (or dead-letter record)
+of that input and of every earlier input of its partition has been acknowledged by the
+broker (`OffsetTracker`). SIGTERM/SIGINT only set `stop`; the loop finishes the batch in
+flight, drains the producer, commits and closes (quix-streams style).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.config import Settings
-from consumer.core import TaggingCore
+from consumer.core import TaggingCore, TagResult
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 KAFKA_LOGGER = logging.getLogger("librdkafka")  # librdkafka's own log lines, via logging
 
 TP = tuple[str, int]
+MAX_ERROR_MESSAGE = 2000
 
 
 class KafkaRuntimeError(TagstreamError):
@@ -55,6 +57,12 @@ class OffsetTracker:
 
     def done(self, tp: TP, offset: int) -> None:
         self._inflight.get(tp, set()).discard(offset)
+
+    def rewind(self, tp: TP, offset: int) -> None:
+        """Abandon `offset` and everything after it: the partition re-reads from there."""
+        inflight = self._inflight.get(tp, set())
+        self._inflight[tp] = {o for o in inflight if o < offset}
+        self._next[tp] = min(self._next.get(tp, offset), offset)
 
     def pending(self) -> int:
         return sum(len(s) for s in self._inflight.values())
@@ -96,14 +104,42 @@ def _where(m: Message) -> tuple[TP, int]:
 
 @dataclass
 class _Out:
+    """One record to produce for one input offset: a tag event or a dead letter."""
+
+    topic: str
     tp: TP
     offset: int
-    key: bytes
-    value: bytes
+    key: bytes | None
+    value: bytes | None
     headers: list[tuple[str, str | bytes | None]]
-    decision: str
-    input_ts_ms: int | None
+    kind: str  # "tag" or "dlq"
+    label: str  # decision (tag) or reason (dlq), for metrics
+    input_ts_ms: int | None = None
+    timestamp_ms: int | None = None  # DLQ records keep the original timestamp
     attempts: int = 0
+    seq: int = 0
+
+
+def dead_letter_headers(
+    m: Message, stage: str, exc: BaseException, reason: str
+) -> list[tuple[str, str | bytes | None]]:
+    """The original headers plus Kafka Connect's error context headers."""
+    (topic, part), off = _where(m)
+    cls = type(exc)
+    raw = m.headers() or []
+    headers: list[tuple[str, str | bytes | None]] = list(
+        raw.items() if isinstance(raw, dict) else raw
+    )
+    headers += [
+        ("__connect.errors.topic", topic.encode()),
+        ("__connect.errors.partition", str(part).encode()),
+        ("__connect.errors.offset", str(off).encode()),
+        ("__connect.errors.stage", stage.encode()),
+        ("__connect.errors.exception.class.name", f"{cls.__module__}.{cls.__qualname__}".encode()),
+        ("__connect.errors.exception.message", str(exc)[:MAX_ERROR_MESSAGE].encode()),
+        ("__tagstream.errors.reason", reason.encode()),
+    ]
+    return headers
 
 
 class KafkaService:
@@ -115,7 +151,8 @@ class KafkaService:
         health: HealthState | None = None,
         *,
         max_produce_attempts: int = 5,
-        drain_timeout_s: float = 60.0,
+        drain_timeout_s: float = 300.0,
+        stuck_after_s: float = 20.0,
     ) -> None:
         self.s = settings
         self.core = core
@@ -124,8 +161,15 @@ class KafkaService:
         self.tracker = OffsetTracker()
         self.max_produce_attempts = max_produce_attempts
         self.drain_timeout_s = drain_timeout_s
+        self.stuck_after_s = stuck_after_s
+        self._seq = itertools.count()
+        self._gen = 0  # producer generation: callbacks of a replaced producer are ignored
+        self._pending: dict[int, _Out] = {}
         self._retry: list[_Out] = []
         self._failed: list[_Out] = []
+        self._producer_fatal = False
+        self._paused_until: dict[TP, float] = {}
+        self._pause_s: dict[TP, float] = {}
         self.consumer = Consumer(self._consumer_conf())
         self.producer = Producer(self._producer_conf())
 
@@ -151,7 +195,8 @@ class KafkaService:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
-            "error_cb": self._on_error,
+            "message.timeout.ms": 60000,
+            "error_cb": self._on_producer_error,
             "logger": KAFKA_LOGGER,
         }
 
@@ -168,8 +213,8 @@ class KafkaService:
             log.warning("bad_librdkafka_stats")
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        self.metrics.commits.labels(result="error" if err else "ok").inc()
         if err:
+            self.metrics.commits.labels(result="error").inc()
             log.warning("commit_failed", error=str(err))
             self.tracker.unmark({(p.topic, p.partition) for p in partitions})
 
@@ -180,6 +225,11 @@ class KafkaService:
         else:
             log.warning("kafka_error", error=str(err))
 
+    def _on_producer_error(self, err: KafkaError) -> None:
+        self._on_error(err)
+        if err.fatal():
+            self._producer_fatal = True  # e.g. the idempotent producer's state was lost
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=[(p.topic, p.partition) for p in partitions])
 
@@ -188,45 +238,79 @@ class KafkaService:
         log.info("partitions_revoked", partitions=sorted(revoked))
         # Work is finished batch by batch, so whatever is done here can be committed.
         self._drain()
-        self._commit(asynchronous=False, only=revoked)
+        self._commit(only=revoked)
         self.tracker.forget(revoked)
+        for tp in revoked:
+            self._paused_until.pop(tp, None)
+            self._pause_s.pop(tp, None)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions_lost", partitions=sorted(lost))
         self.tracker.forget(lost)
+        for tp in lost:
+            self._paused_until.pop(tp, None)
 
-    def _on_delivery(self, out: _Out, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, out: _Out, gen: int, err: KafkaError | None, msg: Message) -> None:
+        if gen != self._gen or self._pending.get(out.seq) is not out:
+            return  # a replaced producer's callback: the record was re-sent
+        del self._pending[out.seq]
         if err is not None:
             self.metrics.produce_errors.inc()
             out.attempts += 1
             log.warning(
                 "produce_failed",
-                id=out.key.decode(errors="replace"),
+                topic=out.topic,
+                offset=out.offset,
                 error=str(err),
                 attempt=out.attempts,
             )
             (self._retry if out.attempts < self.max_produce_attempts else self._failed).append(out)
             return
         self.tracker.done(out.tp, out.offset)
-        self.metrics.produced.labels(decision=out.decision).inc()
+        if out.kind == "dlq":
+            self.metrics.dlq.labels(reason=out.label).inc()
+            return
+        self.metrics.produced.labels(decision=out.label).inc()
         if out.input_ts_ms:
             self.metrics.e2e_seconds.observe(max(0.0, time.time() - out.input_ts_ms / 1000))
 
     # ---- the loop ------------------------------------------------------------------------
+    def check_topics(self, timeout_s: float = 10.0) -> None:
+        """Fail fast, with the fix in the message, when a topic we need does not exist."""
+        md = self.consumer.list_topics(timeout=timeout_s)
+        missing = [
+            t
+            for t in (self.s.input_topic, self.s.output_topic, self.s.dlq)
+            if t not in md.topics or md.topics[t].error is not None
+        ]
+        if missing:
+            raise KafkaRuntimeError(
+                f"topic(s) {', '.join(missing)} do not exist on {self.s.bootstrap_servers}; "
+                "create them (the dead-letter topic defaults to <input>.dlq, --dlq-topic "
+                "changes it) or pass --no-check-topics if the broker creates topics itself"
+            )
+
     def run(self, stop: threading.Event, on_batch: Callable[[int], None] | None = None) -> None:
         """Consume until `stop` is set; then finish, commit and close. Raises on fatal errors."""
-        self.consumer.subscribe(
-            [self.s.input_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-        log.info(
-            "consuming", topic=self.s.input_topic, group=self.s.group_id, output=self.s.output_topic
-        )
         try:
+            if self.s.check_topics:
+                self.check_topics()
+            self.consumer.subscribe(
+                [self.s.input_topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            log.info(
+                "consuming",
+                topic=self.s.input_topic,
+                group=self.s.group_id,
+                output=self.s.output_topic,
+                dlq=self.s.dlq,
+            )
             while not stop.is_set():
+                self._resume_due()
                 msgs = self.consumer.consume(self.s.batch_size, self.s.batch_timeout_s)
                 self.health.beat()
                 n = self._handle(msgs)
@@ -236,9 +320,10 @@ class KafkaService:
             self.health.stopping = True
             try:
                 self._drain()
-                self._commit(asynchronous=False)
+                self._commit()
             finally:
                 self.consumer.close()
+                self.producer.flush(5)
                 log.info("stopped", pending=self.tracker.pending())
 
     def _handle(self, msgs: list[Message]) -> int:
@@ -254,10 +339,11 @@ class KafkaService:
             else:
                 log.warning("consumer_error", error=str(err))
         if not records:
-            self._commit(asynchronous=True)
+            self._commit()
             return 0
         self.metrics.batch_size.observe(len(records))
         good: list[tuple[Message, UploadEvent]] = []
+        bad: list[tuple[Message, str, BaseException, str]] = []  # msg, stage, exc, reason
         t0 = time.perf_counter()
         for m in records:
             tp, off = _where(m)
@@ -265,8 +351,6 @@ class KafkaService:
             try:
                 ev = decode(m.value(), max_bytes=self.s.max_event_bytes)
             except DecodeError as e:
-                # Nothing to produce for it yet (the dead-letter topic comes in issue C):
-                # counted, logged, and its offset may be committed.
                 self.metrics.consumed.labels(outcome=e.reason).inc()
                 log.warning(
                     "malformed_event",
@@ -276,85 +360,219 @@ class KafkaService:
                     reason=e.reason,
                     error=str(e),
                 )
-                self.tracker.done(tp, off)
+                bad.append((m, "decode", e, e.reason))
                 continue
             self.metrics.consumed.labels(outcome="ok").inc()
             good.append((m, ev))
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
-        results = self.core.process([ev for _, ev in good])
+        results = self._process([ev for _, ev in good])
         t0 = time.perf_counter()
+        tagged: list[tuple[Message, TagResult]] = []
+        for (m, _ev), res in zip(good, results, strict=True):
+            if isinstance(res, TagResult):
+                tagged.append((m, res))
+            else:
+                self.metrics.consumed.labels(outcome="process_error").inc()
+                bad.append((m, "process", res, "process_error"))
+        # pause mode: from the first deferred item on, a partition is re-read later
+        rewind: dict[TP, int] = {}
+        for m, res in tagged:
+            if res.deferred:
+                tp, off = _where(m)
+                rewind[tp] = min(rewind.get(tp, off), off)
         stamp = now_iso()
-        for (m, ev), res in zip(good, results, strict=True):
-            ts_type, ts = m.timestamp()
+        for m, stage, exc, reason in bad:
             tp, off = _where(m)
-            self._produce(
-                _Out(
-                    tp=tp,
-                    offset=off,
-                    key=ev.id.encode(),
-                    value=orjson.dumps(self.core.to_payload(res)),
-                    headers=ce_headers(
-                        event_id=ev.id,
-                        source_ref=f"{tp[0]}-{tp[1]}-{off}",
-                        ce_source=self.s.ce_source,
-                        time_iso=stamp,
-                    ),
-                    decision=res.decision.value,
-                    input_ts_ms=ts if ts_type != 0 and ts > 0 else None,
-                )
-            )
+            if tp not in rewind or off < rewind[tp]:
+                self._send(self._dead_letter(m, stage, exc, reason))
+        for m, res in tagged:
+            tp, off = _where(m)
+            if tp not in rewind or off < rewind[tp]:
+                self._send(self._tag_event(m, res, stamp))
+        if rewind:
+            self._pause_and_rewind(rewind, {_where(m)[0] for m in records})
+        else:
+            for tp in {_where(m)[0] for m in records}:
+                self._pause_s.pop(tp, None)
         self._drain()
         self.metrics.stage_seconds.labels(stage="produce").observe(time.perf_counter() - t0)
-        self._commit(asynchronous=True)
+        self._commit()
         return len(records)
 
-    def _produce(self, out: _Out) -> None:
+    def _process(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
+        """The core on the whole batch; if it fails, item by item, to isolate a poison item.
+
+        When every item fails alone too, the fault is not the input's (a broken model, say):
+        raise, so nothing is committed and a restart re-reads the batch.
+        """
+        try:
+            return list(self.core.process(events))
+        except Exception as batch_exc:
+            if len(events) <= 1:
+                single: list[TagResult | BaseException] = [batch_exc]
+                if not events:
+                    return []
+            else:
+                log.warning("batch_failed_isolating_items", error=repr(batch_exc))
+                single = []
+                for ev in events:
+                    try:
+                        single.extend(self.core.process([ev]))
+                    except Exception as e:
+                        single.append(e)
+            if all(isinstance(r, BaseException) for r in single):
+                raise KafkaRuntimeError(f"processing fails for every item: {batch_exc!r}") from (
+                    batch_exc
+                )
+            return single
+
+    def _tag_event(self, m: Message, res: TagResult, stamp: str) -> _Out:
+        tp, off = _where(m)
+        ts_type, ts = m.timestamp()
+        return _Out(
+            topic=self.s.output_topic,
+            tp=tp,
+            offset=off,
+            key=res.event.id.encode(),
+            value=orjson.dumps(self.core.to_payload(res)),
+            headers=ce_headers(
+                event_id=res.event.id,
+                source_ref=f"{tp[0]}-{tp[1]}-{off}",
+                ce_source=self.s.ce_source,
+                time_iso=stamp,
+            ),
+            kind="tag",
+            label=res.decision.value,
+            input_ts_ms=ts if ts_type != 0 and ts > 0 else None,
+        )
+
+    def _dead_letter(self, m: Message, stage: str, exc: BaseException, reason: str) -> _Out:
+        tp, off = _where(m)
+        ts_type, ts = m.timestamp()
+        return _Out(
+            topic=self.s.dlq,
+            tp=tp,
+            offset=off,
+            key=m.key(),
+            value=m.value(),
+            headers=dead_letter_headers(m, stage, exc, reason),
+            kind="dlq",
+            label=reason,
+            timestamp_ms=ts if ts_type != 0 and ts > 0 else None,
+        )
+
+    # ---- pause / resume (LLM unavailable in pause mode) ------------------------------------
+    def _pause_and_rewind(self, rewind: dict[TP, int], seen: set[TP]) -> None:
+        now = time.monotonic()
+        for tp, off in rewind.items():
+            self.tracker.rewind(tp, off)
+            part = TopicPartition(tp[0], tp[1], off)
+            self.consumer.pause([part])
+            self.consumer.seek(part)
+            wait = min(self._pause_s.get(tp, self.s.llm_pause_s / 2) * 2, 300.0)
+            self._pause_s[tp] = wait
+            self._paused_until[tp] = now + wait
+            self.metrics.partition_pauses.inc()
+            log.warning(
+                "llm_unavailable_pausing", topic=tp[0], partition=tp[1], offset=off, seconds=wait
+            )
+        for tp in seen - set(rewind):
+            self._pause_s.pop(tp, None)
+
+    def _resume_due(self) -> None:
+        if not self._paused_until:
+            return
+        now = time.monotonic()
+        due = [tp for tp, t in self._paused_until.items() if t <= now]
+        if due:
+            self.consumer.resume([TopicPartition(t, p) for t, p in due])
+            for tp in due:
+                del self._paused_until[tp]
+            log.info("partitions_resumed", partitions=due)
+
+    # ---- producing -----------------------------------------------------------------------
+    def _send(self, out: _Out) -> None:
+        out.seq = next(self._seq)
+        self._pending[out.seq] = out
+        kwargs: dict[str, Any] = {}
+        if out.timestamp_ms:
+            kwargs["timestamp"] = out.timestamp_ms
         while True:
             try:
                 self.producer.produce(
-                    self.s.output_topic,
+                    out.topic,
                     key=out.key,
                     value=out.value,
                     headers=out.headers,
-                    on_delivery=partial(self._on_delivery, out),
+                    on_delivery=partial(self._on_delivery, out, self._gen),
+                    **kwargs,
                 )
                 return
             except BufferError:
                 self.producer.poll(0.1)  # local queue full: serve callbacks, then retry
 
+    def _recreate_producer(self, reason: str) -> None:
+        """Replace a fatal or stuck producer and re-send what it never acknowledged."""
+        log.warning("producer_recreated", reason=reason, pending=len(self._pending))
+        self.metrics.producer_recreated.inc()
+        old = self.producer
+        self._gen += 1
+        try:
+            old.purge(in_queue=True, in_flight=True)
+            old.poll(0)
+        except KafkaException as e:
+            log.warning("producer_purge_failed", error=str(e))
+        self._producer_fatal = False
+        self.producer = Producer(self._producer_conf())
+        resend = list(self._pending.values()) + self._retry
+        self._pending.clear()
+        self._retry = []
+        for out in resend:
+            self._send(out)
+
     def _drain(self) -> None:
-        """Wait until every produced event is acknowledged; re-send failures a few times."""
+        """Wait until every produced record is acknowledged; re-send failures a few times."""
         deadline = time.monotonic() + self.drain_timeout_s
+        last_left, last_progress = -1, time.monotonic()
         while True:
-            self.producer.flush(1.0)
+            self.producer.flush(0.5)
             if self._failed:
                 bad = self._failed[0]
                 raise KafkaRuntimeError(
-                    f"tag event for {bad.key.decode(errors='replace')} not acknowledged after "
+                    f"record for {bad.tp[0]}[{bad.tp[1]}]@{bad.offset} not acknowledged after "
                     f"{bad.attempts} attempts; not committing past it"
                 )
+            if self._producer_fatal:
+                self._recreate_producer("fatal error")
+                continue
             if self._retry:
                 retry, self._retry = self._retry, []
                 for out in retry:
-                    self._produce(out)
+                    self._send(out)
                 continue
-            if len(self.producer) == 0:
+            left = len(self._pending)
+            if left == 0:
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if left != last_left:
+                last_left, last_progress = left, now
+            elif now - last_progress > self.stuck_after_s:
+                self._recreate_producer(f"no acknowledgement for {self.stuck_after_s:.0f}s")
+                last_progress = now
+            if now > deadline:
                 raise KafkaRuntimeError(f"producer not drained within {self.drain_timeout_s}s")
 
-    def _commit(self, *, asynchronous: bool, only: set[TP] | None = None) -> None:
+    def _commit(self, only: set[TP] | None = None) -> None:
+        """Synchronous: after a crash at most the batch in flight is read again."""
         offsets = self.tracker.committable(only)
         if not offsets:
             return
         tps = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
         try:
-            if asynchronous:
-                self.consumer.commit(offsets=tps, asynchronous=True)
-            else:
-                self.consumer.commit(offsets=tps, asynchronous=False)
+            self.consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as e:
             self.metrics.commits.labels(result="error").inc()
             log.warning("commit_failed", error=str(e))
             return
+        self.metrics.commits.labels(result="ok").inc()
         self.tracker.mark_committed(offsets)

@@ -3,6 +3,7 @@ a fresh Prometheus registry per test, and a scriptable fake OpenAI-compatible se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -56,7 +57,8 @@ def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
         yield b
 
 
-Responder = Callable[[dict[str, Any]], tuple[int, dict[str, Any] | str]]
+Reply = tuple[int, dict[str, Any] | str] | tuple[int, dict[str, Any] | str, dict[str, str]]
+Responder = Callable[[dict[str, Any]], Reply]
 
 
 class FakeOpenAI:
@@ -71,15 +73,20 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
-                code, payload = outer.respond(body)
+                reply = outer.respond(body)
+                code, payload = reply[0], reply[1]
+                extra: dict[str, str] = reply[2] if len(reply) > 2 else {}  # type: ignore[misc]
                 data = (
                     payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 )
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for k, v in extra.items():
+                    self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)  # the client may have timed out and gone
 
             def log_message(self, format: str, *args: object) -> None:
                 return

@@ -11,10 +11,19 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from consumer.broker import create_topics
 from consumer.config import Settings
 from consumer.core import TaggingCore
 from consumer.demo import sample_events
 from consumer.runner import KafkaService
+
+
+def make_topics(bootstrap: str, partitions: int, prefix: str = "") -> None:
+    """uploads, tags and uploads.dlq (the service checks they exist)."""
+    create_topics(
+        bootstrap,
+        {f"{prefix}uploads": partitions, f"{prefix}tags": partitions, f"{prefix}uploads.dlq": 1},
+    )
 
 
 def make_events(n: int, prefix: str = "ev") -> list[bytes]:

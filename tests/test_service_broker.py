@@ -15,7 +15,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.broker import EmbeddedBroker, create_topics, free_port
+from consumer.broker import EmbeddedBroker, free_port
 from consumer.core import TaggingCore
 from consumer.events import load_schema
 from consumer.metrics import Metrics
@@ -25,6 +25,7 @@ from tagsys import TagSystem
 from tests.kafka_helpers import (
     committed_total,
     make_events,
+    make_topics,
     read_topic,
     running,
     service,
@@ -41,7 +42,7 @@ def _core(encoder: OnnxEncoder, ts: TagSystem) -> TaggingCore:
 def test_n_events_in_n_tag_events_out_with_the_same_keys(
     broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    create_topics(broker.bootstrap, {"uploads": 3, "tags": 3})
+    make_topics(broker.bootstrap, 3)
     events = make_events(200)
     send_lines(broker.bootstrap, "uploads", events)
     core = _core(encoder, sample_ts)
@@ -74,7 +75,7 @@ def test_n_events_in_n_tag_events_out_with_the_same_keys(
 def test_restart_resumes_from_committed_offsets_without_loss(
     broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    create_topics(broker.bootstrap, {"uploads": 3, "tags": 3})
+    make_topics(broker.bootstrap, 3)
     first, second = make_events(60, "a"), make_events(40, "b")
     s = settings_for(broker.bootstrap)
     send_lines(broker.bootstrap, "uploads", first)
@@ -103,7 +104,7 @@ def test_restart_resumes_from_committed_offsets_without_loss(
 def test_malformed_events_in_the_middle_do_not_stop_the_rest(
     broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    create_topics(broker.bootstrap, {"uploads": 1, "tags": 1})
+    make_topics(broker.bootstrap, 1)
     good = make_events(30)
     bad = [
         b"{not json",
@@ -130,7 +131,7 @@ def test_malformed_events_in_the_middle_do_not_stop_the_rest(
 def test_cli_run_serves_metrics_and_exits_0_on_sigterm_with_offsets_committed(
     broker: EmbeddedBroker, model_dir: Path, tmp_path: Path
 ) -> None:
-    create_topics(broker.bootstrap, {"uploads": 2, "tags": 2})
+    make_topics(broker.bootstrap, 2)
     events = make_events(50)
     send_lines(broker.bootstrap, "uploads", events)
     port = free_port()
@@ -190,7 +191,7 @@ def test_send_cli_and_a_tag_system_from_disk(
     from consumer.app import build_stack
     from consumer.cli import app
 
-    create_topics(broker.bootstrap, {"uploads": 2, "tags": 2})
+    make_topics(broker.bootstrap, 2)
     f = tmp_path / "events.jsonl"
     f.write_bytes(b"\n".join(make_events(20)) + b"\n\n")
     res = CliRunner().invoke(
