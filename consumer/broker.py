@@ -85,7 +85,7 @@ class EmbeddedBroker:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
-                self._proc.wait(5)
+                self._proc.wait(1)  # memory only: nothing to lose by killing it after that
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()

@@ -127,6 +127,7 @@ class SelectiveTagger:
         self.breaker = breaker
         self.limiter = limiter
         self._wait = _WaitRetryAfter(retry_after_cap_s, backoff_base_s, backoff_max_s)
+        self._secret = api_key.get_secret_value()
         # Retries are ours (tenacity, with Retry-After and a breaker); the client's own are
         # off so that no request is repeated behind our back or counted twice.
         self.client = openai.OpenAI(
@@ -252,15 +253,19 @@ class SelectiveTagger:
         except _UnusableAnswer as e:
             answer = e.answer
         except openai.APITimeoutError as e:
-            answer = LLMAnswer(status="timeout", error=str(e))
+            answer = LLMAnswer(status="timeout", error=self._redact(str(e)))
         except openai.RateLimitError as e:
-            answer = LLMAnswer(status="rate_limited", error=str(e))
+            answer = LLMAnswer(status="rate_limited", error=self._redact(str(e)))
         except (openai.APIError, ValueError) as e:
-            answer = LLMAnswer(status="error", error=f"{type(e).__name__}: {e}")
+            answer = LLMAnswer(status="error", error=self._redact(f"{type(e).__name__}: {e}"))
         answer.prompt_tokens, answer.completion_tokens = tokens
         if self.breaker is not None:
             self.breaker.record(answer.status not in UNAVAILABLE)
         return answer
+
+    def _redact(self, text: str) -> str:
+        """An endpoint may echo the key in its error body: never let it reach a log."""
+        return text.replace(self._secret, "***") if len(self._secret) >= 4 else text
 
     def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
         if self.metrics is not None:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from consumer.broker import create_topics
 from consumer.config import Settings
@@ -77,38 +77,52 @@ def service(settings: Settings, core: TaggingCore) -> KafkaService:
     return KafkaService(settings, core, core.metrics)
 
 
+class TopicReader:
+    """Reads a whole topic by assignment (no consumer group, so no join wait)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"reader-{time.time_ns()}",
+                "enable.auto.commit": False,
+            }
+        )
+        md = self.consumer.list_topics(topic, timeout=10)
+        parts = md.topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        self.records: list[Any] = []
+        self.keys: set[bytes] = set()
+
+    def poll(self, timeout_s: float = 0.2) -> int:
+        for m in self.consumer.consume(500, timeout_s):
+            if m.error() is None:
+                self.records.append(m)
+                self.keys.add(m.key() or b"")
+        return len(self.records)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 def read_topic(
     bootstrap: str, topic: str, *, expect: int, timeout_s: float = 60.0, settle_s: float = 0.0
 ) -> list[Any]:
-    """All records of `topic` (fresh group), once `expect` distinct keys arrived (+settle)."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-        }
-    )
-    c.subscribe([topic])
-    records: list[Any] = []
-    keys: set[bytes] = set()
+    """All records of `topic`, once `expect` distinct keys arrived (+settle), or at timeout."""
+    reader = TopicReader(bootstrap, topic)
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
     try:
         while time.monotonic() < deadline:
-            for m in c.consume(200, 0.2):
-                if m.error() is None:
-                    records.append(m)
-                    keys.add(m.key() or b"")
-            if len(keys) >= expect:
+            reader.poll()
+            if len(reader.keys) >= expect:
                 if settle_until is None:
                     settle_until = time.monotonic() + settle_s
                 if time.monotonic() >= settle_until:
                     break
     finally:
-        c.close()
-    return records
+        reader.close()
+    return reader.records
 
 
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:

@@ -102,3 +102,27 @@ def test_cloudevents_headers() -> None:
     assert h["ce_specversion"] == b"1.0" and h["ce_id"] == b"up-0-7"
     assert h["ce_type"] == b"dev.tagstream.tags.v1" and h["content-type"] == b"application/json"
     assert h["ce_subject"] == b"v1" and h["ce_source"] == b"ts"
+
+
+@pytest.mark.parametrize("depth", [10, 500, 5000])
+def test_deep_nesting_in_an_unknown_field_never_crashes(depth: int) -> None:
+    raw = b'{"id": "d", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    try:
+        ev = decode(raw)
+    except DecodeError as e:
+        assert e.reason == "not_json" and depth > 1000
+    else:
+        assert ev.id == "d"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x1F), max_size=50))
+def test_control_characters_are_data(text: str) -> None:
+    ev = decode(orjson.dumps({"id": "c", "title": text, "hashtags": [text]}))
+    assert ev.title == text
+    event_text(ev)  # and the encoder text is built without error
+
+
+def test_a_huge_field_within_the_record_limit_is_capped_for_the_encoder() -> None:
+    ev = decode(orjson.dumps({"id": "h", "caption": "y" * 500_000}))
+    assert len(event_text(ev, max_chars=2000)) == 2000

@@ -1,0 +1,165 @@
+"""kill -9, rebalances and a broker restart: every input id still gets a tag event."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.broker import EmbeddedBroker
+from consumer.core import TaggingCore
+from consumer.metrics import Metrics
+from consumer.send import send_lines
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem
+from tests.kafka_helpers import (
+    TopicReader,
+    make_events,
+    make_topics,
+    read_topic,
+    running,
+    service,
+    settings_for,
+)
+
+pytestmark = pytest.mark.broker
+
+BATCH = 64
+
+
+def _spawn(bootstrap: str, model_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "run",
+            "--bootstrap-servers",
+            bootstrap,
+            "--group-id",
+            "crash",
+            "--metrics-port",
+            "0",
+            "--llm",
+            "none",
+            "--batch-size",
+            str(BATCH),
+            "--session-timeout-ms",
+            "6000",
+        ],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_kill_9_three_times_loses_nothing(
+    broker: EmbeddedBroker, model_dir: Path, tmp_path: Path
+) -> None:
+    make_topics(broker.bootstrap, 3)
+    events = make_events(3000)
+    send_lines(broker.bootstrap, "uploads", events)
+    log = tmp_path / "run.log"
+    kills = 0
+    reader = TopicReader(broker.bootstrap, "tags")
+    for _ in range(3):
+        proc = _spawn(broker.bootstrap, model_dir, log)
+        before = reader.poll()
+        deadline = time.monotonic() + 90
+        # let it make some progress, then kill it in the middle of the stream
+        while time.monotonic() < deadline and reader.poll() < before + 300:
+            pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+    reader.close()
+    proc = _spawn(broker.bootstrap, model_dir, log)
+    try:
+        out = read_topic(broker.bootstrap, "tags", expect=3000, timeout_s=240, settle_s=2.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    keys = Counter(m.key().decode() for m in out)
+    ids = {orjson.loads(e)["id"] for e in events}
+    assert set(keys) == ids, f"lost: {sorted(ids - set(keys))[:10]}"
+    duplicates = sum(n - 1 for n in keys.values())
+    # each crash re-reads at most the batch in flight (commits are synchronous per batch)
+    assert duplicates <= kills * BATCH, duplicates
+
+
+def test_a_consumer_joining_and_leaving_loses_nothing(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 4)
+    events = make_events(900)
+    chunks = iter([events[i : i + 20] for i in range(0, len(events), 20)])
+    s = settings_for(broker.bootstrap, batch_size=16)
+    core_a = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    core_b = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+
+    def consumed(core: TaggingCore) -> float:
+        r = core.metrics.registry
+        return r.get_sample_value("tagstream_events_consumed_total", {"outcome": "ok"}) or 0.0
+
+    def trickle_until(cond: Callable[[], bool], timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond() and time.monotonic() < deadline:
+            chunk = next(chunks, None)
+            if chunk:
+                send_lines(broker.bootstrap, "uploads", chunk)
+            time.sleep(0.2)
+        assert cond()
+
+    with running(service(s, core_a)):
+        trickle_until(lambda: consumed(core_a) > 0)
+        with running(service(s, core_b)):  # B joins: cooperative-sticky moves some partitions
+            trickle_until(lambda: consumed(core_b) >= 40)
+        # B leaves cleanly: its partitions go back to A
+        b_done = consumed(core_b)
+        a_before = consumed(core_a)
+        trickle_until(lambda: consumed(core_a) > a_before + 40)
+        for chunk in chunks:
+            send_lines(broker.bootstrap, "uploads", chunk)
+        out = read_topic(broker.bootstrap, "tags", expect=900, timeout_s=120, settle_s=2.0)
+    keys = Counter(m.key().decode() for m in out)
+    assert set(keys) == {orjson.loads(e)["id"] for e in events}
+    assert b_done >= 40
+    # clean hand-overs commit before giving partitions up: few or no duplicates
+    assert sum(n - 1 for n in keys.values()) <= 2 * 16 * 4
+    core_a.close()
+    core_b.close()
+
+
+def test_a_broker_restart_is_survived(
+    tmp_path: Path, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    port = broker.port
+    core = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    s = settings_for(broker.bootstrap)
+    try:
+        make_topics(broker.bootstrap, 1)
+        send_lines(broker.bootstrap, "uploads", make_events(20, "before"))
+        with running(service(s, core)):
+            read_topic(broker.bootstrap, "tags", expect=20)
+            broker.stop()  # memory only: the new broker starts empty
+            time.sleep(2)
+            broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu2.log").start()
+            make_topics(broker.bootstrap, 1)
+            after = make_events(20, "after")
+            send_lines(broker.bootstrap, "uploads", after)
+            out = read_topic(broker.bootstrap, "tags", expect=20, timeout_s=120)
+        assert {m.key().decode() for m in out} == {orjson.loads(e)["id"] for e in after}
+    finally:
+        broker.stop()
+        core.close()

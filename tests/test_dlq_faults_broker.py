@@ -1,0 +1,286 @@
+"""Dead letters, poison items and LLM faults against the embedded broker: nothing is lost."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumer.broker import EmbeddedBroker
+from consumer.core import TaggingCore, TagResult
+from consumer.dlq import replay_dlq
+from consumer.events import UploadEvent
+from consumer.llm import SelectiveTagger
+from consumer.metrics import Metrics
+from consumer.resilience import CircuitBreaker
+from consumer.runner import KafkaRuntimeError, KafkaService
+from models_onnx import OnnxEncoder
+from tagsys import GateConfig, TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
+from tests.kafka_helpers import (
+    committed_total,
+    make_events,
+    make_topics,
+    read_topic,
+    running,
+    service,
+    settings_for,
+)
+
+pytestmark = pytest.mark.broker
+
+BAD: list[tuple[bytes | None, str]] = [
+    (b"{not json", "not_json"),
+    (b'{"title": "no id"}', "missing_id"),
+    (b'{"id": 5}', "schema"),
+    (b"\xff\xfe\xfd", "not_utf8"),
+    (b'{"id": "x", "schema_version": 9}', "schema_version"),
+    (b'{"id": "big", "caption": "' + b"x" * 5000 + b'"}', "oversize"),
+    (None, "empty"),
+]
+
+
+def _core(encoder: OnnxEncoder, ts: TagSystem, **kw: Any) -> TaggingCore:
+    return TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()), **kw)
+
+
+def test_every_malformed_event_lands_in_the_dlq_with_context(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    good = make_events(20)
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    for i, line in enumerate(good):
+        p.produce("uploads", key=orjson.loads(line)["id"].encode(), value=line)
+        if i == 9:  # the bad ones in the middle, with a header of their own and a timestamp
+            for j, (raw, _) in enumerate(BAD):
+                p.produce(
+                    "uploads",
+                    key=f"bad-{j}".encode(),
+                    value=raw,
+                    headers=[("trace", b"t-%d" % j)],
+                    timestamp=1_700_000_000_000 + j,
+                )
+    assert p.flush(10) == 0
+    core = _core(encoder, sample_ts)
+    s = settings_for(broker.bootstrap, max_event_bytes=4096)
+    with running(service(s, core)):
+        out = read_topic(broker.bootstrap, "tags", expect=20)
+        dlq = read_topic(broker.bootstrap, "uploads.dlq", expect=len(BAD))
+    assert {m.key().decode() for m in out} == {orjson.loads(e)["id"] for e in good}
+    assert len(dlq) == len(BAD)
+    for m in dlq:
+        j = int(m.key().decode().split("-")[1])
+        raw, reason = BAD[j]
+        h = dict(m.headers())
+        assert m.value() == raw and m.timestamp()[1] == 1_700_000_000_000 + j
+        assert h["trace"] == b"t-%d" % j  # original headers kept
+        assert h["__connect.errors.topic"] == b"uploads"
+        assert h["__connect.errors.partition"] == b"0"
+        assert int(h["__connect.errors.offset"]) == 10 + j
+        assert h["__connect.errors.stage"] == b"decode"
+        assert h["__connect.errors.exception.class.name"] == b"consumer.events.DecodeError"
+        assert h["__connect.errors.exception.message"]
+        assert h["__tagstream.errors.reason"] == reason.encode()
+    r = core.metrics.registry
+    for _, reason in BAD:
+        assert r.get_sample_value("tagstream_dlq_events_total", {"reason": reason}) == 1
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 20 + len(BAD)
+
+    # replay: to another topic, original key/value/headers back, error headers gone
+    rep = replay_dlq(broker.bootstrap, "uploads.dlq", to_topic="replayed", reasons={"not_json"})
+    assert (rep.scanned, rep.matched, rep.replayed) == (len(BAD), 1, 1)
+    (back,) = read_topic(broker.bootstrap, "replayed", expect=1)
+    hb = dict(back.headers())
+    assert back.value() == b"{not json" and hb["trace"] == b"t-0"
+    assert not any(k.startswith("__connect") for k in hb)
+    assert hb["tagstream.replayed_from"].startswith(b"uploads.dlq-0-")
+    # by id, to the original topic (where it fails again: counted, not lost)
+    rep = replay_dlq(broker.bootstrap, "uploads.dlq", ids={"bad-2"}, dry_run=True)
+    assert (rep.matched, rep.replayed) == (1, 0)
+    rep = replay_dlq(broker.bootstrap, "uploads.dlq", ids={"bad-2"})
+    assert rep.by_target == {"uploads": 1}
+    core.close()
+
+
+class PoisonCore(TaggingCore):
+    """Fails on items whose id starts with 'poison' (or on everything)."""
+
+    fail_all = False
+
+    def process(self, events: list[UploadEvent]) -> list[TagResult]:
+        if self.fail_all or any(e.id.startswith("poison") for e in events):
+            raise RuntimeError("boom")
+        return super().process(events)
+
+
+def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    events = [*make_events(10), b'{"id": "poison-1", "title": "x"}', *make_events(10, "z")]
+    from consumer.send import send_lines
+
+    send_lines(broker.bootstrap, "uploads", events)
+    core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    s = settings_for(broker.bootstrap)
+    with running(service(s, core)):
+        out = read_topic(broker.bootstrap, "tags", expect=20)
+        (dead,) = read_topic(broker.bootstrap, "uploads.dlq", expect=1)
+    assert len({m.key() for m in out}) == 20
+    h = dict(dead.headers())
+    assert dead.key() == b"poison-1" and h["__connect.errors.stage"] == b"process"
+    assert h["__connect.errors.exception.class.name"] == b"builtins.RuntimeError"
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 21
+
+
+def test_a_systemic_failure_stops_the_service_without_committing(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    from consumer.send import send_lines
+
+    send_lines(broker.bootstrap, "uploads", make_events(5))
+    core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    core.fail_all = True
+    s = settings_for(broker.bootstrap)
+    with pytest.raises(KafkaRuntimeError, match="every item"):
+        service(s, core).run(threading.Event())
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 0
+    assert read_topic(broker.bootstrap, "uploads.dlq", expect=1, timeout_s=3) == []
+
+
+def test_missing_topics_fail_fast_with_the_fix(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    core = _core(encoder, sample_ts)
+    svc = KafkaService(settings_for(broker.bootstrap), core, core.metrics)
+    with pytest.raises(KafkaRuntimeError, match=r"uploads\.dlq"):
+        svc.run(threading.Event())
+
+
+FAULTS: list[Callable[[dict[str, Any]], Reply]] = [
+    lambda req: (500, {"error": {"message": "boom"}}),
+    lambda req: (429, {"error": {"message": "slow"}}, {"Retry-After": "0"}),
+    lambda req: (200, completion("{definitely not json")),
+    lambda req: (200, completion('{"tags": ["crypto giveaway", "not on any list"]}')),
+    lambda req: (200, completion("")),
+    lambda req: (200, completion('{"tags": []}')),
+    lambda req: (200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')),
+]
+
+
+def _slow(req: dict[str, Any]) -> Reply:
+    time.sleep(1.0)  # past the client's timeout
+    return 200, completion("{}")
+
+
+def _force_llm(ts: TagSystem) -> TagSystem:
+    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
+    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
+
+
+def test_every_llm_fault_loses_nothing(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    make_topics(broker.bootstrap, 2)
+    counter = itertools.count()
+    faults = [*FAULTS, _slow]
+
+    def reply(req: dict[str, Any]) -> Reply:
+        return faults[next(counter) % len(faults)](req)
+
+    server = fake_llm(reply)
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(
+        server.base_url,
+        "fake",
+        SecretStr(""),
+        timeout_s=0.5,
+        metrics=metrics,
+        attempts=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.02,
+    )
+    core = TaggingCore(
+        encoder, _force_llm(sample_ts), tagger=tagger, metrics=metrics, llm_concurrency=4
+    )
+    events = make_events(48)
+    from consumer.send import send_lines
+
+    send_lines(broker.bootstrap, "uploads", events)
+    s = settings_for(broker.bootstrap)
+    with running(service(s, core)):
+        out = read_topic(broker.bootstrap, "tags", expect=48, timeout_s=120)
+    payloads = [orjson.loads(m.value()) for m in out]
+    assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in events}
+    assert all(p["llm_asked"] for p in payloads)
+    names = set(sample_ts.names)
+    assert all(t["name"] in names for p in payloads for t in p["tags"])
+    decisions = {p["decision"] for p in payloads}
+    assert decisions == {"llm", "review"}
+    r = metrics.registry
+    for status in ("ok", "error", "timeout", "invalid", "empty"):
+        assert (r.get_sample_value("tagstream_llm_requests_total", {"status": status}) or 0) > 0
+    assert r.get_sample_value("tagstream_llm_rejected_tags_total") > 0
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 48
+    core.close()
+
+
+def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    make_topics(broker.bootstrap, 2)
+    calls = itertools.count()
+
+    def reply(req: dict[str, Any]) -> Reply:
+        if next(calls) < 8:  # the first requests find the LLM down
+            return 503, {"error": {"message": "warming up"}}
+        return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
+
+    server = fake_llm(reply)
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(
+        server.base_url,
+        "fake",
+        SecretStr(""),
+        timeout_s=2,
+        metrics=metrics,
+        attempts=1,
+        breaker=CircuitBreaker(failures=3, reset_s=0.5),
+    )
+    core = TaggingCore(
+        encoder,
+        _force_llm(sample_ts),
+        tagger=tagger,
+        metrics=metrics,
+        defer_when_llm_unavailable=True,
+    )
+    events = make_events(30)
+    from consumer.send import send_lines
+
+    send_lines(broker.bootstrap, "uploads", events)
+    s = settings_for(broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.5)
+    with running(service(s, core)):
+        out = read_topic(broker.bootstrap, "tags", expect=30, timeout_s=120, settle_s=1.0)
+    payloads = [orjson.loads(m.value()) for m in out]
+    assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in events}
+    # nothing went out while the LLM was down: every event was decided by it
+    assert {p["decision"] for p in payloads} == {"llm"} and len(payloads) == 30
+    assert metrics.registry.get_sample_value("tagstream_partition_pauses_total") >= 1
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 30
+    core.close()
