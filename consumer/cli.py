@@ -354,7 +354,10 @@ def import_tags(
 
 @app.command("llm-serve")
 def llm_serve(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 in a container).")] = (
+        "127.0.0.1"
+    ),
     parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 2,
 ) -> None:
     """Serve the bundled SmolLM2-135M-Instruct as an OpenAI-compatible API (foreground)."""
@@ -362,7 +365,7 @@ def llm_serve(
 
     from consumer.llm_server import serve
 
-    serve(port, parallel, 2048, os.cpu_count() or 2)
+    serve(port, parallel, 2048, os.cpu_count() or 2, host)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -39,7 +39,7 @@ def smollm2_gguf() -> Path:
     return ggufs[0]
 
 
-def serve(port: int, parallel: int, ctx: int, threads: int) -> None:
+def serve(port: int, parallel: int, ctx: int, threads: int, host: str = "127.0.0.1") -> None:
     try:
         import xllamacpp
     except ImportError as e:
@@ -50,7 +50,7 @@ def serve(port: int, parallel: int, ctx: int, threads: int) -> None:
     p.n_parallel = parallel
     p.n_ctx = ctx * parallel
     p.port = port
-    p.hostnames = ["127.0.0.1"]
+    p.hostnames = [host]
     p.cpuparams.n_threads = threads
     p.cpuparams_batch.n_threads = threads
     server = xllamacpp.Server(p)
@@ -134,11 +134,12 @@ class LocalLLM:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Serve SmolLM2-135M-Instruct (llama.cpp).")
     ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
-    serve(a.port, a.parallel, a.ctx, a.threads)
+    serve(a.port, a.parallel, a.ctx, a.threads, a.host)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 STAGES = ("decode", "tokenize", "encode", "match", "llm", "produce")
 
@@ -32,6 +40,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total, memory, open fds: the dashboard's CPU panel reads them
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.consumed = Counter(
             "tagstream_events_consumed_total",
             "Input records read, by outcome (ok, or the reason a record was malformed).",
