@@ -243,6 +243,52 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
+        False
+    ),
+    items: Annotated[int, typer.Option(help="Items for the throughput runs.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Encoder / consumer batch size.")] = 64,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Offered events/s for the latency run (default: half the encoder's)."),
+    ] = None,
+    latency_items: Annotated[int, typer.Option(help="Events in the latency run.")] = 600,
+    torch: Annotated[bool, typer.Option(help="Also time PyTorch when it is installed.")] = True,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Shared data folder (default: ../shared/data when present)."),
+    ] = None,
+    model: ModelOpt = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+    device: Annotated[
+        DeviceChoice, typer.Option(envvar=_env("device"), help="auto, cpu or cuda.")
+    ] = DeviceChoice.auto,
+) -> None:
+    """Measure encoder vs end-to-end throughput, latency, PyTorch and the 40k-tag shortlist."""
+    from consumer.bench import run_bench
+
+    logs.configure("warning")
+    res = run_bench(
+        items=items,
+        batch_size=batch_size,
+        model=model,
+        model_dir=model_dir,
+        device=device.value,
+        data=data,
+        rate=rate,
+        latency_items=latency_items,
+        torch=torch,
+        show_progress=sys.stderr.isatty() or not json,
+    )
+    out = res.to_json()
+    for k, v in out.items():
+        err.print(f"{k:<28} {v}")
+    if json:
+        sys.stdout.write(orjson.dumps(out).decode() + "\n")
+
+
 @app.command("export-onnx")
 def export_onnx(
     model: Annotated[

@@ -1,0 +1,357 @@
+"""`tagstream bench`: where the time goes, measured in one run on the same items.
+
+(a) bare encoder throughput (tokenize + encode, no Kafka); (b) end-to-end throughput through
+the embedded broker with the LLM off; their ratio; (c) end-to-end latency percentiles at a
+fixed offered rate; (d) PyTorch (transformers, fp32, mean pooling — what sentence-transformers
+runs) on the same items when torch is installed; (e) shortlist time per item against a
+vocabulary the size of TagGPT's (40,238 tags).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from confluent_kafka import Producer
+from prometheus_client import CollectorRegistry
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from consumer.broker import EmbeddedBroker, create_topics
+from consumer.core import TaggingCore
+from consumer.demo import sample_events
+from consumer.events import decode, event_text
+from consumer.metrics import Metrics
+from consumer.runner import KafkaService
+from models_onnx import OnnxEncoder
+from tagsys import shortlist
+
+TAGGPT_TAGS = 40238  # lines in TagGPT's final_tags.csv
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data next to the working directory or next to the repository."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        d = base.parent / "shared" / "data"
+        if d.is_dir():
+            return d
+    return None
+
+
+def load_items(n: int, data: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Real questions from StackExchange cooking when the shared data is there, else the
+    demo's sample events (repeated)."""
+    data = data or shared_data_dir()
+    cooking = data / "stackexchange" / "cooking.csv" if data else None
+    items: list[dict[str, Any]] = []
+    if cooking and cooking.is_file():
+        with cooking.open(newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                if len(items) >= n:
+                    break
+                items.append({"id": f"se-{i}", "title": row["title"], "caption": row["content"]})
+        source = str(cooking)
+    else:
+        source = "sample events"
+    base = [orjson.loads(line) for line in sample_events()]
+    i = 0
+    while len(items) < n:  # top up (or fill) with the sample events
+        ev = dict(base[i % len(base)])
+        ev["id"] = f"s-{i}"
+        items.append(ev)
+        i += 1
+    return items[:n], source
+
+
+@dataclass
+class BenchResult:
+    items: int
+    source: str
+    encoder: str
+    batch_size: int
+    encoder_items_per_s: float
+    e2e_items_per_s: float
+    latency_rate_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    torch_items_per_s: float | None
+    shortlist_ms_per_item_40k: float
+
+    @property
+    def e2e_to_encoder_ratio(self) -> float:
+        return self.e2e_items_per_s / self.encoder_items_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "encoder_items_per_s": round(self.encoder_items_per_s, 1),
+            "e2e_items_per_s": round(self.e2e_items_per_s, 1),
+            "e2e_to_encoder_ratio": round(self.e2e_to_encoder_ratio, 3),
+            "latency_p50_ms": round(self.latency_p50_ms, 1),
+            "latency_p95_ms": round(self.latency_p95_ms, 1),
+            "latency_p99_ms": round(self.latency_p99_ms, 1),
+            "latency_rate_per_s": round(self.latency_rate_per_s, 1),
+            "torch_items_per_s": (
+                None if self.torch_items_per_s is None else round(self.torch_items_per_s, 1)
+            ),
+            "torch_speedup": (
+                None
+                if not self.torch_items_per_s
+                else round(self.encoder_items_per_s / self.torch_items_per_s, 2)
+            ),
+            "shortlist_ms_per_item_40k": round(self.shortlist_ms_per_item_40k, 4),
+            "items": self.items,
+            "batch_size": self.batch_size,
+            "encoder": self.encoder,
+            "source": self.source,
+        }
+
+
+Step = Callable[[str, int], None]
+
+
+def bench_encoder(encoder: OnnxEncoder, texts: list[str], batch_size: int, step: Step) -> float:
+    encoder.run(encoder.tokenize(texts[:batch_size]))  # warm-up
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoder.run(encoder.tokenize(chunk))
+        step("encoder", len(chunk))
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def bench_torch(
+    folder: str, texts: list[str], batch_size: int, max_length: int, step: Step
+) -> float | None:
+    try:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(folder)  # type: ignore[no-untyped-call]
+    model = AutoModel.from_pretrained(folder).eval()
+
+    def run(chunk: list[str]) -> None:
+        enc = tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            out = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            v = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            torch.nn.functional.normalize(v, dim=1)
+
+    run(texts[:batch_size])
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        run(chunk)
+        step("torch", len(chunk))
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def bench_shortlist(dim: int, k: int, batch_size: int, rounds: int, step: Step) -> float:
+    """ms per item against 40,238 unit tag vectors (the cost does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    tags = rng.normal(size=(TAGGPT_TAGS, dim)).astype(np.float32)
+    tags /= np.linalg.norm(tags, axis=1, keepdims=True)
+    queries = rng.normal(size=(rounds, batch_size, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=2, keepdims=True)
+    shortlist(queries[0], tags, k)  # warm-up
+    t0 = time.perf_counter()
+    for q in queries:
+        shortlist(q, tags, k)
+        step("shortlist", len(q))
+    return (time.perf_counter() - t0) * 1000 / (rounds * batch_size)
+
+
+@contextmanager
+def _service(
+    broker: EmbeddedBroker, core: TaggingCore, batch_size: int, group: str
+) -> Iterator[KafkaService]:
+    from consumer.config import Settings
+
+    s = Settings(
+        bootstrap_servers=broker.bootstrap,
+        input_topic="bench-in",
+        output_topic="bench-out",
+        group_id=group,
+        batch_size=batch_size,
+        session_timeout_ms=6000,
+        metrics_port=0,
+    )
+    svc = KafkaService(s, core, core.metrics)
+    stop = threading.Event()
+    t = threading.Thread(target=svc.run, args=(stop,), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while svc.health.assigned == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield svc
+    finally:
+        stop.set()
+        t.join(60)
+
+
+def _out_reader(broker: EmbeddedBroker) -> Any:
+    from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": f"bench-{time.time_ns()}",
+            "enable.auto.commit": False,
+        }
+    )
+    parts = c.list_topics("bench-out", timeout=10).topics["bench-out"].partitions
+    c.assign([TopicPartition("bench-out", p, OFFSET_END) for p in parts])
+    c.consume(1, 0.5)  # settle the assignment at the end of the topic
+    return c
+
+
+def bench_e2e(
+    broker: EmbeddedBroker, core: TaggingCore, payloads: list[bytes], batch_size: int, step: Step
+) -> float:
+    """Send N events to a running service; time until N tag events are out."""
+    with _service(broker, core, batch_size, "bench-e2e"):
+        reader = _out_reader(broker)
+        prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+        t0 = time.perf_counter()
+        for p in payloads:
+            prod.produce("bench-in", value=p, key=orjson.loads(p)["id"].encode())
+            prod.poll(0)
+        prod.flush(30)
+        seen = 0
+        deadline = time.monotonic() + 600
+        while seen < len(payloads) and time.monotonic() < deadline:
+            got = sum(1 for m in reader.consume(1000, 0.1) if m.error() is None)
+            seen += got
+            step("e2e", got)
+        elapsed = time.perf_counter() - t0
+        reader.close()
+    return seen / elapsed
+
+
+def bench_latency(
+    broker: EmbeddedBroker,
+    core: TaggingCore,
+    payloads: list[bytes],
+    batch_size: int,
+    rate: float,
+    step: Step,
+) -> tuple[float, float, float]:
+    """Offer `rate` events/s; latency = tag event received − input sent (one clock)."""
+    sent_at: dict[bytes, float] = {}
+    lat: list[float] = []
+    payloads = [orjson.dumps(orjson.loads(p) | {"id": f"lat-{i}"}) for i, p in enumerate(payloads)]
+    with _service(broker, core, batch_size, "bench-latency"):
+        reader = _out_reader(broker)
+        prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
+
+        def feed() -> None:
+            t0 = time.perf_counter()
+            for i, p in enumerate(payloads):
+                due = t0 + i / rate
+                while (now := time.perf_counter()) < due:
+                    time.sleep(min(0.001, due - now))
+                key = f"lat-{i}".encode()
+                sent_at[key] = time.perf_counter()
+                prod.produce("bench-in", value=p, key=key)
+                prod.poll(0)
+            prod.flush(30)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        deadline = time.monotonic() + len(payloads) / rate + 120
+        while len(lat) < len(payloads) and time.monotonic() < deadline:
+            for m in reader.consume(1000, 0.01):
+                if m.error() is None:
+                    now = time.perf_counter()
+                    key = m.key() or b""
+                    if key in sent_at:
+                        lat.append((now - sent_at[key]) * 1000)
+                        step("latency", 1)
+        feeder.join(30)
+        reader.close()
+    arr = np.array(lat)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99]) if len(arr) else (np.nan,) * 3
+    return float(p50), float(p95), float(p99)
+
+
+def run_bench(
+    *,
+    items: int = 1000,
+    batch_size: int = 64,
+    model: str = "all-MiniLM-L6-v2",
+    model_dir: Path | None = None,
+    device: str = "auto",
+    data: Path | None = None,
+    rate: float | None = None,
+    latency_items: int = 600,
+    torch: bool = True,
+    show_progress: bool = True,
+) -> BenchResult:
+    from consumer.app import sample_tag_system
+
+    rows, source = load_items(items, data)
+    payloads = [orjson.dumps(r) for r in rows]
+    encoder = OnnxEncoder(model, model_dir=model_dir, device=device)  # type: ignore[arg-type]
+    texts = [event_text(decode(p)) for p in payloads]
+    ts = sample_tag_system(encoder)
+    progress = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not show_progress,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def step(name: str, n: int) -> None:
+        progress.advance(tasks[name], n)
+
+    with progress:
+        tasks["encoder"] = progress.add_task("encoder", total=len(texts))
+        tasks["e2e"] = progress.add_task("e2e", total=len(payloads))
+        tasks["latency"] = progress.add_task("latency", total=latency_items)
+        tasks["torch"] = progress.add_task("torch", total=len(texts) if torch else 0)
+        tasks["shortlist"] = progress.add_task("shortlist", total=20 * batch_size)
+        enc_rate = bench_encoder(encoder, texts, batch_size, step)
+        with EmbeddedBroker() as broker:
+            create_topics(broker.bootstrap, {"bench-in": 3, "bench-out": 3, "bench-in.dlq": 1})
+            core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
+            e2e_rate = bench_e2e(broker, core, payloads, batch_size, step)
+            offered = rate or max(1.0, round(enc_rate * 0.5))
+            lat_payloads = (payloads * (latency_items // len(payloads) + 1))[:latency_items]
+            p50, p95, p99 = bench_latency(broker, core, lat_payloads, batch_size, offered, step)
+            core.close()
+        torch_rate = None
+        if torch:
+            from models_onnx.registry import resolve_source, spec_for
+
+            spec = spec_for(model)
+            torch_rate = bench_torch(resolve_source(spec), texts, batch_size, spec.max_length, step)
+        sl = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
+    return BenchResult(
+        items=len(texts),
+        source=source,
+        encoder=encoder.id,
+        batch_size=batch_size,
+        encoder_items_per_s=enc_rate,
+        e2e_items_per_s=e2e_rate,
+        latency_rate_per_s=offered,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
+        torch_items_per_s=torch_rate,
+        shortlist_ms_per_item_40k=sl,
+    )

@@ -1,0 +1,77 @@
+"""`tagstream bench` runs end to end and reports what it says (numbers are not asserted on:
+speed is checked by running the benchmark, never by timed unit tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumer.bench import load_items, shared_data_dir
+
+KEYS = {
+    "encoder_items_per_s",
+    "e2e_items_per_s",
+    "e2e_to_encoder_ratio",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "torch_items_per_s",
+    "shortlist_ms_per_item_40k",
+}
+
+
+def test_items_come_from_the_shared_data_when_present() -> None:
+    items, source = load_items(50)
+    assert len(items) == 50 and len({i["id"] for i in items}) == 50
+    if shared_data_dir() is None:
+        assert source == "sample events"
+    else:
+        assert source.endswith("cooking.csv") and items[0]["id"] == "se-0"
+
+
+@pytest.mark.broker
+def test_bench_json(model_dir: Path) -> None:
+    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "bench",
+            "--json",
+            "--items",
+            "96",
+            "--latency-items",
+            "40",
+            "--rate",
+            "40",
+            "--batch-size",
+            "32",
+            "--torch",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(res) >= KEYS
+    assert res["items"] == 96 and res["encoder"].startswith("all-MiniLM-L6-v2/")
+    for k in (
+        "encoder_items_per_s",
+        "e2e_items_per_s",
+        "latency_p50_ms",
+        "shortlist_ms_per_item_40k",
+    ):
+        assert np.isfinite(res[k]) and res[k] > 0, k
+    assert res["latency_p50_ms"] <= res["latency_p99_ms"]
+    assert res["e2e_to_encoder_ratio"] == pytest.approx(
+        res["e2e_items_per_s"] / res["encoder_items_per_s"], rel=0.01
+    )
+    assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
