@@ -92,6 +92,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             max_field_chars=settings.max_field_chars,
             emit_embedding=settings.emit_embedding,
             defer_when_llm_unavailable=settings.llm_unavailable == "pause",
+            max_batch_tokens=settings.max_batch_tokens,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

@@ -119,11 +119,12 @@ Step = Callable[[str, int], None]
 
 
 def bench_encoder(encoder: OnnxEncoder, texts: list[str], batch_size: int, step: Step) -> float:
-    encoder.run(encoder.tokenize(texts[:batch_size]))  # warm-up
+    """Consumer-sized batches through the service's own path (length-sorted, token budget)."""
+    encoder.encode(texts[:batch_size])  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        encoder.run(encoder.tokenize(chunk))
+        encoder.encode(chunk, batch_size=batch_size)
         step("encoder", len(chunk))
     return len(texts) / (time.perf_counter() - t0)
 
@@ -150,8 +151,11 @@ def bench_torch(
 
     run(texts[:batch_size])
     t0 = time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
+    # sentence-transformers' encode(): sort the whole list by length, then fixed-size batches
+    # (its best case: offline, it sees every item at once; the service cannot)
+    ordered = sorted(texts, key=len)
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
         run(chunk)
         step("torch", len(chunk))
     return len(texts) / (time.perf_counter() - t0)
@@ -174,15 +178,17 @@ def bench_shortlist(dim: int, k: int, batch_size: int, rounds: int, step: Step) 
 
 @contextmanager
 def _service(
-    broker: EmbeddedBroker, core: TaggingCore, batch_size: int, group: str
+    broker: EmbeddedBroker, core: TaggingCore, batch_size: int, phase: str
 ) -> Iterator[KafkaService]:
+    """A running service on topics of its own, `<phase>-in` and `<phase>-out`."""
     from consumer.config import Settings
 
+    create_topics(broker.bootstrap, {f"{phase}-in": 3, f"{phase}-out": 3, f"{phase}-in.dlq": 1})
     s = Settings(
         bootstrap_servers=broker.bootstrap,
-        input_topic="bench-in",
-        output_topic="bench-out",
-        group_id=group,
+        input_topic=f"{phase}-in",
+        output_topic=f"{phase}-out",
+        group_id=f"bench-{phase}",
         batch_size=batch_size,
         session_timeout_ms=6000,
         metrics_port=0,
@@ -201,7 +207,7 @@ def _service(
         t.join(60)
 
 
-def _out_reader(broker: EmbeddedBroker) -> Any:
+def _out_reader(broker: EmbeddedBroker, topic: str) -> Any:
     from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
     c = Consumer(
@@ -211,8 +217,8 @@ def _out_reader(broker: EmbeddedBroker) -> Any:
             "enable.auto.commit": False,
         }
     )
-    parts = c.list_topics("bench-out", timeout=10).topics["bench-out"].partitions
-    c.assign([TopicPartition("bench-out", p, OFFSET_END) for p in parts])
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_END) for p in parts])
     c.consume(1, 0.5)  # settle the assignment at the end of the topic
     return c
 
@@ -221,12 +227,12 @@ def bench_e2e(
     broker: EmbeddedBroker, core: TaggingCore, payloads: list[bytes], batch_size: int, step: Step
 ) -> float:
     """Send N events to a running service; time until N tag events are out."""
-    with _service(broker, core, batch_size, "bench-e2e"):
-        reader = _out_reader(broker)
+    with _service(broker, core, batch_size, "e2e"):
+        reader = _out_reader(broker, "e2e-out")
         prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
         t0 = time.perf_counter()
         for p in payloads:
-            prod.produce("bench-in", value=p, key=orjson.loads(p)["id"].encode())
+            prod.produce("e2e-in", value=p, key=orjson.loads(p)["id"].encode())
             prod.poll(0)
         prod.flush(30)
         seen = 0
@@ -252,8 +258,8 @@ def bench_latency(
     sent_at: dict[bytes, float] = {}
     lat: list[float] = []
     payloads = [orjson.dumps(orjson.loads(p) | {"id": f"lat-{i}"}) for i, p in enumerate(payloads)]
-    with _service(broker, core, batch_size, "bench-latency"):
-        reader = _out_reader(broker)
+    with _service(broker, core, batch_size, "latency"):
+        reader = _out_reader(broker, "latency-out")
         prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
 
         def feed() -> None:
@@ -264,7 +270,7 @@ def bench_latency(
                     time.sleep(min(0.001, due - now))
                 key = f"lat-{i}".encode()
                 sent_at[key] = time.perf_counter()
-                prod.produce("bench-in", value=p, key=key)
+                prod.produce("latency-in", value=p, key=key)
                 prod.poll(0)
             prod.flush(30)
 
@@ -327,7 +333,6 @@ def run_bench(
         tasks["shortlist"] = progress.add_task("shortlist", total=20 * batch_size)
         enc_rate = bench_encoder(encoder, texts, batch_size, step)
         with EmbeddedBroker() as broker:
-            create_topics(broker.bootstrap, {"bench-in": 3, "bench-out": 3, "bench-in.dlq": 1})
             core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
             e2e_rate = bench_e2e(broker, core, payloads, batch_size, step)
             offered = rate or max(1.0, round(enc_rate * 0.5))

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     llm_pause_s: float = Field(5.0, gt=0)
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)
+    # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device
+    # (1024 on CPU, where padding costs most; 16384 on CUDA)
+    max_batch_tokens: int = Field(0, ge=0)
     max_field_chars: int = Field(2000, ge=16)
     max_event_bytes: int = Field(1 << 20, ge=64)
     emit_embedding: bool = False

@@ -20,7 +20,8 @@ def shortlist(queries: F32, tag_embeddings: F32, k: int) -> tuple[I64, F32]:
     k = max(1, min(k, n_tags))
     scores = queries @ tag_embeddings.T
     if k < n_tags:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # the k largest sit at the end after partitioning at n - k (no negated copy)
+        part = np.argpartition(scores, n_tags - k, axis=1)[:, n_tags - k :]
     else:
         part = np.broadcast_to(np.arange(n_tags), scores.shape).copy()
     part_scores = np.take_along_axis(scores, part, axis=1)
