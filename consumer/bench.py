@@ -85,6 +85,7 @@ class BenchResult:
     latency_p99_ms: float
     torch_items_per_s: float | None
     shortlist_ms_per_item_40k: float
+    batch_tokens_sweep: dict[int, float] | None = None
 
     @property
     def e2e_to_encoder_ratio(self) -> float:
@@ -112,19 +113,34 @@ class BenchResult:
             "batch_size": self.batch_size,
             "encoder": self.encoder,
             "source": self.source,
+            **(
+                {
+                    "batch_tokens_sweep": {
+                        str(k): round(v, 1) for k, v in self.batch_tokens_sweep.items()
+                    }
+                }
+                if self.batch_tokens_sweep
+                else {}
+            ),
         }
 
 
 Step = Callable[[str, int], None]
 
 
-def bench_encoder(encoder: OnnxEncoder, texts: list[str], batch_size: int, step: Step) -> float:
+def bench_encoder(
+    encoder: OnnxEncoder,
+    texts: list[str],
+    batch_size: int,
+    step: Step,
+    max_batch_tokens: int | None = None,
+) -> float:
     """Consumer-sized batches through the service's own path (length-sorted, token budget)."""
     encoder.encode(texts[:batch_size])  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        encoder.encode(chunk, batch_size=batch_size)
+        encoder.encode(chunk, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
         step("encoder", len(chunk))
     return len(texts) / (time.perf_counter() - t0)
 
@@ -304,6 +320,7 @@ def run_bench(
     latency_items: int = 600,
     torch: bool = True,
     show_progress: bool = True,
+    sweep: list[int] | None = None,
 ) -> BenchResult:
     from consumer.app import sample_tag_system
 
@@ -331,6 +348,7 @@ def run_bench(
         tasks["latency"] = progress.add_task("latency", total=latency_items)
         tasks["torch"] = progress.add_task("torch", total=len(texts) if torch else 0)
         tasks["shortlist"] = progress.add_task("shortlist", total=20 * batch_size)
+        tasks["sweep"] = progress.add_task("sweep", total=len(texts) * len(sweep or []))
         enc_rate = bench_encoder(encoder, texts, batch_size, step)
         with EmbeddedBroker() as broker:
             core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
@@ -346,6 +364,12 @@ def run_bench(
             spec = spec_for(model)
             torch_rate = bench_torch(resolve_source(spec), texts, batch_size, spec.max_length, step)
         sl = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
+        swept = {
+            budget: bench_encoder(
+                encoder, texts, batch_size, lambda _n, k: step("sweep", k), budget
+            )
+            for budget in (sweep or [])
+        }
     return BenchResult(
         items=len(texts),
         source=source,
@@ -359,4 +383,5 @@ def run_bench(
         latency_p99_ms=p99,
         torch_items_per_s=torch_rate,
         shortlist_ms_per_item_40k=sl,
+        batch_tokens_sweep=swept or None,
     )

@@ -256,6 +256,12 @@ def bench(
     ] = None,
     latency_items: Annotated[int, typer.Option(help="Events in the latency run.")] = 600,
     torch: Annotated[bool, typer.Option(help="Also time PyTorch when it is installed.")] = True,
+    sweep_batch_tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="Also time the bare encoder at these padded-token budgets, e.g. 256,1024,16384."
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="Shared data folder (default: ../shared/data when present)."),
@@ -280,6 +286,7 @@ def bench(
         rate=rate,
         latency_items=latency_items,
         torch=torch,
+        sweep=[int(x) for x in sweep_batch_tokens.split(",")] if sweep_batch_tokens else None,
         show_progress=sys.stderr.isatty() or not json,
     )
     out = res.to_json()

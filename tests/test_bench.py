@@ -53,6 +53,8 @@ def test_bench_json(model_dir: Path) -> None:
             "--batch-size",
             "32",
             "--torch",
+            "--sweep-batch-tokens",
+            "512,4096",
         ],
         capture_output=True,
         text=True,
@@ -75,3 +77,5 @@ def test_bench_json(model_dir: Path) -> None:
         res["e2e_items_per_s"] / res["encoder_items_per_s"], rel=0.01
     )
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
+    assert set(res["batch_tokens_sweep"]) == {"512", "4096"}
+    assert all(v > 0 for v in res["batch_tokens_sweep"].values())
