@@ -403,31 +403,34 @@ class KafkaService:
         return len(records)
 
     def _process(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
-        """The core on the whole batch; if it fails, item by item, to isolate a poison item.
+        """The core on the whole batch; if it fails, item by item, to isolate poison items.
 
-        When every item fails alone too, the fault is not the input's (a broken model, say):
-        raise, so nothing is committed and a restart re-reads the batch.
+        If the core fails on a harmless canary item too, the fault is not the input's (a
+        broken model, say): raise, so nothing is committed and a restart re-reads the batch,
+        instead of sending good events to the dead-letter topic.
         """
         try:
             return list(self.core.process(events))
         except Exception as batch_exc:
-            if len(events) <= 1:
-                single: list[TagResult | BaseException] = [batch_exc]
-                if not events:
-                    return []
-            else:
-                log.warning("batch_failed_isolating_items", error=repr(batch_exc))
-                single = []
-                for ev in events:
-                    try:
-                        single.extend(self.core.process([ev]))
-                    except Exception as e:
-                        single.append(e)
-            if all(isinstance(r, BaseException) for r in single):
-                raise KafkaRuntimeError(f"processing fails for every item: {batch_exc!r}") from (
-                    batch_exc
-                )
-            return single
+            if not self._canary_ok():
+                raise KafkaRuntimeError(
+                    f"the tagging core fails even on a canary item: {batch_exc!r}"
+                ) from batch_exc
+            log.warning("batch_failed_isolating_items", error=repr(batch_exc))
+            results: list[TagResult | BaseException] = []
+            for ev in events:
+                try:
+                    results.extend(self.core.process([ev]))
+                except Exception as e:
+                    results.append(e)
+            return results
+
+    def _canary_ok(self) -> bool:
+        try:
+            self.core.process([UploadEvent(id="__tagstream_canary__", title="canary")])
+        except Exception:
+            return False
+        return True
 
     def _tag_event(self, m: Message, res: TagResult, stamp: str) -> _Out:
         tp, off = _where(m)
