@@ -213,9 +213,9 @@ class KafkaService:
             log.warning("bad_librdkafka_stats")
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        # librdkafka reports synchronous commits here too; _commit already counted and
+        # logged them, so this only makes sure a failed commit is sent again next time.
         if err:
-            self.metrics.commits.labels(result="error").inc()
-            log.warning("commit_failed", error=str(err))
             self.tracker.unmark({(p.topic, p.partition) for p in partitions})
 
     @staticmethod
