@@ -376,6 +376,177 @@ def replay_dlq_cmd(
         )
 
 
+class DataFormat(StrEnum):
+    kuairec = "kuairec"
+    stackexchange = "stackexchange"
+    jsonl = "jsonl"
+
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Labelled data file.")]
+FormatOpt = Annotated[
+    DataFormat,
+    typer.Option(
+        "--format", help="kuairec (CSV), stackexchange (CSV) or jsonl (events + `labels`)."
+    ),
+]
+LevelOpt = Annotated[int, typer.Option(min=1, max=3, help="KuaiRec category level (1-3).")]
+TagSystemOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Tag-system folder; without it, zero-shot: the vocabulary is the file's labels."
+    ),
+]
+EvalModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoder (default: the tag system's; zero-shot: multilingual-e5-small for "
+        "kuairec, all-MiniLM-L6-v2 otherwise)."
+    ),
+]
+AdaptOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Adapt the zero-shot tags to the file's unlabelled text (lexical prototypes + "
+        "hubness bias; no labels used)."
+    ),
+]
+
+
+def _progress(label: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"[bold]{label}[/]",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def _print_metrics(out: dict[str, Any]) -> None:
+    for k, v in out.items():
+        err.print(f"{k:<18} {round(v, 4) if isinstance(v, float) else v}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: DataOpt,
+    fmt: FormatOpt,
+    level: LevelOpt = 1,
+    tag_system: TagSystemOpt = None,
+    model: EvalModelOpt = None,
+    model_dir: ModelDirOpt = None,
+    llm: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("llm"), help="none, local (bundled SmolLM2), or an OpenAI-compatible URL."
+        ),
+    ] = "none",
+    llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N labelled items.")] = None,
+    adapt: AdaptOpt = False,
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
+        False
+    ),
+) -> None:
+    """Run the service's decision path (no Kafka) over labelled data and report quality."""
+    from consumer.config import Settings
+    from consumer.evaluate import report, run_eval
+
+    logs.configure("warning")
+    key = Settings().llm_api_key
+    with _progress("embedding") as bar:
+        task = bar.add_task("embed", total=None)
+        run_ = run_eval(
+            data,
+            fmt.value,
+            level=level,
+            tag_system=tag_system,
+            model=model,
+            model_dir=model_dir,
+            llm=llm,
+            llm_model=llm_model,
+            llm_api_key=key,
+            limit=limit,
+            adapt_corpus=adapt,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    out = report(run_)
+    _print_metrics(out)
+    if json:
+        sys.stdout.write(orjson.dumps(out).decode() + "\n")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    data: DataOpt,
+    fmt: FormatOpt,
+    out: Annotated[Path, typer.Option(help="Folder to write the calibrated tag system to.")],
+    level: LevelOpt = 1,
+    tag_system: TagSystemOpt = None,
+    model: EvalModelOpt = None,
+    model_dir: ModelDirOpt = None,
+    target_precision: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Auto-accept precision to reach.")
+    ] = 0.9,
+    fit_fraction: Annotated[
+        float,
+        typer.Option(min=0.05, max=0.95, help="Share of items to fit on; the rest checks it."),
+    ] = 0.5,
+    limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
+    adapt: AdaptOpt = False,
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
+        False
+    ),
+) -> None:
+    """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
+    precision on labelled data; report it on held-out items; write a new tag-system version."""
+    from consumer.evaluate import run_calibrate, run_eval
+
+    logs.configure("warning")
+    with _progress("embedding") as bar:
+        task = bar.add_task("embed", total=None)
+        run_ = run_eval(
+            data,
+            fmt.value,
+            level=level,
+            tag_system=tag_system,
+            model=model,
+            model_dir=model_dir,
+            limit=limit,
+            adapt_corpus=adapt,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    ts, cal, before, after = run_calibrate(
+        run_, target_precision=target_precision, fit_fraction=fit_fraction
+    )
+    ts.save(out)
+    if not cal.reached:
+        err.print(
+            f"[yellow]warning:[/] no gate reaches precision {target_precision} on the fit part; "
+            "kept the most precise one"
+        )
+    res = {
+        "tag_system": ts.version_id,
+        "out": str(out),
+        "reached": cal.reached,
+        "gate": ts.gate.to_dict() | {"tag_thresholds": len(ts.gate.tag_thresholds)},
+        "held_out_before": {
+            k: before[k] for k in ("auto_fraction", "auto_precision", "llm_fraction")
+        },
+        "held_out_after": {
+            k: after[k] for k in ("auto_fraction", "auto_precision", "llm_fraction")
+        },
+    }
+    for k, v in res.items():
+        err.print(f"{k:<16} {v}")
+    if json:
+        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+
+
 @app.command("import-tags")
 def import_tags(
     file: Annotated[

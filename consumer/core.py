@@ -20,7 +20,7 @@ from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
 from consumer.llm import UNAVAILABLE, LLMAnswer, SelectiveTagger
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
-from tagsys import Decision, TagSystem, decide, shortlist
+from tagsys import Decision, TagSystem, decide
 
 
 @dataclass
@@ -85,11 +85,18 @@ class TaggingCore:
         """One forward pass so the first real batch does not pay for lazy initialisation."""
         self.encoder.run(self.encoder.tokenize(["warm-up"]))
 
-    def embed(self, events: list[UploadEvent]) -> npt.NDArray[np.float32]:
-        texts = [event_text(e, max_chars=self.max_field_chars) for e in events]
+    def texts(self, events: list[UploadEvent]) -> list[str]:
+        return [event_text(e, max_chars=self.max_field_chars) for e in events]
+
+    def embed(
+        self, events: list[UploadEvent], texts: list[str] | None = None
+    ) -> npt.NDArray[np.float32]:
+        texts = texts if texts is not None else self.texts(events)
         with self._timed("tokenize"):
+            # content is the "query" side, tags the "passage" side (e5 prefixes; measured:
+            # KuaiRec recall@10 0.642 vs 0.591 with passage/passage)
             plan = self.encoder.tokenize_sorted(
-                texts, max_batch_tokens=self.max_batch_tokens, max_batch=len(texts)
+                texts, kind="query", max_batch_tokens=self.max_batch_tokens, max_batch=len(texts)
             )
         out = np.empty((len(texts), self.encoder.dim), dtype=np.float32)
         with self._timed("encode"):
@@ -101,10 +108,16 @@ class TaggingCore:
         """Decide every event; the list that comes back is in the order of `events`."""
         if not events:
             return []
+        texts = self.texts(events)
+        return self.decide(events, self.embed(events, texts), texts)
+
+    def decide(
+        self, events: list[UploadEvent], emb: npt.NDArray[np.float32], texts: list[str]
+    ) -> list[TagResult]:
+        """Shortlist, gate and (for uncertain items) ask the LLM; `emb` from `embed`."""
         ts = self.tag_system
-        emb = self.embed(events)
         with self._timed("match"):
-            idx, scores = shortlist(emb, ts.embeddings, ts.gate.top_k)
+            idx, scores = ts.shortlist(emb, texts)
             gates = [decide(idx[i], scores[i], ts.tag_ids, ts.gate) for i in range(len(events))]
         results: list[TagResult] = []
         pending: list[tuple[int, Any]] = []

@@ -24,8 +24,10 @@ class Decision(StrEnum):
 class GateConfig:
     """Thresholds of one tag-system version.
 
-    An item is confident when its best cosine reaches `accept_threshold` (or that tag's own
-    entry in `tag_thresholds`) and leads the runner-up by at least `min_margin`.
+    An item is confident when its best score reaches `accept_threshold` (or that tag's own
+    entry in `tag_thresholds`) and leads the runner-up by at least `min_margin`. Scores are
+    cosines, minus the tag's bias when the tag system has one, plus `lexical_boost` when the
+    tag is literally mentioned in the text (0 turns that off).
     """
 
     top_k: int = 10
@@ -34,12 +36,15 @@ class GateConfig:
     max_tags: int = 3
     min_score: float = 0.2
     tag_thresholds: dict[str, float] = field(default_factory=dict)
+    lexical_boost: float = 0.0
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.max_tags < 1:
             raise ValueError("top_k and max_tags must be >= 1")
-        if not -1.0 <= self.min_score <= self.accept_threshold <= 1.0:
-            raise ValueError("need -1 <= min_score <= accept_threshold <= 1")
+        if not -2.0 <= self.min_score <= self.accept_threshold <= 2.0:
+            raise ValueError("need -2 <= min_score <= accept_threshold <= 2")
+        if not 0.0 <= self.lexical_boost <= 1.0:
+            raise ValueError("lexical_boost must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -9,16 +11,32 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
-def shortlist(queries: F32, tag_embeddings: F32, k: int) -> tuple[I64, F32]:
+def shortlist(
+    queries: F32,
+    tag_embeddings: F32,
+    k: int,
+    *,
+    bias: F32 | None = None,
+    mentions: Sequence[Collection[int]] | None = None,
+    boost: float = 0.0,
+) -> tuple[I64, F32]:
     """Return (indices, scores), each (batch, k), best first.
 
-    Both inputs must already be L2-normalised, so the dot product is the cosine.
+    Both inputs must already be L2-normalised, so the dot product is the cosine. `bias`
+    (one value per tag) is subtracted: tags close to everything ("hubs") stop crowding every
+    shortlist. `mentions[i]` are the tags literally named in item i; each gains `boost`.
     """
     if queries.ndim != 2 or tag_embeddings.ndim != 2:
         raise ValueError("queries and tag_embeddings must be 2-D")
     n_tags = tag_embeddings.shape[0]
     k = max(1, min(k, n_tags))
     scores = queries @ tag_embeddings.T
+    if bias is not None:
+        scores -= bias[None, :]
+    if mentions is not None and boost:
+        for i, hits in enumerate(mentions):
+            if hits:
+                scores[i, list(hits)] += boost
     if k < n_tags:
         # the k largest sit at the end after partitioning at n - k (no negated copy)
         part = np.argpartition(scores, n_tags - k, axis=1)[:, n_tags - k :]

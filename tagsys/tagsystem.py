@@ -1,8 +1,9 @@
 """The versioned tag-system artifact.
 
 On disk a tag system is a folder with `tagsystem.json` (tags, aliases, categories, gate,
-encoder identity, content hash) and `embeddings.npy` (one row per tag). The content hash
-covers both, so a tag event's `tag_system_version` pins exactly what decided it.
+encoder identity, content hash), `embeddings.npy` (one row per tag) and, when the tag
+system was adapted to a corpus, `bias.npy` (one score offset per tag). The content hash
+covers all of them, so a tag event's `tag_system_version` pins exactly what decided it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import numpy.typing as npt
 
 from tagsys.errors import EncoderMismatchError, TagSystemError
 from tagsys.gate import GateConfig
+from tagsys.lexicon import Lexicon
+from tagsys.shortlist import shortlist
 
 FORMAT_VERSION = 1
 META_FILE = "tagsystem.json"
 EMB_FILE = "embeddings.npy"
+BIAS_FILE = "bias.npy"
 
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
 
@@ -88,6 +92,10 @@ class TagSystem:
     embeddings: npt.NDArray[np.float32]
     gate: GateConfig = field(default_factory=GateConfig)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # per-tag score offset (hubness correction, see tagsys/adapt.py); None = no offset
+    bias: npt.NDArray[np.float32] | None = None
+    # free-form provenance: how the tags, embeddings and gate were made
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.tags) == 0:
@@ -101,6 +109,11 @@ class TagSystem:
             raise TagSystemError("tag ids must be unique")
         # Normalised once at load: scoring is then a plain matrix product.
         self.embeddings = _normalise(np.ascontiguousarray(self.embeddings, dtype=np.float32))
+        if self.bias is not None:
+            self.bias = np.ascontiguousarray(self.bias, dtype=np.float32).reshape(-1)
+            if self.bias.shape[0] != len(self.tags):
+                raise TagSystemError(f"bias has {self.bias.shape[0]} values for {len(ids)} tags")
+        self._lexicon: Lexicon | None = None
         self.tag_ids = ids
         self.names = [t.name for t in self.tags]
         self._by_name = {t.name: i for i, t in enumerate(self.tags)}
@@ -117,6 +130,32 @@ class TagSystem:
 
     def index_of(self, name: str) -> int | None:
         return self._by_name.get(name)
+
+    @property
+    def lexicon(self) -> Lexicon:
+        if self._lexicon is None:
+            self._lexicon = Lexicon([(t.name, *t.aliases) for t in self.tags])
+        return self._lexicon
+
+    def mentions(self, texts: Sequence[str]) -> list[set[int]] | None:
+        """Tags literally named in each text, or None when the lexical boost is off."""
+        if not self.gate.lexical_boost:
+            return None
+        lex = self.lexicon
+        return [lex.match(t) for t in texts]
+
+    def shortlist(
+        self, emb: npt.NDArray[np.float32], texts: Sequence[str], k: int | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Top-k tags per item with this version's scoring (cosine - bias + lexical boost)."""
+        return shortlist(
+            emb,
+            self.embeddings,
+            k or self.gate.top_k,
+            bias=self.bias,
+            mentions=self.mentions(texts),
+            boost=self.gate.lexical_boost,
+        )
 
     def check_encoder(self, encoder_name: str, dim: int) -> None:
         if encoder_name != self.encoder:
@@ -139,20 +178,30 @@ class TagSystem:
             "dim": self.dim,
             "created_at": self.created_at,
             "gate": self.gate.to_dict(),
+            "provenance": self.provenance,
             "tags": [t.to_dict() for t in self.tags],
         }
 
     def _hash(self) -> str:
         meta = self._meta()
         meta.pop("created_at")
+        if not meta["provenance"]:
+            meta.pop("provenance")  # artifacts written before provenance existed keep their hash
         h = hashlib.sha256(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
         h.update(self.embeddings.tobytes())
+        if self.bias is not None:
+            h.update(b"bias")
+            h.update(self.bias.tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / EMB_FILE, self.embeddings)
+        if self.bias is not None:
+            np.save(out / BIAS_FILE, self.bias)
+        elif (out / BIAS_FILE).exists():
+            (out / BIAS_FILE).unlink()
         meta = self._meta() | {"content_hash": self.content_hash}
         (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
         return out
@@ -166,6 +215,8 @@ class TagSystem:
         try:
             meta = json.loads(meta_path.read_text())
             emb = np.load(emb_path, allow_pickle=False)
+            bias_path = folder / BIAS_FILE
+            bias = np.load(bias_path, allow_pickle=False) if bias_path.is_file() else None
         except (OSError, ValueError) as e:
             raise TagSystemError(f"cannot read tag system {folder}: {e}") from e
         if meta.get("format") != FORMAT_VERSION:
@@ -179,6 +230,8 @@ class TagSystem:
                 embeddings=emb,
                 gate=GateConfig.from_dict(meta.get("gate", {})),
                 created_at=meta.get("created_at", ""),
+                bias=bias,
+                provenance=meta.get("provenance") or {},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TagSystemError(f"{folder}: malformed tag system: {e}") from e

@@ -1,0 +1,211 @@
+"""`tagstream eval` and `tagstream calibrate`: the service's decision path over labelled data.
+
+Same TaggingCore as the Kafka runtime (embed -> shortlist -> gate -> LLM), minus Kafka, so a
+quality figure is a figure of the product. Zero-shot (no --tag-system): the vocabulary is the
+set of distinct gold labels and nothing else about them informs a prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import SecretStr
+
+from consumer.app import make_tagger
+from consumer.config import Settings
+from consumer.core import TaggingCore
+from consumer.events import UploadEvent
+from consumer.llm import SelectiveTagger
+from consumer.llm_server import LocalLLM
+from consumer.metrics import Metrics
+from models_onnx import OnnxEncoder
+from tagsys import Decision, GateConfig, Tag, TagSystem, build_tag_system
+from tagsys.adapt import adapt, label_free_gate
+from tagsys.datasets import Dataset, Item, load
+from tagsys.evaluation import Calibration, Outcome, calibrate, compute
+
+Progress = Callable[[int, int], None]
+DEFAULT_MODEL = {
+    "kuairec": "multilingual-e5-small",
+    "stackexchange": "all-MiniLM-L6-v2",
+    "jsonl": "all-MiniLM-L6-v2",
+}
+# measured on StackExchange cooking (docs/QUALITY.md): +5 points recall@10; harmless on KuaiRec
+ZERO_SHOT_LEXICAL_BOOST = 0.1
+
+
+def to_event(item: Item) -> UploadEvent:
+    return UploadEvent.model_validate({"id": item.id, **item.fields})
+
+
+def zero_shot(labels: list[str], encoder: OnnxEncoder, name: str = "zero-shot") -> TagSystem:
+    """A tag system whose only knowledge of the labels is their names."""
+    tags = [Tag(id=label, name=label) for label in labels]
+    gate = GateConfig(top_k=20, lexical_boost=ZERO_SHOT_LEXICAL_BOOST)
+    ts = build_tag_system(name, "0", tags, encoder.encode, encoder.name, gate)
+    return replace(ts, provenance={"built_by": "zero-shot from the label names"})
+
+
+@dataclass
+class EvalRun:
+    dataset: Dataset
+    tag_system: TagSystem
+    encoder: str
+    idx: npt.NDArray[np.int64]  # top-20 shortlist per item
+    scores: npt.NDArray[np.float32]
+    outcomes: list[Outcome]
+
+
+def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+@contextlib.contextmanager
+def _tagger(
+    llm: str, model: str, key: SecretStr, metrics: Metrics
+) -> Iterator[SelectiveTagger | None]:
+    spec = llm.strip()
+    if spec.lower() in ("", "none", "off"):
+        yield None
+        return
+    settings = Settings()
+    if spec.lower() == "local":
+        with LocalLLM() as local:
+            yield make_tagger(settings, local.base_url, local.model, SecretStr(""), metrics)
+        return
+    yield make_tagger(settings, spec, model, key, metrics)
+
+
+def embed_items(
+    encoder: OnnxEncoder, items: list[Item], progress: Progress | None = None
+) -> tuple[npt.NDArray[np.float32], list[str]]:
+    """Embeddings and texts of items exactly as the service makes them."""
+    ts_dummy = build_tag_system("x", "0", [Tag("x", "x")], encoder.encode, encoder.name)
+    core = TaggingCore(encoder, ts_dummy, metrics=Metrics())
+    try:
+        embs, texts = [], []
+        done = 0
+        for batch in _batches(items, 256):
+            events = [to_event(it) for it in batch]
+            t = core.texts(events)
+            embs.append(core.embed(events, t))
+            texts.extend(t)
+            done += len(batch)
+            if progress:
+                progress(done, len(items))
+        return np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32), texts
+    finally:
+        core.close()
+
+
+def run_eval(
+    data: Path,
+    fmt: str,
+    *,
+    level: int = 1,
+    tag_system: Path | None = None,
+    model: str | None = None,
+    model_dir: Path | None = None,
+    llm: str = "none",
+    llm_model: str = "smollm2",
+    llm_api_key: SecretStr = SecretStr(""),
+    limit: int | None = None,
+    adapt_corpus: bool = False,
+    progress: Progress | None = None,
+) -> EvalRun:
+    ds = load(data, fmt, level=level, limit=limit)
+    if not ds.items:
+        raise ValueError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
+    ts = TagSystem.load(tag_system) if tag_system else None
+    name = model or (ts.encoder if ts else DEFAULT_MODEL[fmt])
+    encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
+    emb, texts = embed_items(encoder, ds.items, progress)
+    if ts is None:
+        ts = zero_shot(ds.labels, encoder)
+        if adapt_corpus:  # unlabelled text of the same file: transductive, label-free
+            ts = adapt(ts, emb, texts)
+        ts = label_free_gate(ts, emb, texts)
+    elif adapt_corpus:
+        ts = adapt(ts, emb, texts)
+    metrics = Metrics()
+    outcomes: list[Outcome] = []
+    with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
+        core = TaggingCore(encoder, ts, tagger=tagger, metrics=metrics)
+        try:
+            idx, scores = ts.shortlist(emb, texts, k=max(20, ts.gate.top_k))
+            for s in range(0, len(ds.items), 64):
+                items = ds.items[s : s + 64]
+                events = [to_event(it) for it in items]
+                results = core.decide(events, emb[s : s + 64], texts[s : s + 64])
+                for k, (it, res) in enumerate(zip(items, results, strict=True)):
+                    gold = frozenset(j for g in it.gold if (j := ts.index_of(g)) is not None)
+                    outcomes.append(
+                        Outcome(
+                            gold=gold,
+                            ranked=[int(j) for j in idx[s + k]],
+                            auto=res.decision is Decision.ENCODER,
+                            routed_llm=res.decision is not Decision.ENCODER,
+                            final=[j for j, _, _ in res.tags],
+                        )
+                    )
+        finally:
+            core.close()
+    return EvalRun(ds, ts, encoder.name, idx, scores, outcomes)
+
+
+def report(run: EvalRun) -> dict[str, Any]:
+    out = compute(run.outcomes, len(run.tag_system.tags))
+    out["encoder"] = run.encoder
+    out["tag_system"] = run.tag_system.version_id
+    out["skipped"] = dict(run.dataset.skipped)
+    return out
+
+
+def run_calibrate(
+    run: EvalRun, *, target_precision: float, fit_fraction: float
+) -> tuple[TagSystem, Calibration, dict[str, Any], dict[str, Any]]:
+    """Fit the gate on the first `fit_fraction` of the items, check it on the rest.
+    Returns (calibrated tag system, calibration, held-out metrics before, after)."""
+    ts = run.tag_system
+    n = len(run.outcomes)
+    cut = max(1, min(n - 1, int(n * fit_fraction)))
+    gold = [o.gold for o in run.outcomes]
+    cal = calibrate(
+        run.idx[:cut],
+        run.scores[:cut],
+        gold[:cut],
+        ts.tag_ids,
+        ts.gate,
+        target_precision=target_precision,
+    )
+    prov = dict(ts.provenance)
+    prov["calibrated"] = {
+        "target_precision": target_precision,
+        "fit_items": cut,
+        "fit_auto_fraction": round(cal.auto_fraction, 4),
+        "fit_auto_precision": None if cal.auto_precision is None else round(cal.auto_precision, 4),
+        "reached": cal.reached,
+    }
+    new = replace(ts, gate=cal.gate, provenance=prov)
+    from tagsys import decide
+
+    def held_out(t: TagSystem) -> dict[str, Any]:
+        outs = []
+        for i in range(cut, n):
+            g = decide(run.idx[i, : t.gate.top_k], run.scores[i, : t.gate.top_k], t.tag_ids, t.gate)
+            auto = g.decision_hint is Decision.ENCODER
+            outs.append(
+                replace(
+                    run.outcomes[i], auto=auto, routed_llm=not auto, final=[j for j, _ in g.tags]
+                )
+            )
+        return compute(outs, len(t.tags))
+
+    return new, cal, held_out(ts), held_out(new)
