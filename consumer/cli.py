@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from consumer import logs
@@ -547,36 +547,186 @@ def calibrate_cmd(
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
 
 
+@app.command("build-tags")
+def build_tags_cmd(
+    data: DataOpt,
+    fmt: FormatOpt,
+    out: Annotated[Path, typer.Option(help="Folder to write the tag system to.")],
+    llm: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("llm"), help="local (bundled SmolLM2) or an OpenAI-compatible URL."
+        ),
+    ] = "local",
+    llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
+    work: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the resumable proposal log (default: <out>.work)."),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=10, help="LLM samples per item.")] = 3,
+    max_tags: Annotated[int, typer.Option(min=1, max=20, help="Tags asked per sample.")] = 5,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent LLM calls.")] = 4,
+    limit: Annotated[int | None, typer.Option(help="Use the first N items.")] = None,
+    min_items: Annotated[
+        int, typer.Option(min=1, help="Keep tags proposed for at least this many items.")
+    ] = 2,
+    merge_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Cosine above which tags merge (aliases).")
+    ] = 0.9,
+    hierarchy: Annotated[
+        Path | None,
+        typer.Option(help="Category hierarchy CSV: each tag gets its nearest category."),
+    ] = None,
+    describe: Annotated[
+        bool, typer.Option(help="Ask the LLM for a one-line description of every tag.")
+    ] = False,
+    name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
+    version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
+    model: ModelOpt = "all-MiniLM-L6-v2",
+    model_dir: ModelDirOpt = None,
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
+        False
+    ),
+) -> None:
+    """Build a tag system from a corpus: LLM proposals (several samples per item, resumable),
+    normalise, count, frequency floor, merge synonyms, categories, descriptions, embed."""
+    import contextlib
+
+    from consumer.app import make_tagger
+    from consumer.build_tags import build_tags
+    from consumer.config import Settings
+    from consumer.llm_server import LocalLLM
+    from consumer.metrics import Metrics
+    from models_onnx import OnnxEncoder
+
+    logs.configure("warning")
+    settings = Settings()
+    metrics = Metrics()
+    encoder = OnnxEncoder(model, model_dir=model_dir)
+    with contextlib.ExitStack() as stack:
+        if llm.strip().lower() == "local":
+            local = stack.enter_context(LocalLLM())
+            tagger = make_tagger(settings, local.base_url, local.model, SecretStr(""), metrics)
+        else:
+            tagger = make_tagger(settings, llm, llm_model, settings.llm_api_key, metrics)
+        with _progress("building") as bar:
+            task = bar.add_task("build", total=None)
+
+            def step(label: str, done: int, total: int) -> None:
+                bar.update(task, description=label, completed=done, total=total)
+
+            ts, rep = build_tags(
+                data,
+                fmt.value,
+                out,
+                tagger,
+                encoder,
+                work=work or out.with_name(out.name + ".work"),
+                samples=samples,
+                max_tags=max_tags,
+                concurrency=concurrency,
+                limit=limit,
+                min_items=min_items,
+                merge_threshold=merge_threshold,
+                hierarchy=hierarchy,
+                describe=describe,
+                name=name,
+                version=version,
+                progress=step,
+            )
+    res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
+    for k, v in res.items():
+        err.print(f"{k:<14} {v}")
+    if rep.failed:
+        err.print(
+            f"[yellow]warning:[/] {len(rep.failed)} items got no answer (e.g. "
+            f"{next(iter(rep.failed.items()))}); rerun with the same --work to ask again"
+        )
+    if json:
+        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+
+
+class VocabFormat(StrEnum):
+    json = "json"
+    taggpt = "taggpt"
+    list = "list"
+    hierarchy = "hierarchy"
+
+
+def _encode_with_progress(enc: Any, texts: list[str], label: str) -> Any:
+    import numpy as np
+
+    out = np.empty((len(texts), enc.dim), dtype=np.float32)
+    with _progress(label) as bar:
+        task = bar.add_task(label, total=len(texts))
+        for s in range(0, len(texts), 512):
+            out[s : s + 512] = enc.encode(texts[s : s + 512])
+            bar.update(task, completed=min(len(texts), s + 512))
+    return out
+
+
 @app.command("import-tags")
 def import_tags(
-    file: Annotated[
-        Path,
-        typer.Argument(
-            help="Vocabulary JSON: {name, version, gate?, tags: "
-            "[{id?, name, aliases?, category?, description?}]}."
-        ),
-    ],
+    file: Annotated[Path, typer.Argument(help="The vocabulary file.")],
     out: Annotated[Path, typer.Option(help="Folder to write the tag system to.")],
+    fmt: Annotated[
+        VocabFormat,
+        typer.Option(
+            "--format",
+            help="json ({name, version, gate?, tags: [{id?, name, aliases?, category?, "
+            "description?}]}), taggpt (`tag||['alias', ...]`, no header), list (one tag per "
+            "line) or hierarchy (CSV with a header, one top-down path per row).",
+        ),
+    ] = VocabFormat.json,
+    name: Annotated[str | None, typer.Option(help="Tag-system name (default: from the file).")] = (
+        None
+    ),
+    version: Annotated[str | None, typer.Option(help="Version (default: from the file or 1).")] = (
+        None
+    ),
+    lexical_boost: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Score added when a tag is named in the text (default 0.1)."
+        ),
+    ] = None,
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
 ) -> None:
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
+    from dataclasses import replace
+
     from models_onnx import OnnxEncoder
-    from tagsys import Tag, TagSystemError, build_tag_system
+    from tagsys import TagSystem, tag_prompt
     from tagsys.gate import GateConfig
+    from tagsys.vocab import read_vocabulary
 
     logs.configure("warning")
-    try:
-        data = orjson.loads(file.read_bytes())
-        tags = [Tag.from_dict(t) for t in data["tags"]]
-        gate = GateConfig.from_dict(data.get("gate", {}))
-        name, version = str(data["name"]), str(data["version"])
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TagSystemError(f"cannot read vocabulary {file}: {e}") from e
-    enc = OnnxEncoder(model, model_dir=model_dir, device="cpu")
-    ts = build_tag_system(name, version, tags, enc.encode, enc.name, gate)
+    vocab = read_vocabulary(file, fmt.value)
+    for p in vocab.problems[:10]:
+        err.print(f"[yellow]warning:[/] {p}")
+    if len(vocab.problems) > 10:
+        err.print(f"[yellow]warning:[/] … and {len(vocab.problems) - 10} more")
+    gate = vocab.gate or GateConfig(lexical_boost=0.1)
+    if lexical_boost is not None:
+        gate = replace(gate, lexical_boost=lexical_boost)
+    enc = OnnxEncoder(model, model_dir=model_dir)
+    emb = _encode_with_progress(enc, [tag_prompt(t) for t in vocab.tags], "embedding tags")
+    ts = TagSystem(
+        name=name or vocab.name,
+        version=version or vocab.version,
+        encoder=enc.name,
+        tags=vocab.tags,
+        embeddings=emb,
+        gate=gate,
+        provenance={"imported_from": file.name, "format": fmt.value},
+    )
     ts.save(out)
-    err.print(f"[green]ok[/] {ts.version_id}: {len(ts.tags)} tags embedded with {enc.id} → {out}")
+    n_alias = sum(len(t.aliases) for t in ts.tags)
+    err.print(
+        f"[green]ok[/] {ts.version_id}: {len(ts.tags)} tags ({n_alias} aliases) embedded with "
+        f"{enc.id} → {out}"
+    )
 
 
 @app.command("llm-serve")

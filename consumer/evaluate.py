@@ -27,7 +27,7 @@ from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, GateConfig, Tag, TagSystem, build_tag_system
 from tagsys.adapt import adapt, label_free_gate
-from tagsys.datasets import Dataset, Item, load
+from tagsys.datasets import Dataset, DatasetError, Item, load
 from tagsys.evaluation import Calibration, Outcome, calibrate, compute
 
 Progress = Callable[[int, int], None]
@@ -122,7 +122,7 @@ def run_eval(
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
-        raise ValueError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
+        raise DatasetError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
     ts = TagSystem.load(tag_system) if tag_system else None
     name = model or (ts.encoder if ts else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")

@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 META_FILE = "tagsystem.json"
 EMB_FILE = "embeddings.npy"
 BIAS_FILE = "bias.npy"
+MAX_PROMPT_ALIASES = 8
 
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
 
@@ -68,7 +69,8 @@ def tag_prompt(tag: Tag) -> str:
     """Text embedded for a tag: its name, then aliases and description add context."""
     parts = [tag.name]
     if tag.aliases:
-        parts.append(", ".join(tag.aliases))
+        # TagGPT tags carry up to ~200 aliases; the first few say it, the rest only pad
+        parts.append(", ".join(tag.aliases[:MAX_PROMPT_ALIASES]))
     if tag.description:
         parts.append(tag.description)
     return ": ".join(parts[:2]) + (". " + parts[2] if len(parts) > 2 else "")

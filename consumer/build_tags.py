@@ -1,0 +1,235 @@
+"""`tagstream build-tags`: a tag system from a corpus, with an LLM (TagGPT step 1, hardened).
+
+Every (item, sample) proposal is appended to `<work>/proposals.jsonl` as soon as it comes
+back, so an interrupted run resumes where it stopped. Failed calls are retried in a second
+pass; what still fails is reported by item id (never silently dropped as in TagGPT), and
+a rerun with the same --work folder asks again for exactly those.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from consumer.evaluate import to_event
+from consumer.events import event_text
+from consumer.llm import PROPOSE_PROMPT_VERSION, SelectiveTagger
+from models_onnx import OnnxEncoder
+from tagsys import GateConfig, TagSystem, TagSystemError, tag_prompt
+from tagsys.build import count, merge_synonyms, nearest_category, normalise_tag, to_tags
+from tagsys.datasets import Item, load
+from tagsys.vocab import read_vocabulary
+
+Progress = Callable[[str, int, int], None]
+PROPOSALS = "proposals.jsonl"
+
+
+@dataclass
+class BuildReport:
+    items: int = 0
+    calls: int = 0
+    cached: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> last error
+    candidates: int = 0
+    kept: int = 0
+    tags: int = 0
+    described: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "llm_calls": self.calls,
+            "from_cache": self.cached,
+            "failed_items": len(self.failed),
+            "candidates": self.candidates,
+            "above_floor": self.kept,
+            "tags": self.tags,
+            "described": self.described,
+        }
+
+
+def _load_cache(path: Path) -> dict[tuple[str, int], list[str]]:
+    done: dict[tuple[str, int], list[str]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_bytes().splitlines():
+        try:
+            rec = orjson.loads(line)
+            done[(str(rec["id"]), int(rec["sample"]))] = [str(t) for t in rec["tags"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut by a crash: that proposal is asked again
+    return done
+
+
+def _fields(item: Item, max_chars: int = 1500) -> dict[str, Any]:
+    return {k: (v[:max_chars] if isinstance(v, str) else v) for k, v in item.fields.items() if v}
+
+
+def collect_proposals(
+    items: list[Item],
+    tagger: SelectiveTagger,
+    work: Path,
+    *,
+    samples: int,
+    max_tags: int,
+    concurrency: int,
+    report: BuildReport,
+    progress: Progress | None = None,
+) -> dict[str, list[str]]:
+    """Every item's proposals over all samples (resumable, retried, failures reported)."""
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / PROPOSALS
+    done = _load_cache(cache_path)
+    by_id = {it.id: it for it in items}
+    jobs = [(it.id, s) for it in items for s in range(samples) if (it.id, s) not in done]
+    report.cached = sum(1 for it in items for s in range(samples) if (it.id, s) in done)
+    lock = threading.Lock()
+    temperature = 0.7 if samples > 1 else 0.0
+    total = len(jobs)
+    finished = 0
+    with cache_path.open("ab") as cache:
+        for attempt in range(2):  # a second pass for the calls that failed
+            failed: list[tuple[str, int]] = []
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                futs = {
+                    pool.submit(tagger.propose, _fields(by_id[i]), max_tags, temperature): (i, s)
+                    for i, s in jobs
+                }
+                for fut in as_completed(futs):
+                    i, s = futs[fut]
+                    ans = fut.result()
+                    report.calls += 1
+                    if ans.status == "ok":
+                        rec = {
+                            "id": i,
+                            "sample": s,
+                            "tags": ans.tags,
+                            "prompt": PROPOSE_PROMPT_VERSION,
+                            "model": tagger.model,
+                        }
+                        with lock:
+                            cache.write(orjson.dumps(rec) + b"\n")
+                            cache.flush()
+                            done[(i, s)] = ans.tags
+                            report.failed.pop(i, None)
+                        finished += 1
+                    else:
+                        failed.append((i, s))
+                        report.failed[i] = f"{ans.status}: {ans.error or ''}".strip()
+                    if progress:
+                        progress("asking the LLM", finished, total)
+            jobs = failed
+            if not jobs or attempt == 1:
+                break
+    for i, _ in jobs:
+        if not any((i, s) in done for s in range(samples)):
+            continue
+        report.failed.pop(i, None)  # at least one sample answered: the item is covered
+    out: dict[str, list[str]] = {}
+    for (i, _s), tags in done.items():
+        if i in by_id:
+            out.setdefault(i, []).extend(tags)
+    return out
+
+
+def build_tags(
+    data: Path,
+    fmt: str,
+    out: Path,
+    tagger: SelectiveTagger,
+    encoder: OnnxEncoder,
+    *,
+    work: Path,
+    samples: int = 3,
+    max_tags: int = 5,
+    concurrency: int = 4,
+    limit: int | None = None,
+    min_items: int = 2,
+    merge_threshold: float = 0.9,
+    hierarchy: Path | None = None,
+    describe: bool = False,
+    name: str = "built",
+    version: str = "1",
+    progress: Progress | None = None,
+) -> tuple[TagSystem, BuildReport]:
+    ds = load(data, fmt, limit=limit, require_labels=False)
+    report = BuildReport(items=len(ds.items))
+    if not ds.items:
+        raise TagSystemError(f"{data}: no items with text ({dict(ds.skipped)})")
+    proposals = collect_proposals(
+        ds.items,
+        tagger,
+        work,
+        samples=samples,
+        max_tags=max_tags,
+        concurrency=concurrency,
+        report=report,
+        progress=progress,
+    )
+    cands = count(proposals.values())
+    report.candidates = len(cands)
+    cands = [c for c in cands if c.items >= min_items]
+    report.kept = len(cands)
+    if not cands:
+        raise TagSystemError(
+            f"no proposed tag reached {min_items} items ({report.candidates} candidates); "
+            "lower --min-items or use more items"
+        )
+    emb = encoder.encode([c.name for c in cands])
+    groups = merge_synonyms(cands, emb, merge_threshold)
+    categories = None
+    if hierarchy is not None:
+        cat_names = [t.name for t in read_vocabulary(hierarchy, "hierarchy").tags]
+        cat_emb = encoder.encode(cat_names)
+        keep_rows = [cands.index(h) for h, _ in groups]
+        categories = nearest_category(emb[keep_rows], cat_emb, cat_names)
+    descriptions: list[str | None] | None = None
+    if describe:
+        texts = {it.id: event_text(to_event(it), max_chars=200) for it in ds.items}
+        examples: dict[str, list[str]] = {}
+        for item_id, tags in proposals.items():
+            for t in set(tags):
+                examples.setdefault(normalise_tag(t), []).append(texts[item_id])
+        descriptions = [None] * len(groups)
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            futs = {
+                pool.submit(tagger.describe, head.name, examples.get(head.key, [])[:3]): n
+                for n, (head, _) in enumerate(groups)
+            }
+            for k, fut in enumerate(as_completed(futs)):
+                ans = fut.result()
+                if ans.status == "ok" and ans.tags:
+                    descriptions[futs[fut]] = ans.tags[0]
+                    report.described += 1
+                if progress:
+                    progress("describing tags", k + 1, len(groups))
+    vocab = to_tags(groups, categories, descriptions)
+    report.tags = len(vocab)
+    tag_emb = encoder.encode([tag_prompt(t) for t in vocab])
+    ts = TagSystem(
+        name=name,
+        version=version,
+        encoder=encoder.name,
+        tags=vocab,
+        embeddings=np.asarray(tag_emb, dtype=np.float32),
+        gate=GateConfig(lexical_boost=0.1),
+        provenance={
+            "built_by": "tagstream build-tags",
+            "data": data.name,
+            "llm_model": tagger.model,
+            "prompt": PROPOSE_PROMPT_VERSION,
+            "samples": samples,
+            "min_items": min_items,
+            "merge_threshold": merge_threshold,
+            **report.to_dict(),
+        },
+    )
+    ts.save(out)
+    return ts, report

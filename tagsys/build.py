@@ -1,0 +1,113 @@
+"""Vocabulary construction from LLM proposals (TagGPT step 1), minus the LLM calls.
+
+Proposals -> normalised surface forms -> document frequency -> frequency floor -> synonym
+merge by embedding similarity (the merged forms become aliases) -> categories. Pure numpy so
+each step is testable with a fake encoder.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tagsys.tagsystem import Tag
+
+EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
+_EDGE = re.compile(
+    r"^[\s#\"'“”‘’「」『』()\[\]{}<>.,;:!?，。！？；：、·…*_~-]+|[\s\"'“”‘’「」『』()\[\]{}<>.,;:!?，。！？；：、·…*_~-]+$"
+)
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_tag(raw: str) -> str:
+    """NFKC, trimmed of punctuation and '#', single spaces, case-folded ("" when nothing is
+    left). Two proposals are the same tag when their normal forms are equal."""
+    t = unicodedata.normalize("NFKC", raw).replace("_", " ")
+    t = _SPACE.sub(" ", t).strip()
+    t = _EDGE.sub("", t)
+    return t.casefold()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str  # normal form
+    name: str  # the most frequent surface form
+    items: int  # in how many items it was proposed
+    forms: tuple[str, ...]  # other surface forms seen
+
+
+def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
+    """`proposals` holds, per item, every tag its samples proposed. Counts items, not
+    samples, so one chatty item cannot make a tag frequent."""
+    per_item: Counter[str] = Counter()
+    surface: dict[str, Counter[str]] = {}
+    for tags in proposals:
+        seen: set[str] = set()
+        for raw in tags:
+            key = normalise_tag(raw)
+            if not key or len(key) > 40:
+                continue
+            shown = _EDGE.sub("", _SPACE.sub(" ", unicodedata.normalize("NFKC", raw)).strip())
+            surface.setdefault(key, Counter())[shown] += 1
+            seen.add(key)
+        per_item.update(seen)
+    out = []
+    for key, n in per_item.most_common():
+        forms = [f for f, _ in surface[key].most_common()]
+        out.append(Candidate(key, forms[0], n, tuple(forms[1:])))
+    return out
+
+
+def merge_synonyms(
+    cands: Sequence[Candidate], emb: npt.NDArray[np.float32], threshold: float
+) -> list[tuple[Candidate, list[Candidate]]]:
+    """Greedy by frequency: a candidate within `threshold` cosine of a kept, more frequent
+    one becomes its alias. Returns (kept, merged-into-it) pairs."""
+    kept: list[int] = []
+    groups: dict[int, list[int]] = {}
+    for i in range(len(cands)):
+        if kept:
+            sims = emb[kept] @ emb[i]
+            j = int(np.argmax(sims))
+            if sims[j] >= threshold:
+                groups[kept[j]].append(i)
+                continue
+        kept.append(i)
+        groups[i] = []
+    return [(cands[k], [cands[m] for m in groups[k]]) for k in kept]
+
+
+def to_tags(
+    groups: Sequence[tuple[Candidate, list[Candidate]]],
+    categories: Sequence[str | None] | None = None,
+    descriptions: Sequence[str | None] | None = None,
+) -> list[Tag]:
+    tags = []
+    for n, (head, merged) in enumerate(groups):
+        aliases = list(
+            dict.fromkeys([*head.forms, *(f for m in merged for f in (m.name, *m.forms))])
+        )
+        aliases = [a for a in aliases if normalise_tag(a) != head.key or a != head.name]
+        tags.append(
+            Tag(
+                id=head.key,
+                name=head.name,
+                aliases=tuple(a for a in aliases if a != head.name),
+                category=categories[n] if categories else None,
+                description=descriptions[n] if descriptions else None,
+            )
+        )
+    return tags
+
+
+def nearest_category(
+    tag_emb: npt.NDArray[np.float32], cat_emb: npt.NDArray[np.float32], names: Sequence[str]
+) -> list[str]:
+    """Each tag's category: the most similar category name (both sides unit vectors)."""
+    return [names[int(j)] for j in np.argmax(tag_emb @ cat_emb.T, axis=1)]

@@ -1,0 +1,218 @@
+"""Vocabulary construction (build-tags) and import (TagGPT, list, hierarchy)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from consumer.build_tags import PROPOSALS, build_tags
+from consumer.cli import main
+from consumer.llm import SelectiveTagger
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem
+from tagsys.build import Candidate, count, merge_synonyms, normalise_tag
+from tagsys.vocab import read_taggpt, read_vocabulary
+from tests.conftest import SHARED_DATA, FakeOpenAI, Responder, completion
+
+# a tiny corpus; the fake LLM proposes tags from keywords, with noise in the surface form
+CORPUS = [
+    {"id": "1", "title": "Sourdough starter smells like acetone", "labels": []},
+    {"id": "2", "title": "How long to proof sourdough bread", "labels": []},
+    {"id": "3", "title": "Knife sharpening angle for a chef knife", "labels": []},
+    {"id": "4", "title": "Best whetstone grit to sharpen knives", "labels": []},
+    {"id": "5", "title": "Is raw chicken safe after a day out?", "labels": []},
+    {"id": "6", "title": "POISON item: the LLM always fails on it", "labels": []},
+]
+
+
+def _propose(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    text = body["messages"][-1]["content"].lower()
+    if "poison" in text:
+        return 500, {"error": {"message": "boom"}}
+    if "description" in body["response_format"]["json_schema"]["schema"]["properties"]:
+        tag = json.loads(body["messages"][-1]["content"])["tag"]
+        return 200, completion(json.dumps({"description": f"Content about {tag}."}))
+    tags = []
+    if "sourdough" in text:
+        tags += ["#Sourdough", "bread"]
+    if "knife" in text or "knives" in text or "whetstone" in text:
+        tags += ["knife sharpening", "Knife-Sharpening!", "knives"]
+    if "chicken" in text:
+        tags += ["food safety"]
+    return 200, completion(json.dumps({"tags": tags}))
+
+
+def _tagger(server: FakeOpenAI) -> SelectiveTagger:
+    return SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in CORPUS) + "\n")
+    return p
+
+
+def test_normalise_and_count() -> None:
+    assert normalise_tag("  #Knife-Sharpening! ") == "knife-sharpening"
+    assert normalise_tag("ＳＯＵＲＤＯＵＧＨ") == "sourdough"  # NFKC full-width
+    assert normalise_tag("sous_vide") == "sous vide"
+    assert normalise_tag("“{”") == ""
+    cands = count([["Bread", "bread", "#bread"], ["BREAD"], ["cake"]])
+    by_key = {c.key: c for c in cands}
+    assert by_key["bread"].items == 2  # items, not mentions
+    assert by_key["cake"].items == 1
+
+
+def test_merge_synonyms_keeps_the_frequent_form() -> None:
+    import numpy as np
+
+    cands = [
+        Candidate("knives", "knives", 5, ()),
+        Candidate("knife", "knife", 2, ()),
+        Candidate("bread", "bread", 3, ()),
+    ]
+    emb = np.array([[1, 0], [0.99, 0.141], [0, 1]], dtype=np.float32)
+    groups = merge_synonyms(cands, emb, 0.95)
+    assert [(h.name, [m.name for m in ms]) for h, ms in groups] == [
+        ("knives", ["knife"]),
+        ("bread", []),
+    ]
+
+
+def test_build_tags_counts_merges_resumes_and_reports_failures(
+    corpus: Path, tmp_path: Path, encoder: OnnxEncoder, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    server = fake_llm(_propose)
+    out, work = tmp_path / "ts", tmp_path / "work"
+    ts, rep = build_tags(
+        corpus,
+        "jsonl",
+        out,
+        _tagger(server),
+        encoder,
+        work=work,
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+        describe=True,
+        concurrency=2,
+    )
+    names = {t.name for t in ts.tags}
+    assert "food safety" not in names  # one item only: below the floor
+    assert any("sourdough" in n.lower() for n in names)
+    knife = [t for t in ts.tags if "knife" in (t.name + " ".join(t.aliases)).lower()]
+    assert len(knife) == 1  # surface variants and the close synonym merged into one tag
+    assert all(t.description and t.description.startswith("Content about") for t in ts.tags)
+    assert list(rep.failed) == ["6"]  # the failing item is reported, not dropped silently
+    assert rep.items == 6 and rep.calls == 6 * 2 + 2  # 12 asks + 2 retries of the poison item
+    loaded = TagSystem.load(out)
+    assert loaded.version_id == ts.version_id and loaded.gate.lexical_boost > 0
+    # resume: a second run asks only for what is missing (the failing item's two samples)
+    n_before = len(server.requests)
+    _, rep2 = build_tags(
+        corpus,
+        "jsonl",
+        tmp_path / "ts2",
+        _tagger(server),
+        encoder,
+        work=work,
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+    )
+    assert rep2.cached == 10
+    assert len(server.requests) - n_before == 4  # 2 samples x (1 try + 1 retry pass)
+    lines = (work / PROPOSALS).read_text().splitlines()
+    assert len(lines) == 10
+
+
+def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
+    """A small real run: bundled SmolLM2 proposes, the pipeline builds a loadable artifact."""
+    corpus = tmp_path / "c.jsonl"
+    rows = [
+        {"id": str(i), "title": t}
+        for i, t in enumerate(
+            [
+                "Chocolate cake recipe",
+                "Easy chocolate cake",
+                "Chocolate cake without eggs",
+                "Bake a chocolate cake",
+                "Chocolate cake frosting",
+            ]
+        )
+    ]
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "built"
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "build-tags",
+                "--data",
+                str(corpus),
+                "--format",
+                "jsonl",
+                "--out",
+                str(out),
+                "--samples",
+                "1",
+                "--min-items",
+                "1",
+                "--concurrency",
+                "2",
+            ]
+        )
+    assert e.value.code in (0, None)
+    ts = TagSystem.load(out)
+    assert len(ts.tags) >= 1 and ts.provenance["llm_model"]
+    assert (tmp_path / "built.work" / PROPOSALS).is_file()
+
+
+def test_taggpt_import_reads_the_whole_file() -> None:
+    path = SHARED_DATA / "taggpt" / "final_tags.csv"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path} (../shared/data is absent)")
+    vocab = read_taggpt(path)
+    assert len(vocab.tags) + sum("duplicate" in p for p in vocab.problems) == 40238
+    first = vocab.tags[0]
+    assert first.name == "手工制作"  # no header line: the first line is a tag
+    assert "手工DIY" in first.aliases and len(set(first.aliases)) == len(first.aliases)
+    assert first.name not in first.aliases
+
+
+def test_import_formats_cli(tmp_path: Path, model_dir: Path) -> None:
+    tg = tmp_path / "tg.csv"
+    tg.write_text("美食||['美食DIY', '美食', '美食DIY']\n家常菜||['家常菜做法']\nbad||[oops\n")
+    lst = tmp_path / "l.txt"
+    lst.write_text("# comment\nbaking\nBaking\nknives\n")
+    hier = tmp_path / "h.csv"
+    hier.write_text("l1,l2\n美食,家常菜\n美食,烘焙\n宠物,UNKNOWN\n")
+    for f, fmt in ((tg, "taggpt"), (lst, "list"), (hier, "hierarchy")):
+        out = tmp_path / fmt
+        with pytest.raises(SystemExit) as e:
+            main(
+                [
+                    "import-tags",
+                    str(f),
+                    "--format",
+                    fmt,
+                    "--out",
+                    str(out),
+                    "--model-dir",
+                    str(model_dir),
+                ]
+            )
+        assert e.value.code in (0, None)
+        TagSystem.load(out)
+    v = read_vocabulary(tg, "taggpt")
+    assert [t.name for t in v.tags] == ["美食", "家常菜", "bad"]
+    assert v.tags[0].aliases == ("美食DIY",)
+    assert any("line 3" in p for p in v.problems)
+    assert [t.name for t in read_vocabulary(lst, "list").tags] == ["baking", "knives"]
+    h = {t.name: t.category for t in read_vocabulary(hier, "hierarchy").tags}
+    assert h == {"美食": None, "家常菜": "美食", "烘焙": "美食", "宠物": None}

@@ -1,0 +1,124 @@
+"""Metrics, calibration, readers and the lexicon on toy data with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagsys import GateConfig, decide
+from tagsys.datasets import DatasetError, load, strip_hashtags
+from tagsys.evaluation import Outcome, calibrate, compute
+from tagsys.lexicon import Lexicon
+
+
+def _o(gold: set[int], ranked: list[int], auto: bool, final: list[int]) -> Outcome:
+    return Outcome(frozenset(gold), ranked, auto, not auto, final)
+
+
+def test_metrics_known_answers() -> None:
+    outs = [
+        _o({0}, [0, 1, 2], True, [0]),  # auto, right
+        _o({1, 2}, [3, 1, 4, 5, 6, 2], False, [3, 1]),  # llm: one right, one wrong
+        _o({4}, [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 4], True, [0]),  # auto, wrong; gold at 11
+    ]
+    m = compute(outs, n_tags=12)
+    assert m["items"] == 3 and m["tags"] == 12
+    # gold tags: 4 in all. @1: item0 -> 1 hit. @5: +item1's tag 1 -> 2. @10: +item1's tag 2
+    # (6th) -> 3. @20: +item2's tag 4 (11th) -> 4
+    assert m["recall_at_1"] == pytest.approx(1 / 4)
+    assert m["recall_at_5"] == pytest.approx(2 / 4)
+    assert m["recall_at_10"] == pytest.approx(3 / 4)
+    assert m["recall_at_20"] == pytest.approx(4 / 4)
+    assert m["auto_fraction"] == pytest.approx(2 / 3)
+    assert m["auto_precision"] == pytest.approx(1 / 2)
+    assert m["llm_fraction"] == pytest.approx(1 / 3)
+    assert m["precision"] == pytest.approx(2 / 4)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(0.5)
+    # per tag: 0 P=1/2 R=1; 1 P=1 R=1; 2 P=0 R=0; 3 P=0 R=0(no gold); 4 P=0 R=0
+    assert m["macro_precision"] == pytest.approx((0.5 + 1) / 5)
+    assert m["macro_recall"] == pytest.approx((1 + 1) / 5)
+
+
+def test_metrics_without_auto_items_say_none() -> None:
+    m = compute([_o({0}, [1, 0], False, [])], n_tags=2)
+    assert m["auto_precision"] is None
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+
+
+def test_calibration_finds_the_precise_region_and_agrees_with_decide() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 400, 5
+    idx = np.tile(np.arange(k), (n, 1)).astype(np.int64)
+    top = rng.uniform(0.3, 0.9, n).astype(np.float32)
+    scores = np.stack([top - 0.05 * j for j in range(k)], 1).astype(np.float32)
+    # the top tag is right exactly when its score is above 0.7
+    gold = [frozenset({0}) if t > 0.7 else frozenset({4}) for t in top]
+    tag_ids = [f"t{j}" for j in range(k)]
+    cal = calibrate(idx, scores, gold, tag_ids, GateConfig(top_k=k), target_precision=0.9)
+    assert cal.reached
+    assert cal.gate.max_tags == 1
+    assert 0.6 < cal.gate.accept_threshold <= 0.72
+    assert cal.auto_precision is not None and cal.auto_precision >= 0.9
+    # the stored gate, run through the service's own decide(), gives the same split
+    autos = [
+        decide(idx[i], scores[i], tag_ids, cal.gate).decision_hint.value == "encoder"
+        for i in range(n)
+    ]
+    assert np.mean(autos) == pytest.approx(cal.auto_fraction)
+    assert np.mean(autos) == pytest.approx((top >= cal.gate.accept_threshold).mean())
+
+
+def test_calibration_says_when_the_target_is_out_of_reach() -> None:
+    idx = np.tile(np.arange(3), (50, 1)).astype(np.int64)
+    scores = np.tile(np.array([0.9, 0.5, 0.1], dtype=np.float32), (50, 1))
+    gold = [frozenset({2})] * 50  # never the top tag
+    cal = calibrate(idx, scores, gold, ["a", "b", "c"], GateConfig(top_k=3))
+    assert not cal.reached
+
+
+def test_lexicon_matches_words_plurals_and_chinese() -> None:
+    lex = Lexicon([["pretzel"], ["food-safety", "food safety"], ["美食"], ["手工DIY"], ["a"]])
+    assert lex.match("Pretzels: how to keep them soft?") == {0}
+    assert lex.match("Is this a FOOD SAFETY issue?") == {1}
+    assert lex.match("今天做美食啦") == {2}
+    assert lex.match("周末手工diy小物件") == {3}
+    assert lex.match("pretzelling is not a word") == set()  # whole words only
+    assert 4 not in lex.match("a b c")  # one-letter terms are ignored
+
+
+def test_readers(tmp_path: Path) -> None:
+    k = tmp_path / "k.csv"
+    k.write_text(
+        "video_id,manual_cover_text,caption,topic_tag,first_level_category_id,"
+        "first_level_category_name,second_level_category_id,second_level_category_name,"
+        "third_level_category_id,third_level_category_name\n"
+        "1,封面,标题 #美食,[美食],1,美食,2,家常菜,-124,UNKNOWN\n"
+        "2,UNKNOWN,,[],1,美食,2,家常菜,-124,UNKNOWN\n"
+        "3,封面,标题,[],-124,UNKNOWN,-124,UNKNOWN,-124,UNKNOWN\n",
+        encoding="utf-8",
+    )
+    ds = load(k, "kuairec", level=2)
+    assert [it.gold for it in ds.items] == [("家常菜",)]
+    assert ds.items[0].fields == {"cover_text": "封面", "caption": "标题 #美食"}
+    assert ds.skipped == {"no_text": 1, "no_label": 1}
+    assert load(k, "kuairec", level=3).skipped["no_label"] == 2
+    s = tmp_path / "s.csv"
+    s.write_text('title,content,tags\nBuns,"soft, crust","baking, crust"\nNo tags,x,\n')
+    ds = load(s, "stackexchange")
+    assert ds.items[0].gold == ("baking", "crust") and ds.skipped == {"no_label": 1}
+    j = tmp_path / "e.jsonl"
+    j.write_text(
+        json.dumps({"id": "a", "title": "t", "labels": ["x", "y"]})
+        + "\nnot json\n"
+        + json.dumps({"id": "b", "labels": ["x"]})
+        + "\n"
+    )
+    ds = load(j, "jsonl")
+    assert ds.labels == ["x", "y"] and ds.skipped == {"bad_json": 1, "no_text": 1}
+    with pytest.raises(DatasetError, match="not a StackExchange"):
+        load(k, "stackexchange")
+    assert strip_hashtags("好吃 #美食 #家常菜") == "好吃"
