@@ -92,6 +92,9 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             max_field_chars=settings.max_field_chars,
             emit_embedding=settings.emit_embedding,
             defer_when_llm_unavailable=settings.llm_unavailable == "pause",
+            llm_mode=settings.llm_mode,
+            generative_threshold=settings.generative_threshold,
+            new_tags_file=settings.new_tags_file,
             max_batch_tokens=settings.max_batch_tokens,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)

@@ -30,6 +30,11 @@ class UnavailableChoice(StrEnum):
     pause = "pause"
 
 
+class LLMMode(StrEnum):
+    selective = "selective"
+    generative = "generative"
+
+
 class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -148,6 +153,31 @@ def run(
     llm_attempts: Annotated[
         int, typer.Option(envvar=_env("llm_attempts"), help="Tries per LLM request.")
     ] = 3,
+    llm_mode: Annotated[
+        LLMMode,
+        typer.Option(
+            envvar=_env("llm_mode"),
+            help="selective: the LLM picks from the shortlist; generative: it proposes free "
+            "tags, mapped onto the vocabulary by nearest embedding (the rest: new-tag "
+            "candidates).",
+        ),
+    ] = LLMMode.selective,
+    generative_threshold: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("generative_threshold"),
+            min=0.0,
+            max=1.0,
+            help="Generative mode: least cosine for a free tag to map onto a vocabulary tag.",
+        ),
+    ] = 0.8,
+    new_tags_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("new_tags_file"),
+            help="Generative mode: append unmapped LLM tags here (JSONL) for the next vocabulary.",
+        ),
+    ] = None,
     llm_rate_limit: Annotated[
         float,
         typer.Option(envvar=_env("llm_rate_limit"), help="LLM requests/s per process (0: off)."),
@@ -188,6 +218,9 @@ def run(
         dlq_topic=dlq_topic,
         llm_unavailable=llm_unavailable.value,
         llm_attempts=llm_attempts,
+        llm_mode=llm_mode.value,
+        generative_threshold=generative_threshold,
+        new_tags_file=new_tags_file,
         llm_rate_limit=llm_rate_limit,
         check_topics=check_topics,
     )

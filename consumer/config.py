@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # when the LLM is unavailable: "review" (encoder tags, needs_review) or "pause" (pause the
     # partition, re-read from the item later, quix-streams style)
     llm_unavailable: Literal["review", "pause"] = "review"
+    # selective: the LLM picks from the shortlist; generative: it proposes free tags that are
+    # mapped onto the vocabulary (cosine >= generative_threshold), the rest are candidates
+    llm_mode: Literal["selective", "generative"] = "selective"
+    generative_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    new_tags_file: Path | None = None
     llm_pause_s: float = Field(5.0, gt=0)
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)

@@ -6,21 +6,28 @@ one class, so a quality figure is a figure of the product.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
+import structlog
 
 from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
 from consumer.llm import UNAVAILABLE, LLMAnswer, SelectiveTagger
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, TagSystem, decide
+from tagsys.lexicon import normalise
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -53,6 +60,9 @@ class TaggingCore:
         emit_embedding: bool = False,
         defer_when_llm_unavailable: bool = False,
         max_batch_tokens: int = 0,
+        llm_mode: str = "selective",
+        generative_threshold: float = 0.8,
+        new_tags_file: Path | None = None,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -69,6 +79,12 @@ class TaggingCore:
             max_workers=max(1, llm_concurrency), thread_name_prefix="llm"
         )
         self.metrics.set_build(encoder.id, tag_system.version_id)
+        self.llm_mode = llm_mode
+        self.generative_threshold = generative_threshold
+        self.new_tags_file = new_tags_file
+        # the encoder is shared with LLM threads in generative mode (mapping free tags)
+        self._enc_lock = threading.Lock()
+        self._file_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -101,7 +117,8 @@ class TaggingCore:
         out = np.empty((len(texts), self.encoder.dim), dtype=np.float32)
         with self._timed("encode"):
             for idx, batch in plan:
-                out[idx] = self.encoder.run(batch).embeddings
+                with self._enc_lock:
+                    out[idx] = self.encoder.run(batch).embeddings
         return out
 
     def process(self, events: list[UploadEvent]) -> list[TagResult]:
@@ -159,8 +176,65 @@ class TaggingCore:
         for k, v in item.items():
             if isinstance(v, str):
                 item[k] = v[: self.max_field_chars]
+        if self.llm_mode == "generative":
+            return self._generate(ev, item)
         names = [self.tag_system.names[j] for j, _ in short]
         return self.tagger.tag(item, names, self.tag_system.gate.max_tags)
+
+    def _generate(self, ev: UploadEvent, item: dict[str, Any]) -> LLMAnswer:
+        """Free LLM tags, each mapped to its nearest vocabulary tag (name or alias first);
+        what maps nowhere is counted and logged as a candidate for the next vocabulary."""
+        assert self.tagger is not None
+        ts = self.tag_system
+        answer = self.tagger.propose(item, ts.gate.max_tags, temperature=0.0)
+        if answer.status != "ok" or not answer.tags:
+            return answer
+        mapped: dict[str, float] = {}
+        unmapped: list[str] = []
+        need_embedding: list[str] = []
+        for free in answer.tags:
+            hits = ts.lexicon.index.get(normalise(free))
+            if hits:
+                mapped.setdefault(ts.names[hits[0]], 1.0)
+            else:
+                need_embedding.append(free)
+        if need_embedding:
+            with self._enc_lock:
+                emb = self.encoder.encode(need_embedding)
+            sims = emb @ ts.embeddings.T
+            for free, row in zip(need_embedding, sims, strict=True):
+                j = int(np.argmax(row))
+                if float(row[j]) >= self.generative_threshold:
+                    mapped.setdefault(ts.names[j], float(row[j]))
+                else:
+                    unmapped.append(free)
+        if unmapped:
+            self.metrics.new_tag_candidates.inc(len(unmapped))
+            self._record_candidates(ev.id, unmapped)
+        answer.tags = list(mapped)[: ts.gate.max_tags]
+        answer.scores = mapped
+        return answer
+
+    def _record_candidates(self, item_id: str, tags: list[str]) -> None:
+        if self.new_tags_file is None:
+            return
+        line = b"".join(
+            orjson.dumps(
+                {
+                    "tag": t,
+                    "item_id": item_id,
+                    "tag_system_version": self.tag_system.version_id,
+                    "seen_at": now_iso(),
+                }
+            )
+            + b"\n"
+            for t in tags
+        )
+        try:
+            with self._file_lock, self.new_tags_file.open("ab") as f:
+                f.write(line)
+        except OSError as e:  # a full disk must not stop tagging: the metric still counts
+            log.warning("new_tags_file_unwritable", path=str(self.new_tags_file), error=str(e))
 
     def _apply_llm(self, res: TagResult, answer: LLMAnswer) -> None:
         res.llm_status = answer.status
@@ -175,6 +249,8 @@ class TaggingCore:
             j = self.tag_system.index_of(name)
             if j is not None and j in score_of:
                 chosen.append((j, score_of[j], "llm"))
+            elif j is not None and name in answer.scores:  # generative: mapped off-shortlist
+                chosen.append((j, answer.scores[name], "llm"))
         if chosen:
             res.decision = Decision.LLM
             res.tags = chosen

@@ -67,6 +67,8 @@ class LLMAnswer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # generative mode: similarity of each mapped vocabulary tag to the free tag it came from
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class _UnusableAnswer(Exception):

@@ -111,6 +111,11 @@ class Metrics:
             "Tags in LLM answers that were not on the item's shortlist (dropped).",
             registry=r,
         )
+        self.new_tag_candidates = Counter(
+            "tagstream_new_tag_candidates_total",
+            "Generative mode: LLM tags that mapped onto no vocabulary tag (new-tag candidates).",
+            registry=r,
+        )
         self.lag = Gauge(
             "tagstream_consumer_lag_messages",
             "Consumer lag per assigned partition, from librdkafka statistics.",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -153,3 +154,42 @@ def test_stage_histograms_are_observed(
             == 1
         )
     core.close()
+
+
+def test_generative_mode_maps_free_tags_and_keeps_candidates(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    metrics: Metrics,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+    tmp_path: Any,
+) -> None:
+    exact = sample_ts.names[0]
+    free = [exact.upper(), "quantum chromodynamics lecture"]
+
+    def respond(body: dict[str, Any]) -> Any:
+        schema = body["response_format"]["json_schema"]["schema"]
+        assert "enum" not in schema["properties"]["tags"]["items"]  # free tags, no shortlist
+        return 200, completion(json.dumps({"tags": free}))
+
+    server = fake_llm(respond)
+    tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
+    out = tmp_path / "new-tags.jsonl"
+    core = _core(
+        encoder,
+        sample_ts,
+        metrics,
+        tagger,
+        llm_mode="generative",
+        generative_threshold=0.8,
+        new_tags_file=out,
+    )
+    try:
+        [res] = core.process([VAGUE])
+    finally:
+        core.close()
+    assert res.decision is Decision.LLM
+    assert [sample_ts.names[j] for j, _, _ in res.tags] == [exact]  # mapped by name
+    assert metrics.new_tag_candidates._value.get() == 1
+    [rec] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["tag"] == "quantum chromodynamics lecture" and rec["item_id"] == VAGUE.id
+    assert rec["tag_system_version"] == sample_ts.version_id
