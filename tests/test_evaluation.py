@@ -122,3 +122,100 @@ def test_readers(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not a StackExchange"):
         load(k, "stackexchange")
     assert strip_hashtags("好吃 #美食 #家常菜") == "好吃"
+
+
+def test_eval_and_calibrate_cli_on_toy_data(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consumer.cli import main
+    from tagsys import TagSystem
+
+    rows = [
+        ("Sourdough starter feeding schedule", ["bread"]),
+        ("Why did my baguette not rise", ["bread"]),
+        ("Knife sharpening with a whetstone", ["knives"]),
+        ("Which chef knife steel is best", ["knives"]),
+        ("Is chicken left out overnight safe", ["food safety"]),
+        ("How long can cooked rice sit out", ["food safety"]),
+    ] * 3
+    data = tmp_path / "toy.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "title": t, "labels": g}) for i, (t, g) in enumerate(rows)
+        )
+        + "\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "eval",
+                "--data",
+                str(data),
+                "--format",
+                "jsonl",
+                "--model-dir",
+                str(model_dir),
+                "--json",
+            ]
+        )
+    assert e.value.code in (0, None)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in (
+        "items",
+        "tags",
+        "recall_at_5",
+        "recall_at_10",
+        "recall_at_20",
+        "auto_fraction",
+        "auto_precision",
+        "llm_fraction",
+        "precision",
+        "recall",
+        "f1",
+    ):
+        assert key in out
+    assert out["items"] == 18 and out["tags"] == 3
+    assert out["recall_at_5"] == 1.0  # 3 tags: every gold tag is in any top 5
+    assert out["auto_fraction"] + out["llm_fraction"] == pytest.approx(1.0)
+    cal_dir = tmp_path / "cal"
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "calibrate",
+                "--data",
+                str(data),
+                "--format",
+                "jsonl",
+                "--out",
+                str(cal_dir),
+                "--model-dir",
+                str(model_dir),
+                "--target-precision",
+                "0.8",
+                "--json",
+            ]
+        )
+    assert e.value.code in (0, None)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ts = TagSystem.load(cal_dir)
+    assert ts.provenance["calibrated"]["target_precision"] == 0.8
+    assert res["tag_system"] == ts.version_id
+    # the calibrated system evaluates with --tag-system (its encoder is recorded in it)
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "eval",
+                "--data",
+                str(data),
+                "--format",
+                "jsonl",
+                "--tag-system",
+                str(cal_dir),
+                "--model-dir",
+                str(model_dir),
+                "--json",
+            ]
+        )
+    assert e.value.code in (0, None)
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["tag_system"] == ts.version_id
