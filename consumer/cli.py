@@ -178,6 +178,23 @@ def run(
             help="Generative mode: append unmapped LLM tags here (JSONL) for the next vocabulary.",
         ),
     ] = None,
+    decisions_topic: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("decisions_topic"),
+            help="Record every LLM decision (embedding, shortlist, choice) here for "
+            "`tagstream distill --from-topic`.",
+        ),
+    ] = None,
+    reload_interval_s: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("reload_interval_s"),
+            min=0.0,
+            help="Poll --tag-system this often; a new version applies from the next batch "
+            "(0: off).",
+        ),
+    ] = 5.0,
     llm_rate_limit: Annotated[
         float,
         typer.Option(envvar=_env("llm_rate_limit"), help="LLM requests/s per process (0: off)."),
@@ -221,6 +238,8 @@ def run(
         llm_mode=llm_mode.value,
         generative_threshold=generative_threshold,
         new_tags_file=new_tags_file,
+        decisions_topic=decisions_topic,
+        reload_interval_s=reload_interval_s,
         llm_rate_limit=llm_rate_limit,
         check_topics=check_topics,
     )
@@ -576,6 +595,93 @@ def calibrate_cmd(
     }
     for k, v in res.items():
         err.print(f"{k:<16} {v}")
+    if json:
+        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+
+
+@app.command("distill")
+def distill_cmd(
+    out: Annotated[Path, typer.Option(help="Folder to write the distilled tag system to.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Labelled data file.")] = None,
+    fmt: Annotated[
+        DataFormat | None, typer.Option("--format", help="kuairec, stackexchange or jsonl.")
+    ] = None,
+    level: LevelOpt = 1,
+    tag_system: Annotated[
+        Path | None,
+        typer.Option(
+            help="Base tag system (default with --data: zero-shot over the file's labels; "
+            "required with --from-topic)."
+        ),
+    ] = None,
+    from_topic: Annotated[
+        str | None, typer.Option(help="Learn from the LLM decisions recorded on this topic.")
+    ] = None,
+    bootstrap_servers: Bootstrap = "127.0.0.1:9092",
+    model: EvalModelOpt = None,
+    model_dir: ModelDirOpt = None,
+    holdout: Annotated[
+        float, typer.Option(min=0.05, max=0.9, help="Share of items held out (by id hash).")
+    ] = 0.3,
+    target_precision: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Auto-accept precision the gate aims at.")
+    ] = 0.9,
+    limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
+    version: Annotated[str | None, typer.Option(help="Version of the new tag system.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
+        False
+    ),
+) -> None:
+    """Fit a light head on the encoder embeddings from labelled data or recorded LLM
+    decisions, recalibrate the gate, write a new tag-system version; report before/after on
+    held-out items (written to OUT.heldout.jsonl when --data is used)."""
+    from consumer.distill import (
+        distill,
+        labelled_from_decisions,
+        labelled_from_file,
+        write_heldout,
+    )
+    from tagsys import TagSystem, TagSystemError
+
+    logs.configure("warning")
+    base = TagSystem.load(tag_system) if tag_system else None
+    extra: dict[str, Any] = {}
+    labelled: Any
+    if from_topic:
+        if base is None:
+            raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
+        from consumer.distill_topic import read_decisions
+
+        records = read_decisions(bootstrap_servers, from_topic)
+        labelled, skipped = labelled_from_decisions(records, base)
+        extra.update(decisions=len(records), skipped=skipped)
+    else:
+        if data is None or fmt is None:
+            raise TagSystemError("give --data and --format (labelled data) or --from-topic")
+        with _progress("embedding") as bar:
+            task = bar.add_task("embed", total=None)
+            base, labelled, items, counts = labelled_from_file(
+                data,
+                fmt.value,
+                level=level,
+                base=base,
+                model=model,
+                model_dir=model_dir,
+                limit=limit,
+                progress=lambda d, t: bar.update(task, completed=d, total=t),
+            )
+        extra.update(counts)
+        heldout = out.with_name(out.name + ".heldout.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        extra["heldout_file"] = str(heldout)
+        extra["heldout_written"] = write_heldout(items, holdout, heldout)
+    new, rep = distill(
+        base, labelled, holdout=holdout, target_precision=target_precision, version=version
+    )
+    new.save(out)
+    res = {**rep, **extra, "out": str(out)}
+    for k, v in res.items():
+        err.print(f"{k:<20} {v}")
     if json:
         sys.stdout.write(orjson.dumps(res).decode() + "\n")
 

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     output_topic: str = "tags"
     group_id: str = "tagstream"
     tag_system: Path | None = None
+    # poll the tag-system folder this often and switch to a new version between batches; 0: off
+    reload_interval_s: float = Field(5.0, ge=0)
     model: str = "all-MiniLM-L6-v2"
     model_dir: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -54,6 +56,7 @@ class Settings(BaseSettings):
     max_poll_interval_ms: int = Field(300000, ge=10000)
     ce_source: str = "tagstream"
     dlq_topic: str | None = None  # default: <input_topic>.dlq
+    decisions_topic: str | None = None  # LLM decisions for `tagstream distill`; None: off
     check_topics: bool = True
     security_protocol: str | None = None
     sasl_mechanism: str | None = None

@@ -21,7 +21,13 @@ import orjson
 import structlog
 
 from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
-from consumer.llm import UNAVAILABLE, LLMAnswer, SelectiveTagger
+from consumer.llm import (
+    PROMPT_VERSION,
+    PROPOSE_PROMPT_VERSION,
+    UNAVAILABLE,
+    LLMAnswer,
+    SelectiveTagger,
+)
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, TagSystem, decide
@@ -86,6 +92,12 @@ class TaggingCore:
         self._enc_lock = threading.Lock()
         self._file_lock = threading.Lock()
 
+    def swap_tag_system(self, ts: TagSystem) -> None:
+        """Use `ts` from the next batch on (callers swap between batches only)."""
+        ts.check_encoder(self.encoder.name, self.encoder.dim)
+        self.tag_system = ts
+        self.metrics.set_build(self.encoder.id, ts.version_id)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -146,7 +158,7 @@ class TaggingCore:
                 tags=[(j, s, "encoder") for j, s in g.tags],
                 llm_asked=False,
                 shortlist=short,
-                embedding=emb[i] if self.emit_embedding else None,
+                embedding=emb[i],  # kept for decision records; on the event only if asked
             )
             if g.decision_hint is Decision.LLM:
                 self.metrics.llm_routed.inc()
@@ -255,6 +267,29 @@ class TaggingCore:
             res.decision = Decision.LLM
             res.tags = chosen
 
+    def decision_record(self, res: TagResult) -> dict[str, Any] | None:
+        """What the LLM decided for one item, with what distillation needs to learn from it
+        (schema consumer/schemas/decision.v1.json); None when the LLM did not decide."""
+        if res.decision is not Decision.LLM or self.tagger is None or res.embedding is None:
+            return None
+        ts = self.tag_system
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "id": res.event.id,
+            "text": event_text(res.event, max_chars=self.max_field_chars)[:4000],
+            "embedding": [round(float(x), 6) for x in res.embedding],
+            "encoder": self.encoder.id,
+            "shortlist": [{"name": ts.names[j], "score": round(s, 5)} for j, s in res.shortlist],
+            "chosen": [ts.names[j] for j, _, _ in res.tags],
+            "llm_mode": self.llm_mode,
+            "llm_model": self.tagger.model,
+            "prompt_version": PROPOSE_PROMPT_VERSION
+            if self.llm_mode == "generative"
+            else PROMPT_VERSION,
+            "tag_system_version": ts.version_id,
+            "decided_at": now_iso(),
+        }
+
     def to_payload(self, res: TagResult) -> dict[str, Any]:
         """The tag event (schema consumer/schemas/tag-event.v1.json)."""
         ts = self.tag_system
@@ -279,6 +314,6 @@ class TaggingCore:
             "needs_review": res.needs_review,
             "processed_at": now_iso(),
         }
-        if res.embedding is not None:
+        if self.emit_embedding and res.embedding is not None:
             out["embedding"] = [round(float(x), 6) for x in res.embedding]
         return out

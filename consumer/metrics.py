@@ -111,6 +111,17 @@ class Metrics:
             "Tags in LLM answers that were not on the item's shortlist (dropped).",
             registry=r,
         )
+        self.tag_system_reloads = Counter(
+            "tagstream_tag_system_reloads_total",
+            "Hot reloads of the tag system: ok (switched at a batch boundary) or error (refused).",
+            ["result"],
+            registry=r,
+        )
+        self.decisions_recorded = Counter(
+            "tagstream_decisions_recorded_total",
+            "LLM decisions acknowledged on the decisions topic (training data for distill).",
+            registry=r,
+        )
         self.new_tag_candidates = Counter(
             "tagstream_new_tag_candidates_total",
             "Generative mode: LLM tags that mapped onto no vocabulary tag (new-tag candidates).",

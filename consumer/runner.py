@@ -26,6 +26,7 @@ from consumer.core import TaggingCore, TagResult
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
+from consumer.reload import TagSystemWatcher
 from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)
@@ -172,6 +173,11 @@ class KafkaService:
         self._pause_s: dict[TP, float] = {}
         self.consumer = Consumer(self._consumer_conf())
         self.producer = Producer(self._producer_conf())
+        self.watcher: TagSystemWatcher | None = None
+        if settings.tag_system is not None and settings.reload_interval_s > 0:
+            self.watcher = TagSystemWatcher(
+                settings.tag_system, core.tag_system, metrics, settings.reload_interval_s
+            )
 
     # ---- configuration -------------------------------------------------------------------
     def _consumer_conf(self) -> dict[str, Any]:
@@ -270,6 +276,10 @@ class KafkaService:
             )
             (self._retry if out.attempts < self.max_produce_attempts else self._failed).append(out)
             return
+        if out.kind == "decision":
+            # not the input's completion (its tag event is); the batch drains it before commit
+            self.metrics.decisions_recorded.inc()
+            return
         self.tracker.done(out.tp, out.offset)
         if out.kind == "dlq":
             self.metrics.dlq.labels(reason=out.label).inc()
@@ -284,8 +294,8 @@ class KafkaService:
         md = self.consumer.list_topics(timeout=timeout_s)
         missing = [
             t
-            for t in (self.s.input_topic, self.s.output_topic, self.s.dlq)
-            if t not in md.topics or md.topics[t].error is not None
+            for t in (self.s.input_topic, self.s.output_topic, self.s.dlq, self.s.decisions_topic)
+            if t and (t not in md.topics or md.topics[t].error is not None)
         ]
         if missing:
             raise KafkaRuntimeError(
@@ -313,6 +323,10 @@ class KafkaService:
                 dlq=self.s.dlq,
             )
             while not stop.is_set():
+                if self.watcher is not None:  # between batches: a clean version boundary
+                    new = self.watcher.poll(self.core.encoder.name, self.core.encoder.dim)
+                    if new is not None:
+                        self.core.swap_tag_system(new)
                 self._resume_due()
                 msgs = self.consumer.consume(self.s.batch_size, self.s.batch_timeout_s)
                 self.health.beat()
@@ -392,6 +406,8 @@ class KafkaService:
             tp, off = _where(m)
             if tp not in rewind or off < rewind[tp]:
                 self._send(self._tag_event(m, res, stamp))
+                if self.s.decisions_topic and (rec := self.core.decision_record(res)):
+                    self._send(self._decision(m, rec))
         if rewind:
             self._pause_and_rewind(rewind, {_where(m)[0] for m in records})
         else:
@@ -450,6 +466,20 @@ class KafkaService:
             kind="tag",
             label=res.decision.value,
             input_ts_ms=ts if ts_type != 0 and ts > 0 else None,
+        )
+
+    def _decision(self, m: Message, record: dict[str, Any]) -> _Out:
+        tp, off = _where(m)
+        assert self.s.decisions_topic is not None
+        return _Out(
+            topic=self.s.decisions_topic,
+            tp=tp,
+            offset=off,
+            key=str(record["id"]).encode(),
+            value=orjson.dumps(record),
+            headers=[],
+            kind="decision",
+            label="llm",
         )
 
     def _dead_letter(self, m: Message, stage: str, exc: BaseException, reason: str) -> _Out:

@@ -28,11 +28,22 @@ def shortlist(
     """
     if queries.ndim != 2 or tag_embeddings.ndim != 2:
         raise ValueError("queries and tag_embeddings must be 2-D")
-    n_tags = tag_embeddings.shape[0]
-    k = max(1, min(k, n_tags))
     scores = queries @ tag_embeddings.T
     if bias is not None:
         scores -= bias[None, :]
+    return top_k(scores, k, mentions=mentions, boost=boost)
+
+
+def top_k(
+    scores: F32,
+    k: int,
+    *,
+    mentions: Sequence[Collection[int]] | None = None,
+    boost: float = 0.0,
+) -> tuple[I64, F32]:
+    """Best k columns per row of a (batch, n_tags) score matrix (modified in place)."""
+    n_tags = scores.shape[1]
+    k = max(1, min(k, n_tags))
     if mentions is not None and boost:
         for i, hits in enumerate(mentions):
             if hits:

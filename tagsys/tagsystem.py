@@ -1,8 +1,8 @@
 """The versioned tag-system artifact.
 
 On disk a tag system is a folder with `tagsystem.json` (tags, aliases, categories, gate,
-encoder identity, content hash), `embeddings.npy` (one row per tag) and, when the tag
-system was adapted to a corpus, `bias.npy` (one score offset per tag). The content hash
+encoder identity, content hash), `embeddings.npy` (one row per tag), `bias.npy` (one score
+offset per tag, when adapted to a corpus) and `head.npz` (a distilled linear head). The content hash
 covers all of them, so a tag event's `tag_system_version` pins exactly what decided it.
 """
 
@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tagsys.distill import Head
 from tagsys.errors import EncoderMismatchError, TagSystemError
 from tagsys.gate import GateConfig
 from tagsys.lexicon import Lexicon
-from tagsys.shortlist import shortlist
+from tagsys.shortlist import shortlist, top_k
 
 FORMAT_VERSION = 1
 META_FILE = "tagsystem.json"
 EMB_FILE = "embeddings.npy"
 BIAS_FILE = "bias.npy"
+HEAD_FILE = "head.npz"
 MAX_PROMPT_ALIASES = 8
 
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
@@ -98,6 +100,8 @@ class TagSystem:
     bias: npt.NDArray[np.float32] | None = None
     # free-form provenance: how the tags, embeddings and gate were made
     provenance: dict[str, Any] = field(default_factory=dict)
+    # a distilled linear head (tagsys/distill.py); when set it replaces the cosine
+    head: Head | None = None
 
     def __post_init__(self) -> None:
         if len(self.tags) == 0:
@@ -115,6 +119,10 @@ class TagSystem:
             self.bias = np.ascontiguousarray(self.bias, dtype=np.float32).reshape(-1)
             if self.bias.shape[0] != len(self.tags):
                 raise TagSystemError(f"bias has {self.bias.shape[0]} values for {len(ids)} tags")
+        if self.head is not None and self.head.weights.shape != self.embeddings.shape:
+            raise TagSystemError(
+                f"head weights {self.head.weights.shape} do not match {self.embeddings.shape}"
+            )
         self._lexicon: Lexicon | None = None
         self.tag_ids = ids
         self.names = [t.name for t in self.tags]
@@ -149,7 +157,15 @@ class TagSystem:
     def shortlist(
         self, emb: npt.NDArray[np.float32], texts: Sequence[str], k: int | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Top-k tags per item with this version's scoring (cosine - bias + lexical boost)."""
+        """Top-k tags per item with this version's scoring: the distilled head's probability
+        when there is one, else cosine - bias; plus the lexical boost."""
+        if self.head is not None:
+            return top_k(
+                self.head.scores(emb),
+                k or self.gate.top_k,
+                mentions=self.mentions(texts),
+                boost=self.gate.lexical_boost,
+            )
         return shortlist(
             emb,
             self.embeddings,
@@ -194,6 +210,10 @@ class TagSystem:
         if self.bias is not None:
             h.update(b"bias")
             h.update(self.bias.tobytes())
+        if self.head is not None:
+            h.update(b"head" + self.head.kind.encode())
+            h.update(self.head.weights.tobytes())
+            h.update(self.head.bias.tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -204,6 +224,15 @@ class TagSystem:
             np.save(out / BIAS_FILE, self.bias)
         elif (out / BIAS_FILE).exists():
             (out / BIAS_FILE).unlink()
+        if self.head is not None:
+            np.savez(
+                out / HEAD_FILE,
+                weights=self.head.weights,
+                bias=self.head.bias,
+                kind=np.array(self.head.kind),
+            )
+        elif (out / HEAD_FILE).exists():
+            (out / HEAD_FILE).unlink()
         meta = self._meta() | {"content_hash": self.content_hash}
         (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
         return out
@@ -219,6 +248,14 @@ class TagSystem:
             emb = np.load(emb_path, allow_pickle=False)
             bias_path = folder / BIAS_FILE
             bias = np.load(bias_path, allow_pickle=False) if bias_path.is_file() else None
+            head = None
+            if (folder / HEAD_FILE).is_file():
+                with np.load(folder / HEAD_FILE, allow_pickle=False) as z:
+                    head = Head(
+                        z["weights"].astype(np.float32),
+                        z["bias"].astype(np.float32),
+                        str(z["kind"]),
+                    )
         except (OSError, ValueError) as e:
             raise TagSystemError(f"cannot read tag system {folder}: {e}") from e
         if meta.get("format") != FORMAT_VERSION:
@@ -234,6 +271,7 @@ class TagSystem:
                 created_at=meta.get("created_at", ""),
                 bias=bias,
                 provenance=meta.get("provenance") or {},
+                head=head,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TagSystemError(f"{folder}: malformed tag system: {e}") from e

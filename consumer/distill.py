@@ -1,0 +1,205 @@
+"""`tagstream distill`: teach the fast path from labelled decisions, write a new version.
+
+Labelled data (gold labels standing in for LLM decisions) or the LLM decisions the service
+recorded on its decisions topic. Items are split by a hash of their id (stable across runs and
+file orders): held-out items are never used for fitting and are written next to the output so
+`tagstream eval --tag-system OUT --data OUT.heldout.jsonl --format jsonl` can check the claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from consumer.evaluate import DEFAULT_MODEL, embed_items, zero_shot
+from models_onnx import OnnxEncoder
+from tagsys import Decision, TagSystem, decide
+from tagsys.datasets import DatasetError, Item, load
+from tagsys.distill import fit_head
+from tagsys.evaluation import Outcome, calibrate, compute
+
+Progress = Callable[[int, int], None]
+F32 = npt.NDArray[np.float32]
+
+
+def split_of(item_id: str, holdout: float) -> str:
+    """'heldout' or 'train', from a hash of the id (not the file order)."""
+    h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "big") / 2**32
+    return "heldout" if h < holdout else "train"
+
+
+@dataclass
+class Labelled:
+    ids: list[str]
+    emb: F32
+    texts: list[str]
+    gold: list[frozenset[int]]
+
+
+def _outcomes(ts: TagSystem, d: Labelled) -> list[Outcome]:
+    idx, scores = ts.shortlist(d.emb, d.texts, k=max(20, ts.gate.top_k))
+    outs = []
+    for i in range(len(d.ids)):
+        k = ts.gate.top_k
+        g = decide(idx[i, :k], scores[i, :k], ts.tag_ids, ts.gate)
+        auto = g.decision_hint is Decision.ENCODER
+        outs.append(
+            Outcome(d.gold[i], [int(j) for j in idx[i]], auto, not auto, [j for j, _ in g.tags])
+        )
+    return outs
+
+
+def _calibrated(ts: TagSystem, d: Labelled, target: float) -> TagSystem:
+    idx, scores = ts.shortlist(d.emb, d.texts, k=ts.gate.top_k)
+    cal = calibrate(idx, scores, d.gold, ts.tag_ids, ts.gate, target_precision=target)
+    prov = dict(ts.provenance)
+    prov["calibrated"] = {
+        "target_precision": target,
+        "fit_items": len(d.ids),
+        "reached": cal.reached,
+        "fit_auto_fraction": round(cal.auto_fraction, 4),
+    }
+    return replace(ts, gate=cal.gate, provenance=prov)
+
+
+def _subset(d: Labelled, rows: list[int]) -> Labelled:
+    return Labelled(
+        [d.ids[i] for i in rows], d.emb[rows], [d.texts[i] for i in rows], [d.gold[i] for i in rows]
+    )
+
+
+def distill(
+    base: TagSystem,
+    data: Labelled,
+    *,
+    holdout: float,
+    target_precision: float,
+    version: str | None = None,
+) -> tuple[TagSystem, dict[str, Any]]:
+    """Fit the head on the train part (80% fit, 20% gate calibration), compare with the base
+    (its gate calibrated on the same 20%) on the held-out part."""
+    train = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "train"]
+    held = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "heldout"]
+    if len(train) < 10 or not held:
+        raise DatasetError(f"too few items to distil ({len(train)} train, {len(held)} held out)")
+    fit_rows = [i for i in train if split_of(data.ids[i] + "#cal", 0.2) == "train"]
+    cal_rows = [i for i in train if i not in set(fit_rows)]
+    fit, cal, test = _subset(data, fit_rows), _subset(data, cal_rows), _subset(data, held)
+    head = fit_head(fit.emb, [sorted(g) for g in fit.gold], base.embeddings)
+    prov = dict(base.provenance)
+    prov["distilled"] = {
+        "from": base.version_id,
+        "fit_items": len(fit_rows),
+        "head": head.kind,
+        "holdout": holdout,
+    }
+    new = replace(
+        base,
+        version=version or f"{base.version}+distilled",
+        head=head,
+        bias=None,
+        gate=replace(base.gate, lexical_boost=0.0, tag_thresholds={}),
+        provenance=prov,
+    )
+    new = _calibrated(new, cal, target_precision)
+    before_ts = _calibrated(base, cal, target_precision)
+    keys = (
+        "auto_fraction",
+        "auto_precision",
+        "llm_fraction",
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
+        "precision",
+        "recall",
+        "f1",
+    )
+    before = compute(_outcomes(before_ts, test), len(base.tags))
+    after = compute(_outcomes(new, test), len(new.tags))
+    report = {
+        "train_items": len(fit_rows),
+        "calibration_items": len(cal_rows),
+        "heldout_items": len(held),
+        "target_precision": target_precision,
+        "before": {k: before[k] for k in keys},
+        "after": {k: after[k] for k in keys},
+        "tag_system": new.version_id,
+    }
+    return new, report
+
+
+def labelled_from_file(
+    path: Path,
+    fmt: str,
+    *,
+    level: int,
+    base: TagSystem | None,
+    model: str | None,
+    model_dir: Path | None,
+    limit: int | None,
+    progress: Progress | None,
+) -> tuple[TagSystem, Labelled, list[Item], dict[str, int]]:
+    ds = load(path, fmt, level=level, limit=limit)
+    if not ds.items:
+        raise DatasetError(f"{path}: no labelled items with text ({dict(ds.skipped)})")
+    name = model or (base.encoder if base else DEFAULT_MODEL[fmt])
+    encoder = OnnxEncoder(name, model_dir=model_dir)
+    emb, texts = embed_items(encoder, ds.items, progress)
+    ts = base or zero_shot(ds.labels, encoder)
+    ts.check_encoder(encoder.name, encoder.dim)
+    unknown = 0
+    gold = []
+    for it in ds.items:
+        g = {j for lab in it.gold if (j := ts.index_of(lab)) is not None}
+        unknown += len(it.gold) - len(g)
+        gold.append(frozenset(g))
+    keep = [i for i, g in enumerate(gold) if g]
+    data = Labelled(
+        [ds.items[i].id for i in keep], emb[keep], [texts[i] for i in keep], [gold[i] for i in keep]
+    )
+    return ts, data, [ds.items[i] for i in keep], {"labels_not_in_vocabulary": unknown}
+
+
+def labelled_from_decisions(
+    records: list[dict[str, Any]], base: TagSystem
+) -> tuple[Labelled, dict[str, int]]:
+    """Decision records (consumer/schemas/decision.v1.json) -> training data."""
+    ids, embs, texts, gold = [], [], [], []
+    skipped = {"no_embedding": 0, "no_known_tag": 0, "other_encoder": 0}
+    for r in records:
+        if r.get("encoder", "").split("/")[0] != base.encoder:
+            skipped["other_encoder"] += 1
+            continue
+        e = r.get("embedding")
+        if not isinstance(e, list) or len(e) != base.dim:
+            skipped["no_embedding"] += 1
+            continue
+        g = {j for name in r.get("chosen", []) if (j := base.index_of(str(name))) is not None}
+        if not g:
+            skipped["no_known_tag"] += 1
+            continue
+        ids.append(str(r["id"]))
+        embs.append(np.asarray(e, dtype=np.float32))
+        texts.append(str(r.get("text", "")))
+        gold.append(frozenset(g))
+    emb = np.vstack(embs) if embs else np.zeros((0, base.dim), np.float32)
+    if len(emb):
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return Labelled(ids, emb, texts, gold), skipped
+
+
+def write_heldout(items: list[Item], holdout: float, path: Path) -> int:
+    n = 0
+    with path.open("wb") as f:
+        for it in items:
+            if split_of(it.id, holdout) == "heldout":
+                f.write(orjson.dumps({"id": it.id, **it.fields, "labels": list(it.gold)}) + b"\n")
+                n += 1
+    return n
