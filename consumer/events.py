@@ -94,7 +94,7 @@ def ce_headers(
     ]
 
 
-def load_schema(name: Literal["upload-event", "tag-event"]) -> dict[str, Any]:
+def load_schema(name: Literal["upload-event", "tag-event", "decision"]) -> dict[str, Any]:
     raw = importlib.resources.files("consumer").joinpath("schemas", f"{name}.v1.json").read_bytes()
     schema: dict[str, Any] = orjson.loads(raw)
     return schema

@@ -1,0 +1,179 @@
+"""Learning from the LLM: decision records, distillation, hot reload mid-stream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumer.broker import EmbeddedBroker, create_topics
+from consumer.core import TaggingCore
+from consumer.distill import Labelled, distill, labelled_from_decisions, split_of
+from consumer.distill_topic import read_decisions
+from consumer.events import load_schema
+from consumer.llm import SelectiveTagger
+from consumer.metrics import Metrics
+from consumer.send import send_lines
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem
+from tagsys.distill import fit_head
+from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of
+from tests.kafka_helpers import (
+    make_events,
+    make_topics,
+    read_topic,
+    running,
+    service,
+    settings_for,
+)
+
+
+def test_split_is_stable_and_near_the_asked_share() -> None:
+    ids = [f"item-{i}" for i in range(4000)]
+    held = [i for i in ids if split_of(i, 0.3) == "heldout"]
+    assert 0.27 < len(held) / len(ids) < 0.33
+    assert held == [i for i in ids if split_of(i, 0.3) == "heldout"]  # same every run
+
+
+def test_head_learns_what_the_names_miss() -> None:
+    """Two tags whose name embeddings point the wrong way: the head must fix it."""
+    rng = np.random.default_rng(0)
+    d = 16
+    centres = np.eye(d, dtype=np.float32)[:2]
+    x = np.vstack([centres[i % 2] + 0.3 * rng.standard_normal(d) for i in range(400)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = [[i % 2] for i in range(400)]
+    names = centres[::-1].copy()  # swapped: zero-shot gets everything wrong
+    zero_shot_acc = float(np.mean((x @ names.T).argmax(1) == np.arange(400) % 2))
+    head = fit_head(x, labels, names)
+    acc = float(np.mean(head.scores(x).argmax(1) == np.arange(400) % 2))
+    assert zero_shot_acc < 0.1 and acc > 0.95
+    assert head.kind == "softmax"
+    assert np.allclose(head.scores(x).sum(1), 1.0, atol=1e-5)
+
+
+def _labelled_toy(encoder: OnnxEncoder) -> tuple[TagSystem, Labelled]:
+    from consumer.evaluate import zero_shot
+
+    topics = {
+        "kitchen": ["baking bread at home", "a cake recipe", "slow cooked stew", "pasta sauce"],
+        "sport": ["football match", "marathon training", "tennis serve", "cycling climb"],
+        "tech": ["new phone review", "python bug fix", "graphics card test", "laptop battery"],
+    }
+    ts = zero_shot(sorted(topics), encoder)
+    texts, gold, ids = [], [], []
+    for n in range(30):
+        for tag, examples in topics.items():
+            texts.append(f"{examples[n % 4]} #{n}")
+            gold.append(frozenset({ts.index_of(tag) or 0}))
+            ids.append(f"{tag}-{n}")
+    emb = encoder.encode(texts, kind="query")
+    return ts, Labelled(ids, emb, texts, gold)
+
+
+def test_distill_writes_a_loadable_version_with_a_report(
+    encoder: OnnxEncoder, tmp_path: Path
+) -> None:
+    base, data = _labelled_toy(encoder)
+    new, rep = distill(base, data, holdout=0.3, target_precision=0.9)
+    assert new.head is not None and new.version_id != base.version_id
+    assert rep["heldout_items"] + rep["train_items"] + rep["calibration_items"] == len(data.ids)
+    assert rep["after"]["recall_at_1"] >= rep["before"]["recall_at_1"]
+    new.save(tmp_path / "d")
+    again = TagSystem.load(tmp_path / "d")
+    assert again.content_hash == new.content_hash and again.head is not None
+    _idx, scores = again.shortlist(data.emb[:3], data.texts[:3])
+    assert (scores <= 1.0).all() and (scores >= 0.0).all()
+
+
+def _wait(pred: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.broker
+def test_running_consumer_switches_versions_mid_stream_without_loss(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem, tmp_path: Path
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    live = tmp_path / "live"
+    sample_ts.save(live)
+    v2 = replace(sample_ts, version="2")
+    staged = tmp_path / "staged"
+    v2.save(staged)
+    metrics = Metrics(CollectorRegistry())
+    core = TaggingCore(encoder, TagSystem.load(live), metrics=metrics)
+    s = settings_for(broker.bootstrap, tag_system=live, reload_interval_s=0.2, batch_size=8)
+    first, second = make_events(120, "a"), make_events(120, "b")
+    with running(service(s, core)):
+        send_lines(broker.bootstrap, "uploads", first)
+        _wait(lambda: len(read_topic(broker.bootstrap, "tags", expect=120, timeout_s=2)) >= 60)
+        # a broken artifact first: refused, the old version keeps tagging
+        broken = tmp_path / "broken"
+        shutil.copytree(live, broken)
+        meta = json.loads((broken / "tagsystem.json").read_text())
+        meta["tags"][0]["name"] = "tampered"
+        (broken / "tagsystem.json").write_text(json.dumps(meta))
+        old = tmp_path / "old"
+        live.rename(old)
+        broken.rename(live)
+        _wait(lambda: metrics.tag_system_reloads.labels(result="error")._value.get() >= 1)
+        # then the good new version, published by an atomic rename
+        shutil.rmtree(live)
+        staged.rename(live)
+        _wait(lambda: metrics.tag_system_reloads.labels(result="ok")._value.get() >= 1)
+        send_lines(broker.bootstrap, "uploads", second)
+        out = read_topic(broker.bootstrap, "tags", expect=240, timeout_s=90)
+    payloads = [orjson.loads(m.value()) for m in out]
+    assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in first + second}
+    versions = [p["tag_system_version"] for p in payloads]
+    assert set(versions) == {sample_ts.version_id, v2.version_id}
+    switch = versions.index(v2.version_id)
+    assert all(v == v2.version_id for v in versions[switch:])  # one switch, never back
+    assert all(p["tag_system_version"] == v2.version_id for p in payloads if p["id"][0] == "b")
+
+
+@pytest.mark.broker
+def test_llm_decisions_are_recorded_and_distill_reads_them(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    create_topics(broker.bootstrap, {"decisions": 1})
+    server = fake_llm(lambda body: (200, completion(json.dumps({"tags": shortlist_of(body)[:1]}))))
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(server.base_url, "fake-llm", SecretStr(""), metrics=metrics)
+    # every item is uncertain: the LLM decides all of them
+    ts = replace(sample_ts, gate=replace(sample_ts.gate, accept_threshold=1.0, min_score=0.0))
+    core = TaggingCore(encoder, ts, tagger=tagger, metrics=metrics)
+    s = settings_for(broker.bootstrap, decisions_topic="decisions")
+    events = make_events(40, "d")
+    send_lines(broker.bootstrap, "uploads", events)
+    with running(service(s, core)):
+        read_topic(broker.bootstrap, "tags", expect=40)
+        _wait(lambda: metrics.decisions_recorded._value.get() >= 40)
+    records = read_decisions(broker.bootstrap, "decisions", idle_s=1.0)
+    assert {r["id"] for r in records} == {orjson.loads(e)["id"] for e in events}
+    schema = load_schema("decision")
+    for r in records:
+        jsonschema.validate(r, schema)
+        assert r["chosen"] == [r["shortlist"][0]["name"]] and r["llm_model"] == "fake-llm"
+    labelled, skipped = labelled_from_decisions(records, ts)
+    assert len(labelled.ids) == 40 and sum(skipped.values()) == 0
+    assert labelled.emb.shape == (40, encoder.dim)
