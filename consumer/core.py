@@ -30,10 +30,14 @@ from consumer.llm import (
 )
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
-from tagsys import Decision, TagSystem, decide
+from tagsys import Decision, TagstreamError, TagSystem, decide
 from tagsys.lexicon import normalise
 
 log = structlog.get_logger(__name__)
+
+
+class CoreBrokenError(TagstreamError):
+    """The core fails even on a harmless canary item: the fault is not the input's."""
 
 
 @dataclass
@@ -170,6 +174,36 @@ class TaggingCore:
         for i, fut in pending:
             self._apply_llm(results[i], fut.result())
         return results
+
+    def process_isolating(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
+        """`process` on the whole batch; if it fails, item by item, to isolate poison items.
+
+        If the core fails on a harmless canary item too, the fault is not the input's (a broken
+        model, say): raise CoreBrokenError, so nothing is committed and a restart re-reads the
+        batch, instead of sending good events to the dead-letter topic.
+        """
+        try:
+            return list(self.process(events))
+        except Exception as batch_exc:
+            if not self._canary_ok():
+                raise CoreBrokenError(
+                    f"the tagging core fails even on a canary item: {batch_exc!r}"
+                ) from batch_exc
+            log.warning("batch_failed_isolating_items", error=repr(batch_exc))
+            results: list[TagResult | BaseException] = []
+            for ev in events:
+                try:
+                    results.extend(self.process([ev]))
+                except Exception as e:
+                    results.append(e)
+            return results
+
+    def _canary_ok(self) -> bool:
+        try:
+            self.process([UploadEvent(id="__tagstream_canary__", title="canary")])
+        except Exception:
+            return False
+        return True
 
     def _ask(self, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
         assert self.tagger is not None

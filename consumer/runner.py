@@ -22,7 +22,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.config import Settings
-from consumer.core import TaggingCore, TagResult
+from consumer.core import CoreBrokenError, TaggingCore, TagResult
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
@@ -121,26 +121,38 @@ class _Out:
     seq: int = 0
 
 
-def dead_letter_headers(
-    m: Message, stage: str, exc: BaseException, reason: str
+def connect_error_headers(
+    topic: str,
+    partition: int,
+    offset: int,
+    original: Any,
+    stage: str,
+    exc: BaseException,
+    reason: str,
 ) -> list[tuple[str, str | bytes | None]]:
-    """The original headers plus Kafka Connect's error context headers."""
-    (topic, part), off = _where(m)
+    """The original headers plus Kafka Connect's error context headers (both runtimes)."""
     cls = type(exc)
-    raw = m.headers() or []
+    raw = original or []
     headers: list[tuple[str, str | bytes | None]] = list(
         raw.items() if isinstance(raw, dict) else raw
     )
     headers += [
         ("__connect.errors.topic", topic.encode()),
-        ("__connect.errors.partition", str(part).encode()),
-        ("__connect.errors.offset", str(off).encode()),
+        ("__connect.errors.partition", str(partition).encode()),
+        ("__connect.errors.offset", str(offset).encode()),
         ("__connect.errors.stage", stage.encode()),
         ("__connect.errors.exception.class.name", f"{cls.__module__}.{cls.__qualname__}".encode()),
         ("__connect.errors.exception.message", str(exc)[:MAX_ERROR_MESSAGE].encode()),
         ("__tagstream.errors.reason", reason.encode()),
     ]
     return headers
+
+
+def dead_letter_headers(
+    m: Message, stage: str, exc: BaseException, reason: str
+) -> list[tuple[str, str | bytes | None]]:
+    (topic, part), off = _where(m)
+    return connect_error_headers(topic, part, off, m.headers(), stage, exc, reason)
 
 
 class KafkaService:
@@ -419,34 +431,10 @@ class KafkaService:
         return len(records)
 
     def _process(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
-        """The core on the whole batch; if it fails, item by item, to isolate poison items.
-
-        If the core fails on a harmless canary item too, the fault is not the input's (a
-        broken model, say): raise, so nothing is committed and a restart re-reads the batch,
-        instead of sending good events to the dead-letter topic.
-        """
         try:
-            return list(self.core.process(events))
-        except Exception as batch_exc:
-            if not self._canary_ok():
-                raise KafkaRuntimeError(
-                    f"the tagging core fails even on a canary item: {batch_exc!r}"
-                ) from batch_exc
-            log.warning("batch_failed_isolating_items", error=repr(batch_exc))
-            results: list[TagResult | BaseException] = []
-            for ev in events:
-                try:
-                    results.extend(self.core.process([ev]))
-                except Exception as e:
-                    results.append(e)
-            return results
-
-    def _canary_ok(self) -> bool:
-        try:
-            self.core.process([UploadEvent(id="__tagstream_canary__", title="canary")])
-        except Exception:
-            return False
-        return True
+            return self.core.process_isolating(events)
+        except CoreBrokenError as e:
+            raise KafkaRuntimeError(str(e)) from e
 
     def _tag_event(self, m: Message, res: TagResult, stamp: str) -> _Out:
         tp, off = _where(m)
