@@ -44,9 +44,11 @@ def fit_head(
     epochs: int = 300,
     lr: float = 0.05,
     l2: float = 1e-4,
-    seed: int = 0,
+    scale: float = 20.0,
 ) -> Head:
-    """Full-batch Adam on cross-entropy; starts from the zero-shot tag embeddings."""
+    """Full-batch Adam on cross-entropy, starting from, and pulled towards (`l2`), the
+    zero-shot head `scale * tag_embeddings`: rare tags stay close to what their names say,
+    tags without an example keep it exactly."""
     n, _ = emb.shape
     v = tag_embeddings.shape[0]
     multi = any(len(ls) != 1 for ls in labels)
@@ -55,28 +57,29 @@ def fit_head(
         for j in ls:
             y[i, j] = 1.0
     seen = y.sum(0) > 0
-    scale = 20.0  # cosines live in a narrow band; a temperature lets training start sensibly
-    w = (tag_embeddings * scale).astype(np.float32)
-    b = np.zeros(v, dtype=np.float32)
+    # cosines live in a narrow band; the scale (a temperature) lets training start sensibly
+    w0 = (tag_embeddings * scale).astype(np.float32)
+    w = w0.copy()
+    mean_logit0 = (emb @ w0.T).mean(0)
     if multi:
-        prior = np.clip(y.mean(0), 1e-4, 1 - 1e-4)
-        b = np.log(prior / (1 - prior)).astype(np.float32)
+        # start every tag at its base rate: sigmoid(mean logit) = share of items with it
+        prior = np.clip((y.sum(0) + 0.5) / (n + 1.0), 1e-4, 0.5)
+        b = (np.log(prior / (1 - prior)) - mean_logit0).astype(np.float32)
+    else:
+        b = np.zeros(v, dtype=np.float32)
     m_w, v_w = np.zeros_like(w), np.zeros_like(w)
     m_b, v_b = np.zeros_like(b), np.zeros_like(b)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    x, yy = emb[order], y[order]
     for t in range(1, epochs + 1):
-        logits = x @ w.T + b
+        logits = emb @ w.T + b
         if multi:
             p = 1.0 / (1.0 + np.exp(-logits))
         else:
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)
             p /= p.sum(axis=1, keepdims=True)
-        g = (p - yy) / n
-        gw = g.T @ x + l2 * w
+        g = (p - y) / n
+        gw = g.T @ emb + l2 * (w - w0)
         gb = g.sum(0)
         gw[~seen] = 0.0  # tags with no example keep their zero-shot head
         gb[~seen] = 0.0
@@ -86,7 +89,10 @@ def fit_head(
             vv *= beta2
             vv += (1 - beta2) * grad * grad
             param -= lr * (m / (1 - beta1**t)) / (np.sqrt(vv / (1 - beta2**t)) + eps)
-    if (~seen).any() and seen.any():
-        # unseen tags: a bias at the low end of the trained ones, so they rank but rarely win
-        b[~seen] = np.float32(np.quantile(b[seen], 0.1))
+    if not multi and (~seen).any() and seen.any():
+        # unseen tags: place their mean logit at the low end of the trained tags', so they
+        # rank when their name fits but do not win over tags with evidence
+        mean_logit = (emb @ w.T + b).mean(0)
+        target = float(np.quantile(mean_logit[seen], 0.1))
+        b[~seen] = (target - (emb @ w[~seen].T).mean(0)).astype(np.float32)
     return Head(w.astype(np.float32), b.astype(np.float32), "sigmoid" if multi else "softmax")
