@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
@@ -85,6 +86,7 @@ class BenchResult:
     latency_p99_ms: float
     torch_items_per_s: float | None
     shortlist_ms_per_item_40k: float
+    shortlist_numpy_ms_per_item_40k: float | None = None
     batch_tokens_sweep: dict[int, float] | None = None
 
     @property
@@ -109,6 +111,11 @@ class BenchResult:
                 else round(self.encoder_items_per_s / self.torch_items_per_s, 2)
             ),
             "shortlist_ms_per_item_40k": round(self.shortlist_ms_per_item_40k, 4),
+            "shortlist_numpy_ms_per_item_40k": (
+                None
+                if self.shortlist_numpy_ms_per_item_40k is None
+                else round(self.shortlist_numpy_ms_per_item_40k, 4)
+            ),
             "items": self.items,
             "batch_size": self.batch_size,
             "encoder": self.encoder,
@@ -177,19 +184,35 @@ def bench_torch(
     return len(texts) / (time.perf_counter() - t0)
 
 
-def bench_shortlist(dim: int, k: int, batch_size: int, rounds: int, step: Step) -> float:
-    """ms per item against 40,238 unit tag vectors (the cost does not depend on the values)."""
+def bench_shortlist(
+    dim: int, k: int, batch_size: int, rounds: int, step: Step
+) -> tuple[float, float]:
+    """ms per item against 40,238 unit tag vectors (the cost does not depend on the values):
+    (the service's path, an ORT MatMul + TopK graph; the numpy reference)."""
+    from models_onnx.matcher import OrtMatcher
+
     rng = np.random.default_rng(0)
     tags = rng.normal(size=(TAGGPT_TAGS, dim)).astype(np.float32)
     tags /= np.linalg.norm(tags, axis=1, keepdims=True)
     queries = rng.normal(size=(rounds, batch_size, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=2, keepdims=True)
-    shortlist(queries[0], tags, k)  # warm-up
-    t0 = time.perf_counter()
-    for q in queries:
-        shortlist(q, tags, k)
-        step("shortlist", len(q))
-    return (time.perf_counter() - t0) * 1000 / (rounds * batch_size)
+    matcher = OrtMatcher(tags)
+    out = []
+
+    def ort_path(q: npt.NDArray[np.float32]) -> object:
+        return matcher.top_k(q, k)
+
+    def numpy_path(q: npt.NDArray[np.float32]) -> object:
+        return shortlist(q, tags, k)
+
+    for fn in (ort_path, numpy_path):
+        fn(queries[0])  # warm-up
+        t0 = time.perf_counter()
+        for q in queries:
+            fn(q)
+            step("shortlist", len(q))
+        out.append((time.perf_counter() - t0) * 1000 / (rounds * batch_size))
+    return out[0], out[1]
 
 
 @contextmanager
@@ -347,7 +370,7 @@ def run_bench(
         tasks["e2e"] = progress.add_task("e2e", total=len(payloads))
         tasks["latency"] = progress.add_task("latency", total=latency_items)
         tasks["torch"] = progress.add_task("torch", total=len(texts) if torch else 0)
-        tasks["shortlist"] = progress.add_task("shortlist", total=20 * batch_size)
+        tasks["shortlist"] = progress.add_task("shortlist", total=2 * 20 * batch_size)
         tasks["sweep"] = progress.add_task("sweep", total=len(texts) * len(sweep or []))
         enc_rate = bench_encoder(encoder, texts, batch_size, step)
         with EmbeddedBroker() as broker:
@@ -363,7 +386,7 @@ def run_bench(
 
             spec = spec_for(model)
             torch_rate = bench_torch(resolve_source(spec), texts, batch_size, spec.max_length, step)
-        sl = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
+        sl, sl_numpy = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
         swept = {
             budget: bench_encoder(
                 encoder, texts, batch_size, lambda _n, k: step("sweep", k), budget
@@ -383,5 +406,6 @@ def run_bench(
         latency_p99_ms=p99,
         torch_items_per_s=torch_rate,
         shortlist_ms_per_item_40k=sl,
+        shortlist_numpy_ms_per_item_40k=sl_numpy,
         batch_tokens_sweep=swept or None,
     )

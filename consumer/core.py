@@ -30,6 +30,7 @@ from consumer.llm import (
 )
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
+from models_onnx.matcher import MIN_TAGS, OrtMatcher
 from tagsys import Decision, TagstreamError, TagSystem, decide
 from tagsys.lexicon import normalise
 
@@ -95,6 +96,8 @@ class TaggingCore:
         # the encoder is shared with LLM threads in generative mode (mapping free tags)
         self._enc_lock = threading.Lock()
         self._file_lock = threading.Lock()
+        self._matcher: OrtMatcher | None = None
+        self._matcher_hash = ""
 
     def swap_tag_system(self, ts: TagSystem) -> None:
         """Use `ts` from the next batch on (callers swap between batches only)."""
@@ -150,7 +153,7 @@ class TaggingCore:
         """Shortlist, gate and (for uncertain items) ask the LLM; `emb` from `embed`."""
         ts = self.tag_system
         with self._timed("match"):
-            idx, scores = ts.shortlist(emb, texts)
+            idx, scores = self._shortlist(ts, emb, texts)
             gates = [decide(idx[i], scores[i], ts.tag_ids, ts.gate) for i in range(len(events))]
         results: list[TagResult] = []
         pending: list[tuple[int, Any]] = []
@@ -174,6 +177,20 @@ class TaggingCore:
         for i, fut in pending:
             self._apply_llm(results[i], fut.result())
         return results
+
+    def _shortlist(
+        self, ts: TagSystem, emb: npt.NDArray[np.float32], texts: list[str]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """numpy for small vocabularies and distilled heads; one ORT graph (MatMul + TopK,
+        exact) for large cosine vocabularies such as TagGPT's 40k (`tagstream bench`)."""
+        if ts.head is not None or len(ts.tags) < MIN_TAGS:
+            return ts.shortlist(emb, texts)
+        if self._matcher is None or self._matcher_hash != ts.content_hash:
+            self._matcher = OrtMatcher(ts.embeddings, ts.bias)
+            self._matcher_hash = ts.content_hash
+        return self._matcher.top_k(
+            emb, ts.gate.top_k, mentions=ts.mentions(texts), boost=ts.gate.lexical_boost
+        )
 
     def process_isolating(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
         """`process` on the whole batch; if it fails, item by item, to isolate poison items.

@@ -1,0 +1,33 @@
+"""The ORT shortlist graph gives the numpy reference's top-k, with bias and mentions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models_onnx.matcher import GRAPH, OrtMatcher, build_graph
+from tagsys.shortlist import shortlist
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ort_matcher_equals_numpy(with_bias: bool) -> None:
+    rng = np.random.default_rng(1)
+    tags = _unit(rng.normal(size=(5000, 64)))
+    q = _unit(rng.normal(size=(33, 64)))
+    bias = rng.uniform(0, 0.1, 5000).astype(np.float32) if with_bias else None
+    m = OrtMatcher(tags, bias)
+    mentions = [{int(j) for j in rng.choice(5000, 3)} if i % 3 == 0 else set() for i in range(33)]
+    for k, ment, boost in ((10, None, 0.0), (20, mentions, 0.3), (1, mentions, 0.05)):
+        ref_i, ref_s = shortlist(q, tags, k, bias=bias, mentions=ment, boost=boost)
+        got_i, got_s = m.top_k(q, k, mentions=ment, boost=boost)
+        assert np.array_equal(ref_i, got_i)
+        assert np.allclose(ref_s, got_s, atol=1e-5)
+
+
+def test_shipped_graph_is_the_generated_one() -> None:
+    pytest.importorskip("onnx")
+    assert GRAPH.read_bytes() == build_graph(), "run `python -m models_onnx.matcher`"
