@@ -132,6 +132,7 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
     assert len(lines) == 10
 
 
+@pytest.mark.llm
 def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
     """A small real run: bundled SmolLM2 proposes, the pipeline builds a loadable artifact."""
     corpus = tmp_path / "c.jsonl"
