@@ -40,6 +40,7 @@ class BuildReport:
     candidates: int = 0
     kept: int = 0
     tags: int = 0
+    categorized: int = 0
     described: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class BuildReport:
             "candidates": self.candidates,
             "above_floor": self.kept,
             "tags": self.tags,
+            "categorized": self.categorized,
             "described": self.described,
         }
 
@@ -154,6 +156,7 @@ def build_tags(
     min_items: int = 2,
     merge_threshold: float = 0.9,
     hierarchy: Path | None = None,
+    llm_categories: bool = False,
     describe: bool = False,
     name: str = "built",
     version: str = "1",
@@ -184,19 +187,39 @@ def build_tags(
         )
     emb = encoder.encode([c.name for c in cands])
     groups = merge_synonyms(cands, emb, merge_threshold)
-    categories = None
-    if hierarchy is not None:
-        cat_names = [t.name for t in read_vocabulary(hierarchy, "hierarchy").tags]
+    texts = {it.id: event_text(to_event(it), max_chars=200) for it in ds.items}
+    examples: dict[str, list[str]] = {}
+    for item_id, tags in proposals.items():
+        for t in set(tags):
+            examples.setdefault(normalise_tag(t), []).append(texts[item_id])
+    categories: list[str | None] | None = None
+    cat_names = (
+        [t.name for t in read_vocabulary(hierarchy, "hierarchy").tags] if hierarchy else None
+    )
+    if llm_categories:
+        # the LLM picks (among the hierarchy's nodes when given, else names one freely)
+        categories = [None] * len(groups)
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            cfuts = {
+                pool.submit(
+                    tagger.categorize, head.name, examples.get(head.key, [])[:3], cat_names
+                ): n
+                for n, (head, _) in enumerate(groups)
+            }
+            for k, fut in enumerate(as_completed(cfuts)):
+                ans = fut.result()
+                if ans.status == "ok" and ans.tags:
+                    categories[cfuts[fut]] = ans.tags[0]
+                    report.categorized += 1
+                if progress:
+                    progress("categorising tags", k + 1, len(groups))
+    elif cat_names is not None:
         cat_emb = encoder.encode(cat_names)
         keep_rows = [cands.index(h) for h, _ in groups]
-        categories = nearest_category(emb[keep_rows], cat_emb, cat_names)
+        categories = list(nearest_category(emb[keep_rows], cat_emb, cat_names))
+        report.categorized = len(groups)
     descriptions: list[str | None] | None = None
     if describe:
-        texts = {it.id: event_text(to_event(it), max_chars=200) for it in ds.items}
-        examples: dict[str, list[str]] = {}
-        for item_id, tags in proposals.items():
-            for t in set(tags):
-                examples.setdefault(normalise_tag(t), []).append(texts[item_id])
         descriptions = [None] * len(groups)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             futs = {

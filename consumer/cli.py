@@ -730,6 +730,12 @@ def build_tags_cmd(
         Path | None,
         typer.Option(help="Category hierarchy CSV: each tag gets its nearest category."),
     ] = None,
+    llm_categories: Annotated[
+        bool,
+        typer.Option(
+            help="Ask the LLM for each tag's category (one of --hierarchy's nodes when given)."
+        ),
+    ] = False,
     describe: Annotated[
         bool, typer.Option(help="Ask the LLM for a one-line description of every tag.")
     ] = False,
@@ -782,6 +788,7 @@ def build_tags_cmd(
                 min_items=min_items,
                 merge_threshold=merge_threshold,
                 hierarchy=hierarchy,
+                llm_categories=llm_categories,
                 describe=describe,
                 name=name,
                 version=version,

@@ -34,7 +34,13 @@ def _propose(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     text = body["messages"][-1]["content"].lower()
     if "poison" in text:
         return 500, {"error": {"message": "boom"}}
-    if "description" in body["response_format"]["json_schema"]["schema"]["properties"]:
+    props = body["response_format"]["json_schema"]["schema"]["properties"]
+    if "category" in props:
+        choices = props["category"].get("enum")
+        tag = json.loads(body["messages"][-1]["content"])["tag"].lower()
+        cat = "Kitchen" if any(w in tag for w in ("kni", "sourdough", "bread")) else "Other"
+        return 200, completion(json.dumps({"category": choices[0] if choices else cat}))
+    if "description" in props:
         tag = json.loads(body["messages"][-1]["content"])["tag"]
         return 200, completion(json.dumps({"description": f"Content about {tag}."}))
     tags = []
@@ -102,6 +108,7 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
         merge_threshold=0.8,
         describe=True,
         concurrency=2,
+        llm_categories=True,
     )
     names = {t.name for t in ts.tags}
     assert "food safety" not in names  # one item only: below the floor
@@ -109,6 +116,7 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
     knife = [t for t in ts.tags if "knife" in (t.name + " ".join(t.aliases)).lower()]
     assert len(knife) == 1  # surface variants and the close synonym merged into one tag
     assert all(t.description and t.description.startswith("Content about") for t in ts.tags)
+    assert {t.category for t in ts.tags} == {"Kitchen"} and rep.categorized == len(ts.tags)
     assert list(rep.failed) == ["6"]  # the failing item is reported, not dropped silently
     assert rep.items == 6 and rep.calls == 6 * 2 + 2  # 12 asks + 2 retries of the poison item
     loaded = TagSystem.load(out)
@@ -128,6 +136,23 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
     )
     assert rep2.cached == 10
     assert len(server.requests) - n_before == 4  # 2 samples x (1 try + 1 retry pass)
+    # categories from a hierarchy, by embedding (no LLM call for them)
+    hier = tmp_path / "h.csv"
+    hier.write_text("l1\nbaking\ncutlery\n")
+    ts3, rep3 = build_tags(
+        corpus,
+        "jsonl",
+        tmp_path / "ts3",
+        _tagger(server),
+        encoder,
+        work=work,
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+        hierarchy=hier,
+    )
+    cats = {t.name.lower(): t.category for t in ts3.tags}
+    assert cats["knife sharpening"] == "cutlery" and rep3.categorized == len(ts3.tags)
     lines = (work / PROPOSALS).read_text().splitlines()
     assert len(lines) == 10
 
