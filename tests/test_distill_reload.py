@@ -94,6 +94,16 @@ def test_distill_writes_a_loadable_version_with_a_report(
     assert again.content_hash == new.content_hash and again.head is not None
     _idx, scores = again.shortlist(data.emb[:3], data.texts[:3])
     assert (scores <= 1.0).all() and (scores >= 0.0).all()
+    # the service's core runs the distilled version as it is (what `run --tag-system` does)
+    from consumer.events import UploadEvent
+
+    core = TaggingCore(encoder, again, metrics=Metrics(CollectorRegistry()))
+    try:
+        [res] = core.process([UploadEvent(id="x", title="marathon training plan")])
+    finally:
+        core.close()
+    assert core.to_payload(res)["tag_system_version"] == again.version_id
+    assert again.names[res.shortlist[0][0]] == "sport"
 
 
 def _wait(pred: Callable[[], bool], timeout_s: float = 60.0) -> None:
