@@ -23,7 +23,14 @@ from consumer.events import event_text
 from consumer.llm import PROPOSE_PROMPT_VERSION, SelectiveTagger
 from models_onnx import OnnxEncoder
 from tagsys import GateConfig, TagSystem, TagSystemError, tag_prompt
-from tagsys.build import count, merge_synonyms, nearest_category, normalise_tag, to_tags
+from tagsys.build import (
+    Candidate,
+    count,
+    merge_synonyms,
+    nearest_category,
+    normalise_tag,
+    to_tags,
+)
 from tagsys.datasets import Item, load
 from tagsys.vocab import read_vocabulary
 
@@ -196,23 +203,27 @@ def build_tags(
     cat_names = (
         [t.name for t in read_vocabulary(hierarchy, "hierarchy").tags] if hierarchy else None
     )
-    if llm_categories:
-        # the LLM picks (among the hierarchy's nodes when given, else names one freely)
-        categories = [None] * len(groups)
+
+    def per_tag(ask: Callable[[Candidate], Any], label: str) -> list[str | None]:
+        """One concurrent LLM question per kept tag; None where it got no usable answer."""
+        out: list[str | None] = [None] * len(groups)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            cfuts = {
-                pool.submit(
-                    tagger.categorize, head.name, examples.get(head.key, [])[:3], cat_names
-                ): n
-                for n, (head, _) in enumerate(groups)
-            }
-            for k, fut in enumerate(as_completed(cfuts)):
+            futs = {pool.submit(ask, head): n for n, (head, _) in enumerate(groups)}
+            for k, fut in enumerate(as_completed(futs)):
                 ans = fut.result()
                 if ans.status == "ok" and ans.tags:
-                    categories[cfuts[fut]] = ans.tags[0]
-                    report.categorized += 1
+                    out[futs[fut]] = ans.tags[0]
                 if progress:
-                    progress("categorising tags", k + 1, len(groups))
+                    progress(label, k + 1, len(groups))
+        return out
+
+    if llm_categories:
+        # the LLM picks (among the hierarchy's nodes when given, else names one freely)
+        categories = per_tag(
+            lambda h: tagger.categorize(h.name, examples.get(h.key, [])[:3], cat_names),
+            "categorising tags",
+        )
+        report.categorized = sum(c is not None for c in categories)
     elif cat_names is not None:
         cat_emb = encoder.encode(cat_names)
         keep_rows = [cands.index(h) for h, _ in groups]
@@ -220,19 +231,10 @@ def build_tags(
         report.categorized = len(groups)
     descriptions: list[str | None] | None = None
     if describe:
-        descriptions = [None] * len(groups)
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            futs = {
-                pool.submit(tagger.describe, head.name, examples.get(head.key, [])[:3]): n
-                for n, (head, _) in enumerate(groups)
-            }
-            for k, fut in enumerate(as_completed(futs)):
-                ans = fut.result()
-                if ans.status == "ok" and ans.tags:
-                    descriptions[futs[fut]] = ans.tags[0]
-                    report.described += 1
-                if progress:
-                    progress("describing tags", k + 1, len(groups))
+        descriptions = per_tag(
+            lambda h: tagger.describe(h.name, examples.get(h.key, [])[:3]), "describing tags"
+        )
+        report.described = sum(d is not None for d in descriptions)
     vocab = to_tags(groups, categories, descriptions)
     report.tags = len(vocab)
     tag_emb = encoder.encode([tag_prompt(t) for t in vocab])

@@ -492,6 +492,17 @@ def _progress(label: str) -> Any:
     )
 
 
+def _run_eval(data: Path, fmt: str, **kw: Any) -> Any:
+    """`run_eval` with a progress bar while the items are embedded."""
+    from consumer.evaluate import run_eval
+
+    with _progress("embedding") as bar:
+        task = bar.add_task("embed", total=None)
+        return run_eval(
+            data, fmt, progress=lambda d, t: bar.update(task, completed=d, total=t), **kw
+        )
+
+
 def _print_metrics(out: dict[str, Any]) -> None:
     for k, v in out.items():
         err.print(f"{k:<18} {round(v, 4) if isinstance(v, float) else v}")
@@ -520,26 +531,22 @@ def eval_cmd(
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
     from consumer.config import Settings
-    from consumer.evaluate import report, run_eval
+    from consumer.evaluate import report
 
     logs.configure("warning")
-    key = Settings().llm_api_key
-    with _progress("embedding") as bar:
-        task = bar.add_task("embed", total=None)
-        run_ = run_eval(
-            data,
-            fmt.value,
-            level=level,
-            tag_system=tag_system,
-            model=model,
-            model_dir=model_dir,
-            llm=llm,
-            llm_model=llm_model,
-            llm_api_key=key,
-            limit=limit,
-            adapt_corpus=adapt,
-            progress=lambda d, t: bar.update(task, completed=d, total=t),
-        )
+    run_ = _run_eval(
+        data,
+        fmt.value,
+        level=level,
+        tag_system=tag_system,
+        model=model,
+        model_dir=model_dir,
+        llm=llm,
+        llm_model=llm_model,
+        llm_api_key=Settings().llm_api_key,
+        limit=limit,
+        adapt_corpus=adapt,
+    )
     out = report(run_)
     _print_metrics(out)
     if json:
@@ -570,22 +577,19 @@ def calibrate_cmd(
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
     precision on labelled data; report it on held-out items; write a new tag-system version."""
-    from consumer.evaluate import run_calibrate, run_eval
+    from consumer.evaluate import run_calibrate
 
     logs.configure("warning")
-    with _progress("embedding") as bar:
-        task = bar.add_task("embed", total=None)
-        run_ = run_eval(
-            data,
-            fmt.value,
-            level=level,
-            tag_system=tag_system,
-            model=model,
-            model_dir=model_dir,
-            limit=limit,
-            adapt_corpus=adapt,
-            progress=lambda d, t: bar.update(task, completed=d, total=t),
-        )
+    run_ = _run_eval(
+        data,
+        fmt.value,
+        level=level,
+        tag_system=tag_system,
+        model=model,
+        model_dir=model_dir,
+        limit=limit,
+        adapt_corpus=adapt,
+    )
     ts, cal, before, after = run_calibrate(
         run_, target_precision=target_precision, fit_fraction=fit_fraction
     )

@@ -314,6 +314,45 @@ class SelectiveTagger:
         self._record(answer, time.perf_counter() - t0)
         return answer
 
+    def _one_field(
+        self,
+        system: str,
+        payload: dict[str, Any],
+        field_name: str,
+        field_schema: dict[str, Any],
+        max_chars: int,
+        allowed: list[str] | None = None,
+    ) -> LLMAnswer:
+        """Ask for one JSON string field; its value comes back as `tags[0]`. Never raises."""
+        schema = {
+            "type": "object",
+            "properties": {field_name: field_schema},
+            "required": [field_name],
+            "additionalProperties": False,
+        }
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": orjson.dumps(payload).decode()},
+        ]
+
+        def once() -> LLMAnswer:
+            content, usage = self._complete(messages, schema, 0.0)
+            try:
+                d = orjson.loads(content or "")
+            except orjson.JSONDecodeError as e:
+                return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
+            value = d.get(field_name) if isinstance(d, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                return LLMAnswer(status="empty", error=f"no {field_name}")
+            if allowed and value not in allowed:
+                return LLMAnswer(status="invalid", error=f"{field_name} not among the choices")
+            return self._with_usage(LLMAnswer(status="ok", tags=[value.strip()[:max_chars]]), usage)
+
+        t0 = time.perf_counter()
+        answer = self._guarded(once)
+        self._record(answer, time.perf_counter() - t0)
+        return answer
+
     def categorize(
         self, tag: str, examples: list[str], choices: list[str] | None = None
     ) -> LLMAnswer:
@@ -322,67 +361,14 @@ class SelectiveTagger:
         item: dict[str, Any] = {"type": "string", "minLength": 2, "maxLength": 40}
         if choices:
             item = {"type": "string", "enum": choices}
-        schema = {
-            "type": "object",
-            "properties": {"category": item},
-            "required": ["category"],
-            "additionalProperties": False,
-        }
-        user = orjson.dumps(
-            {"tag": tag, "example_items": examples[:3], "categories": choices or None}
-        ).decode()
-        messages = [
-            {"role": "system", "content": CATEGORIZE_PROMPT},
-            {"role": "user", "content": user},
-        ]
-
-        def once() -> LLMAnswer:
-            content, usage = self._complete(messages, schema, 0.0)
-            try:
-                d = orjson.loads(content or "")
-            except orjson.JSONDecodeError as e:
-                return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
-            cat = d.get("category") if isinstance(d, dict) else None
-            if not isinstance(cat, str) or not cat.strip():
-                return LLMAnswer(status="empty", error="no category")
-            if choices and cat not in choices:
-                return LLMAnswer(status="invalid", error="category not among the choices")
-            return self._with_usage(LLMAnswer(status="ok", tags=[cat.strip()[:40]]), usage)
-
-        t0 = time.perf_counter()
-        answer = self._guarded(once)
-        self._record(answer, time.perf_counter() - t0)
-        return answer
+        payload = {"tag": tag, "example_items": examples[:3], "categories": choices or None}
+        return self._one_field(CATEGORIZE_PROMPT, payload, "category", item, 40, choices)
 
     def describe(self, tag: str, examples: list[str]) -> LLMAnswer:
         """One short description of a tag (RAM++ style), as `tags[0]`; never raises."""
-        schema = {
-            "type": "object",
-            "properties": {"description": {"type": "string", "maxLength": 200}},
-            "required": ["description"],
-            "additionalProperties": False,
-        }
-        user = orjson.dumps({"tag": tag, "example_items": examples[:3]}).decode()
-        messages = [
-            {"role": "system", "content": DESCRIBE_PROMPT},
-            {"role": "user", "content": user},
-        ]
-
-        def once() -> LLMAnswer:
-            content, usage = self._complete(messages, schema, 0.0)
-            try:
-                d = orjson.loads(content or "")
-            except orjson.JSONDecodeError as e:
-                return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
-            text = d.get("description") if isinstance(d, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                return LLMAnswer(status="empty", error="no description")
-            return self._with_usage(LLMAnswer(status="ok", tags=[text.strip()[:200]]), usage)
-
-        t0 = time.perf_counter()
-        answer = self._guarded(once)
-        self._record(answer, time.perf_counter() - t0)
-        return answer
+        payload = {"tag": tag, "example_items": examples[:3]}
+        field = {"type": "string", "maxLength": 200}
+        return self._one_field(DESCRIBE_PROMPT, payload, "description", field, 200)
 
     def _should_retry(self, rs: tenacity.RetryCallState) -> bool:
         exc = rs.outcome.exception() if rs.outcome is not None and rs.outcome.failed else None
