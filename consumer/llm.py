@@ -77,6 +77,20 @@ class LLMAnswer:
     scores: dict[str, float] = field(default_factory=dict)
 
 
+def _tags_list(content: str | None) -> list[Any] | LLMAnswer:
+    """The `tags` list of a JSON answer, or the unusable answer saying why not."""
+    if content is None or not content.strip():
+        return LLMAnswer(status="empty", error="empty answer")
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError as e:
+        return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
+    if not isinstance(data, dict) or not isinstance(data.get("tags"), list):
+        return LLMAnswer(status="invalid", error="answer has no tags list")
+    tags: list[Any] = data["tags"]
+    return tags
+
+
 class _UnusableAnswer(Exception):
     """An answer that parsed badly: worth one more try, then it is what it is."""
 
@@ -192,18 +206,13 @@ class SelectiveTagger:
     @staticmethod
     def parse(content: str | None, shortlist: list[str], max_tags: int) -> LLMAnswer:
         """Validate the raw answer: JSON object with a `tags` list, shortlist names only."""
-        if content is None or not content.strip():
-            return LLMAnswer(status="empty", error="empty answer")
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError as e:
-            return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
-        if not isinstance(data, dict) or not isinstance(data.get("tags"), list):
-            return LLMAnswer(status="invalid", error="answer has no tags list")
+        raw = _tags_list(content)
+        if isinstance(raw, LLMAnswer):
+            return raw
         allowed = set(shortlist)
         chosen: list[str] = []
         rejected = 0
-        for t in data["tags"]:
+        for t in raw:
             if isinstance(t, str) and t in allowed:
                 if t not in chosen:
                     chosen.append(t)
@@ -276,17 +285,12 @@ class SelectiveTagger:
     @staticmethod
     def parse_free(content: str | None, max_tags: int) -> LLMAnswer:
         """Free tags: strings, trimmed, at most MAX_FREE_TAG_CHARS, deduplicated."""
-        if content is None or not content.strip():
-            return LLMAnswer(status="empty", error="empty answer")
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError as e:
-            return LLMAnswer(status="invalid", error=f"answer is not JSON: {e}")
-        if not isinstance(data, dict) or not isinstance(data.get("tags"), list):
-            return LLMAnswer(status="invalid", error="answer has no tags list")
+        raw = _tags_list(content)
+        if isinstance(raw, LLMAnswer):
+            return raw
         out: list[str] = []
         rejected = 0
-        for t in data["tags"]:
+        for t in raw:
             if isinstance(t, str) and 0 < len(t.strip()) <= MAX_FREE_TAG_CHARS:
                 if t.strip() not in out:
                     out.append(t.strip())
