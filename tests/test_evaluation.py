@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,3 +220,30 @@ def test_eval_and_calibrate_cli_on_toy_data(
     assert e.value.code in (0, None)
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["tag_system"] == ts.version_id
+
+
+def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fake_llm: Any) -> None:
+    """Items the gate routes to the LLM end with the LLM's pick from their shortlist."""
+    from tests.conftest import completion
+
+    def respond(body: dict[str, Any]) -> Any:
+        enum = body["response_format"]["json_schema"]["schema"]["properties"]["tags"]["items"]
+        gold = "bread" if "dense" in body["messages"][-1]["content"].lower() else "knives"
+        return 200, completion(json.dumps({"tags": [gold] if gold in enum["enum"] else []}))
+
+    server = fake_llm(respond)
+    rows = [("Why is my bread dense", ["bread"]), ("Sharpen knives at home", ["knives"])] * 4
+    data = tmp_path / "toy.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "title": t, "labels": g}) for i, (t, g) in enumerate(rows)
+        )
+        + "\n"
+    )
+    from consumer.evaluate import run_eval
+
+    run = run_eval(data, "jsonl", model_dir=model_dir, llm=server.base_url)
+    routed = [o for o in run.outcomes if o.routed_llm]
+    assert routed and len(server.requests) == len(routed)
+    for o in routed:  # exactly the LLM's single pick, which is the gold tag
+        assert list(o.final) == sorted(o.gold)
