@@ -166,6 +166,7 @@ class KafkaService:
         max_produce_attempts: int = 5,
         drain_timeout_s: float = 300.0,
         stuck_after_s: float = 20.0,
+        pipeline_batches: int = 1,
     ) -> None:
         self.s = settings
         self.core = core
@@ -175,12 +176,15 @@ class KafkaService:
         self.max_produce_attempts = max_produce_attempts
         self.drain_timeout_s = drain_timeout_s
         self.stuck_after_s = stuck_after_s
+        # batches whose records may still await acknowledgement while the next one encodes
+        self.pipeline_batches = pipeline_batches
         self._seq = itertools.count()
         self._gen = 0  # producer generation: callbacks of a replaced producer are ignored
         self._pending: dict[int, _Out] = {}
         self._retry: list[_Out] = []
         self._failed: list[_Out] = []
         self._producer_fatal = False
+        self._last_left, self._last_progress = 0, time.monotonic()  # producer progress
         self._paused_until: dict[TP, float] = {}
         self._pause_s: dict[TP, float] = {}
         self.consumer = Consumer(self._consumer_conf())
@@ -368,6 +372,7 @@ class KafkaService:
             else:
                 log.warning("consumer_error", error=str(err))
         if not records:
+            self._drain()  # idle: let everything finish and be committed
             self._commit()
             return 0
         self.metrics.batch_size.observe(len(records))
@@ -425,7 +430,8 @@ class KafkaService:
         else:
             for tp in {_where(m)[0] for m in records}:
                 self._pause_s.pop(tp, None)
-        self._drain()
+        # the previous batch's records may still be in flight: the next batch encodes meanwhile
+        self._drain(max_pending=max(1, self.s.batch_size) * self.pipeline_batches)
         self.metrics.stage_seconds.labels(stage="produce").observe(time.perf_counter() - t0)
         self._commit()
         return len(records)
@@ -554,12 +560,19 @@ class KafkaService:
         for out in resend:
             self._send(out)
 
-    def _drain(self) -> None:
-        """Wait until every produced record is acknowledged; re-send failures a few times."""
+    def _drain(self, max_pending: int = 0) -> None:
+        """Serve delivery reports until at most `max_pending` records await acknowledgement
+        (0: all of them); re-send failures a few times; replace a fatal or stuck producer.
+
+        Between batches the loop passes one batch's worth, so the next batch encodes while
+        the last one's acknowledgements arrive (the encoder is not idle on a broker round
+        trip); revokes, idle polls and shutdown wait for everything."""
         deadline = time.monotonic() + self.drain_timeout_s
-        last_left, last_progress = -1, time.monotonic()
         while True:
-            self.producer.flush(0.5)
+            if max_pending:
+                self.producer.poll(0)
+            else:
+                self.producer.flush(0.5)
             if self._failed:
                 bad = self._failed[0]
                 raise KafkaRuntimeError(
@@ -575,19 +588,22 @@ class KafkaService:
                     self._send(out)
                 continue
             left = len(self._pending)
-            if left == 0:
-                return
             now = time.monotonic()
-            if left != last_left:
-                last_left, last_progress = left, now
-            elif now - last_progress > self.stuck_after_s:
+            if left != self._last_left or left == 0:
+                self._last_left, self._last_progress = left, now
+            if left <= max_pending:
+                return
+            if now - self._last_progress > self.stuck_after_s:
                 self._recreate_producer(f"no acknowledgement for {self.stuck_after_s:.0f}s")
-                last_progress = now
+                self._last_progress = now
             if now > deadline:
                 raise KafkaRuntimeError(f"producer not drained within {self.drain_timeout_s}s")
+            if max_pending:
+                self.producer.poll(0.05)
 
     def _commit(self, only: set[TP] | None = None) -> None:
-        """Synchronous: after a crash at most the batch in flight is read again."""
+        """Synchronous, of what is acknowledged: after a crash at most the batch being
+        processed and the one still awaiting acknowledgements are read again."""
         offsets = self.tracker.committable(only)
         if not offsets:
             return

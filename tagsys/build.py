@@ -58,8 +58,9 @@ def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
             seen.add(key)
         per_item.update(seen)
     out = []
-    for key, n in per_item.most_common():
-        forms = [f for f, _ in surface[key].most_common()]
+    # ties broken by text, so the result does not depend on the order answers arrived in
+    for key, n in sorted(per_item.items(), key=lambda kv: (-kv[1], kv[0])):
+        forms = [f for f, _ in sorted(surface[key].items(), key=lambda kv: (-kv[1], kv[0]))]
         out.append(Candidate(key, forms[0], n, tuple(forms[1:])))
     return out
 
