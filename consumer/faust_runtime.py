@@ -24,6 +24,7 @@ from consumer.core import TagResult
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthServer
 from consumer.runner import connect_error_headers
+from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -166,8 +167,25 @@ def _security(settings: Settings) -> dict[str, Any]:
     return {"broker_credentials": creds}
 
 
+def check_supported(settings: Settings) -> None:
+    """Refuse what only the default runtime does, instead of silently doing something else."""
+    unsupported = []
+    if settings.llm_unavailable == "pause":
+        unsupported.append("--llm-unavailable pause")
+    if settings.decisions_topic:
+        unsupported.append("--decisions-topic")
+    if unsupported:
+        raise TagstreamError(
+            f"the Faust runtime does not support {', '.join(unsupported)}; use the default "
+            "runtime (--runtime kafka) for it (docs/RELIABILITY.md, 'Faust runtime')"
+        )
+    if settings.tag_system is not None and settings.reload_interval_s > 0:
+        log.warning("faust_runtime_no_hot_reload", tag_system=str(settings.tag_system))
+
+
 def run_faust(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (Faust's worker handles them: stop, commit, exit 0)."""
+    check_supported(settings)
     try:
         import faust
     except ImportError as e:  # pragma: no cover - depends on the install

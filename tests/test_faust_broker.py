@@ -30,6 +30,18 @@ pytestmark = pytest.mark.broker
 pytest.importorskip("faust", reason="the Faust runtime needs the [faust] extra")
 
 
+def test_faust_runtime_refuses_what_it_cannot_do() -> None:
+    from consumer.config import Settings
+    from consumer.faust_runtime import check_supported
+    from tagsys.errors import TagstreamError
+
+    with pytest.raises(TagstreamError, match="pause"):
+        check_supported(Settings(runtime="faust", llm_unavailable="pause"))
+    with pytest.raises(TagstreamError, match="decisions-topic"):
+        check_supported(Settings(runtime="faust", decisions_topic="decisions"))
+    check_supported(Settings(runtime="faust"))
+
+
 def _start(bootstrap: str, model_dir: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
     env = os.environ | {
         "TAGSTREAM_MODEL_DIR": str(model_dir),
