@@ -95,9 +95,16 @@ def export_encoder(
         if not fp32.is_file():
             raise TagstreamError(f"optimum wrote no model.onnx for {source}")
         say(f"{spec.name}: int8 per-channel dynamic quantisation (CPU variant)")
+        to_quantize = _fuse_transformer(tmp, fp32, say) or fp32
         quantize_dynamic(
-            str(fp32), str(tmp / "model_int8.onnx"), per_channel=True, weight_type=QuantType.QInt8
+            str(to_quantize),
+            str(tmp / "model_int8.onnx"),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": 1},  # FLOAT, for the fused ops' outputs
         )
+        if to_quantize != fp32:
+            to_quantize.unlink()
         files = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
         if fp16:
             say(f"{spec.name}: fp16 conversion (GPU variant)")
@@ -138,6 +145,31 @@ def export_encoder(
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"{spec.name}: exported to {out}")
     return out
+
+
+def _fuse_transformer(folder: Path, fp32: Path, say: Step) -> Path | None:
+    """BERT-family graphs: fuse attention, LayerNorm and GELU (onnxruntime's transformer
+    optimizer) before int8 quantisation. Measured on the 2-core CPU, StackExchange text:
+    75.7 vs 63.8 items/s for int8 without fusion. None when the model is no BERT."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("model_type") not in ("bert", "xlm-roberta", "roberta"):
+        return None
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = folder / "model_fused.onnx"
+    opt = optimize_model(
+        str(fp32),
+        model_type="bert",
+        num_heads=int(config["num_attention_heads"]),
+        hidden_size=int(config["hidden_size"]),
+        opt_level=1,
+    )
+    opt.save_model_to_file(str(fused))
+    say(f"fused transformer ops before quantisation: {dict(opt.get_fused_operator_statistics())}")
+    return fused
 
 
 def _to_fp16(src: Path, dst: Path) -> None:

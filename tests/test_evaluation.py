@@ -232,7 +232,16 @@ def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fak
         return 200, completion(json.dumps({"tags": [gold] if gold in enum["enum"] else []}))
 
     server = fake_llm(respond)
-    rows = [("Why is my bread dense", ["bread"]), ("Sharpen knives at home", ["knives"])] * 4
+    rows = [
+        ("Why is my bread dense", ["bread"]),
+        ("Dense crumb in my sourdough loaf", ["bread"]),
+        ("My dense rye came out gummy", ["bread"]),
+        ("Bread dense after a cold proof", ["bread"]),
+        ("Sharpen knives at home", ["knives"]),
+        ("Which whetstone grit for a chef knife", ["knives"]),
+        ("Honing steel or sharpening stone", ["knives"]),
+        ("Keeping a carbon steel blade from rusting", ["knives"]),
+    ]
     data = tmp_path / "toy.jsonl"
     data.write_text(
         "\n".join(
