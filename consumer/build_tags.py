@@ -226,7 +226,8 @@ def build_tags(
         report.categorized = sum(c is not None for c in categories)
     elif cat_names is not None:
         cat_emb = encoder.encode(cat_names)
-        keep_rows = [cands.index(h) for h, _ in groups]
+        row_of = {c.key: i for i, c in enumerate(cands)}
+        keep_rows = [row_of[h.key] for h, _ in groups]
         categories = list(nearest_category(emb[keep_rows], cat_emb, cat_names))
         report.categorized = len(groups)
     descriptions: list[str | None] | None = None

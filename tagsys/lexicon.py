@@ -58,6 +58,9 @@ class Lexicon:
     def __init__(self, terms: Sequence[Iterable[str]], *, max_cjk: int = 12) -> None:
         """`terms[i]` are the surface forms of tag i (name and aliases)."""
         self.index: dict[str, list[int]] = {}
+        # every proper prefix of a CJK-bearing term: a substring that is no prefix of any
+        # term cannot grow into one, so the scan stops there (a trie's pruning, as a set)
+        self._prefixes: set[str] = set()
         self.max_words = 1
         self.max_cjk = 1
         for i, forms in enumerate(terms):
@@ -71,6 +74,7 @@ class Lexicon:
                         hits.append(i)
                     if any(_is_cjk(c) for c in v):
                         self.max_cjk = min(max_cjk, max(self.max_cjk, len(v)))
+                        self._prefixes.update(v[:n] for n in range(1, len(v)))
                     else:
                         self.max_words = max(self.max_words, v.count(" ") + 1)
 
@@ -81,7 +85,7 @@ class Lexicon:
         """Indices of the tags mentioned in `text` (first `max_chars` characters)."""
         t = normalise(text[:max_chars])
         found: set[int] = set()
-        idx = self.index
+        idx, prefixes = self.index, self._prefixes
         words = _WORD.findall(t)
         for n in range(1, self.max_words + 1):
             for s in range(len(words) - n + 1):
@@ -95,7 +99,10 @@ class Lexicon:
                 if not (_is_cjk(t[s]) or word_start):
                     continue
                 for e in range(s + 1, min(n, s + self.max_cjk) + 1):
-                    hit = idx.get(t[s:e])
+                    sub = t[s:e]
+                    hit = idx.get(sub)
                     if hit:
                         found.update(hit)
+                    if sub not in prefixes:
+                        break
         return found
