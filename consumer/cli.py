@@ -123,6 +123,13 @@ def run(
         float,
         typer.Option(envvar=_env("batch_timeout_s"), help="Longest wait to fill a batch, seconds."),
     ] = 0.05,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            envvar=_env("pipeline"),
+            help="Read, decode and tokenize the next batch while this one encodes.",
+        ),
+    ] = True,
     emit_embedding: Annotated[
         bool,
         typer.Option(
@@ -241,6 +248,7 @@ def run(
         device=device.value,
         batch_size=batch_size,
         batch_timeout_s=batch_timeout_s,
+        pipeline=pipeline,
         emit_embedding=emit_embedding,
         metrics_host=metrics_host,
         metrics_port=metrics_port,

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device
     # (1024 on CPU, where padding costs most; 16384 on CUDA)
     max_batch_tokens: int = Field(0, ge=0)
+    # read, decode and tokenize the next batch while the encode thread runs this one
+    pipeline: bool = True
     max_field_chars: int = Field(2000, ge=16)
     max_event_bytes: int = Field(1 << 20, ge=64)
     emit_embedding: bool = False

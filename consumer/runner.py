@@ -4,6 +4,12 @@ At-least-once: an input offset is committed only when the tag event (or dead-let
 of that input and of every earlier input of its partition has been acknowledged by the
 broker (`OffsetTracker`). SIGTERM/SIGINT only set `stop`; the loop finishes the batch in
 flight, drains the producer, commits and closes (quix-streams style).
+
+A pipeline keeps the encoder busy: while the encode thread runs batch N, the loop polls,
+decodes and tokenizes batch N+1; once N+1 is handed to the encoder, N is gated (LLM calls
+included), produced and committed. Its records are in the offset tracker from the moment
+they are read, so a commit never passes them; a partition rewound, revoked or lost while a
+batch is ahead drops that batch's records of it (`_gen`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -22,7 +29,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.config import Settings
-from consumer.core import CoreBrokenError, TaggingCore, TagResult
+from consumer.core import CoreBrokenError, Prepared, TaggingCore, TagResult
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
@@ -121,6 +128,19 @@ class _Out:
     seq: int = 0
 
 
+@dataclass
+class _Staged:
+    """A batch read, decoded and tokenized, handed to the encode thread."""
+
+    records: list[Message]
+    good: list[tuple[Message, UploadEvent]]
+    bad: list[tuple[Message, str, BaseException, str]]  # msg, stage, exc, reason
+    gens: dict[TP, int]  # partition generations when read (see KafkaService._gen_of)
+    prep: Prepared | None = None
+    emb: Future[Any] | None = None
+    done: bool = field(default=False)
+
+
 def connect_error_headers(
     topic: str,
     partition: int,
@@ -178,6 +198,12 @@ class KafkaService:
         self.stuck_after_s = stuck_after_s
         # batches whose records may still await acknowledgement while the next one encodes
         self.pipeline_batches = pipeline_batches
+        # the batch the encode thread works on while the loop reads the next one
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagstream-encode")
+        self._ahead: _Staged | None = None
+        # bumped when a partition is rewound, revoked or lost: a batch read before that
+        # must not emit its records of the partition (they are read again, or not ours)
+        self._gen_of: dict[TP, int] = {}
         self._seq = itertools.count()
         self._gen = 0  # producer generation: callbacks of a replaced producer are ignored
         self._pending: dict[int, _Out] = {}
@@ -260,10 +286,12 @@ class KafkaService:
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions_revoked", partitions=sorted(revoked))
         self.health.assigned = max(0, self.health.assigned - len(revoked))
-        # Work is finished batch by batch, so whatever is done here can be committed.
+        # Finish the batch ahead first, so whatever was read can be committed here.
+        self._finish_ahead()
         self._drain()
         self._commit(only=revoked)
         self.tracker.forget(revoked)
+        self._bump(revoked)
         for tp in revoked:
             self._paused_until.pop(tp, None)
             self._pause_s.pop(tp, None)
@@ -273,6 +301,7 @@ class KafkaService:
         log.warning("partitions_lost", partitions=sorted(lost))
         self.health.assigned = max(0, self.health.assigned - len(lost))
         self.tracker.forget(lost)
+        self._bump(lost)  # not ours any more: the batch ahead drops its records of these
         for tp in lost:
             self._paused_until.pop(tp, None)
 
@@ -349,17 +378,37 @@ class KafkaService:
                 n = self._handle(msgs)
                 if on_batch is not None and n:
                     on_batch(n)
+            self._finish_ahead()
         finally:
             self.health.stopping = True
             try:
+                # after a failure the batch ahead is abandoned (its records stay uncommitted)
                 self._drain()
                 self._commit()
             finally:
+                self._encoder.shutdown(wait=True, cancel_futures=True)
                 self.consumer.close()
                 self.producer.flush(5)
                 log.info("stopped", pending=self.tracker.pending())
 
     def _handle(self, msgs: list[Message]) -> int:
+        """Read a batch and hand it to the encoder; then finish the batch before it.
+        Returns how many records were finished."""
+        staged = self._stage(msgs)
+        if staged is None:
+            n = self._finish_ahead()
+            self._drain()  # idle: let everything finish and be committed
+            self._commit()
+            return n
+        previous, self._ahead = self._ahead, staged
+        if staged.prep is not None:
+            staged.emb = self._encoder.submit(self.core.encode_prepared, staged.prep)
+        n = self._finish(previous) if previous is not None else 0
+        if not self.s.pipeline:
+            n += self._finish_ahead()
+        return n
+
+    def _stage(self, msgs: list[Message]) -> _Staged | None:
         records: list[Message] = []
         for m in msgs:
             err = m.error()
@@ -372,16 +421,14 @@ class KafkaService:
             else:
                 log.warning("consumer_error", error=str(err))
         if not records:
-            self._drain()  # idle: let everything finish and be committed
-            self._commit()
-            return 0
+            return None
         self.metrics.batch_size.observe(len(records))
-        good: list[tuple[Message, UploadEvent]] = []
-        bad: list[tuple[Message, str, BaseException, str]] = []  # msg, stage, exc, reason
+        staged = _Staged(records, [], [], {})
         t0 = time.perf_counter()
         for m in records:
             tp, off = _where(m)
             self.tracker.add(tp, off)
+            staged.gens[tp] = self._gen_of.get(tp, 0)
             try:
                 ev = decode(m.value(), max_bytes=self.s.max_event_bytes)
             except DecodeError as e:
@@ -394,15 +441,41 @@ class KafkaService:
                     reason=e.reason,
                     error=str(e),
                 )
-                bad.append((m, "decode", e, e.reason))
+                staged.bad.append((m, "decode", e, e.reason))
                 continue
             self.metrics.consumed.labels(outcome="ok").inc()
-            good.append((m, ev))
+            staged.good.append((m, ev))
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - t0)
-        results = self._process([ev for _, ev in good])
+        if staged.good:
+            staged.prep = self.core.prepare([ev for _, ev in staged.good])
+        return staged
+
+    def _bump(self, tps: set[TP]) -> None:
+        for tp in tps:
+            self._gen_of[tp] = self._gen_of.get(tp, 0) + 1
+
+    def _finish_ahead(self) -> int:
+        ahead, self._ahead = self._ahead, None
+        return self._finish(ahead) if ahead is not None else 0
+
+    def _finish(self, staged: _Staged) -> int:
+        """Gate, produce and commit a batch whose embeddings are (being) computed."""
+        if staged.done:  # a rebalance callback inside this finish finished it already
+            return 0
+        staged.done = True
+        results: list[TagResult | BaseException] = []
+        if staged.prep is not None and staged.emb is not None:
+            try:
+                results = self.core.decide_isolating(staged.prep, staged.emb)
+            except CoreBrokenError as e:
+                raise KafkaRuntimeError(str(e)) from e
         t0 = time.perf_counter()
+        live = {tp for tp, g in staged.gens.items() if self._gen_of.get(tp, 0) == g}
+        bad = [b for b in staged.bad if _where(b[0])[0] in live]
         tagged: list[tuple[Message, TagResult]] = []
-        for (m, _ev), res in zip(good, results, strict=True):
+        for (m, _ev), res in zip(staged.good, results, strict=True):
+            if _where(m)[0] not in live:
+                continue  # rewound, revoked or lost since it was read
             if isinstance(res, TagResult):
                 tagged.append((m, res))
             else:
@@ -425,22 +498,17 @@ class KafkaService:
                 self._send(self._tag_event(m, res, stamp))
                 if self.s.decisions_topic and (rec := self.core.decision_record(res)):
                     self._send(self._decision(m, rec))
+        seen = {_where(m)[0] for m in staged.records} & live
         if rewind:
-            self._pause_and_rewind(rewind, {_where(m)[0] for m in records})
+            self._pause_and_rewind(rewind, seen)
         else:
-            for tp in {_where(m)[0] for m in records}:
+            for tp in seen:
                 self._pause_s.pop(tp, None)
         # the previous batch's records may still be in flight: the next batch encodes meanwhile
         self._drain(max_pending=max(1, self.s.batch_size) * self.pipeline_batches)
         self.metrics.stage_seconds.labels(stage="produce").observe(time.perf_counter() - t0)
         self._commit()
-        return len(records)
-
-    def _process(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
-        try:
-            return self.core.process_isolating(events)
-        except CoreBrokenError as e:
-            raise KafkaRuntimeError(str(e)) from e
+        return len(staged.records)
 
     def _tag_event(self, m: Message, res: TagResult, stamp: str) -> _Out:
         tp, off = _where(m)
@@ -494,6 +562,7 @@ class KafkaService:
     # ---- pause / resume (LLM unavailable in pause mode) ------------------------------------
     def _pause_and_rewind(self, rewind: dict[TP, int], seen: set[TP]) -> None:
         now = time.monotonic()
+        self._bump(set(rewind))
         for tp, off in rewind.items():
             self.tracker.rewind(tp, off)
             part = TopicPartition(tp[0], tp[1], off)

@@ -81,6 +81,10 @@ class Lexicon:
     def __len__(self) -> int:
         return len(self.index)
 
+    def lookup(self, term: str) -> list[int]:
+        """The tags one whole term names (after normalisation), best first."""
+        return list(self.index.get(normalise(term), ()))
+
     def match(self, text: str, *, max_chars: int = 1000) -> set[int]:
         """Indices of the tags mentioned in `text` (first `max_chars` characters)."""
         t = normalise(text[:max_chars])

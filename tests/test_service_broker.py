@@ -6,18 +6,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import jsonschema
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.broker import EmbeddedBroker, free_port
-from consumer.core import TaggingCore
-from consumer.events import load_schema
+from consumer.core import Prepared, TaggingCore
+from consumer.events import UploadEvent, load_schema
 from consumer.metrics import Metrics
 from consumer.send import send_lines
 from models_onnx import OnnxEncoder
@@ -37,6 +41,47 @@ pytestmark = pytest.mark.broker
 
 def _core(encoder: OnnxEncoder, ts: TagSystem) -> TaggingCore:
     return TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
+
+
+class _OverlapProbe(TaggingCore):
+    """Records whether the next batch was prepared while the first one was encoding."""
+
+    def __init__(self, *a: Any, wait_s: float, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.wait_s = wait_s
+        self.prepared = 0
+        self.second_prepared = threading.Event()
+        self.overlapped: bool | None = None
+
+    def prepare(self, events: list[UploadEvent], texts: list[str] | None = None) -> Prepared:
+        self.prepared += 1
+        if self.prepared == 2:
+            self.second_prepared.set()
+        return super().prepare(events, texts)
+
+    def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
+        if self.overlapped is None:  # the first batch: wait for the loop to read the next
+            self.overlapped = self.second_prepared.wait(self.wait_s)
+        return super().encode_prepared(prep)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_next_batch_is_tokenized_while_this_one_encodes(
+    pipeline: bool, broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    events = make_events(40)
+    send_lines(broker.bootstrap, "uploads", events)
+    core = _OverlapProbe(
+        encoder, sample_ts, metrics=Metrics(CollectorRegistry()), wait_s=10 if pipeline else 2
+    )
+    s = settings_for(broker.bootstrap, batch_size=8, pipeline=pipeline)
+    with running(service(s, core)):
+        out = read_topic(broker.bootstrap, "tags", expect=40)
+    assert core.overlapped is pipeline
+    assert len({m.key() for m in out}) == 40 and len(out) == 40
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 40
+    core.close()
 
 
 def test_n_events_in_n_tag_events_out_with_the_same_keys(
