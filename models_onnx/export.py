@@ -157,8 +157,13 @@ def _fuse_transformer(folder: Path, fp32: Path, say: Step) -> Path | None:
         return None
     if config.get("model_type") not in ("bert", "xlm-roberta", "roberta"):
         return None
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    # tanh-approximated GELU (FastGelu): measured +5-9% int8 items/s on the 2-core CPU with
+    # the same cosine to fp32 (min 0.990 vs 0.988 on 256 StackExchange items)
+    options.enable_gelu_approximation = True
     fused = folder / "model_fused.onnx"
     opt = optimize_model(
         str(fp32),
@@ -166,6 +171,7 @@ def _fuse_transformer(folder: Path, fp32: Path, say: Step) -> Path | None:
         num_heads=int(config["num_attention_heads"]),
         hidden_size=int(config["hidden_size"]),
         opt_level=1,
+        optimization_options=options,
     )
     opt.save_model_to_file(str(fused))
     say(f"fused transformer ops before quantisation: {dict(opt.get_fused_operator_statistics())}")
