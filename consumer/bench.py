@@ -217,7 +217,7 @@ def bench_shortlist(
 
 @contextmanager
 def _service(
-    broker: EmbeddedBroker, core: TaggingCore, batch_size: int, phase: str
+    broker: EmbeddedBroker, core: TaggingCore, batch_size: int, phase: str, pipeline: bool = True
 ) -> Iterator[KafkaService]:
     """A running service on topics of its own, `<phase>-in` and `<phase>-out`."""
     from consumer.config import Settings
@@ -231,6 +231,7 @@ def _service(
         batch_size=batch_size,
         session_timeout_ms=6000,
         metrics_port=0,
+        pipeline=pipeline,
     )
     svc = KafkaService(s, core, core.metrics)
     stop = threading.Event()
@@ -263,15 +264,21 @@ def _out_reader(broker: EmbeddedBroker, topic: str) -> Any:
 
 
 def bench_e2e(
-    broker: EmbeddedBroker, core: TaggingCore, payloads: list[bytes], batch_size: int, step: Step
+    broker: EmbeddedBroker,
+    core: TaggingCore,
+    payloads: list[bytes],
+    batch_size: int,
+    step: Step,
+    phase: str = "e2e",
+    pipeline: bool = True,
 ) -> float:
     """Send N events to a running service; time until N tag events are out."""
-    with _service(broker, core, batch_size, "e2e"):
-        reader = _out_reader(broker, "e2e-out")
+    with _service(broker, core, batch_size, phase, pipeline):
+        reader = _out_reader(broker, f"{phase}-out")
         prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
         t0 = time.perf_counter()
         for p in payloads:
-            prod.produce("e2e-in", value=p, key=orjson.loads(p)["id"].encode())
+            prod.produce(f"{phase}-in", value=p, key=orjson.loads(p)["id"].encode())
             prod.poll(0)
         prod.flush(30)
         seen = 0

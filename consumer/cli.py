@@ -55,6 +55,15 @@ Bootstrap = Annotated[
     typer.Option(envvar=_env("bootstrap_servers"), help="Kafka bootstrap servers, HOST:PORT[,…]."),
 ]
 ModelOpt = Annotated[str, typer.Option(envvar=_env("model"), help="Encoder name.")]
+
+
+def _emit_json(obj: object) -> None:
+    """The `--json` contract: one JSON object as the last stdout line."""
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")]
 ModelDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -292,9 +301,7 @@ def send(
 
 @app.command()
 def demo(
-    json: Annotated[
-        bool, typer.Option("--json", help="Last stdout line: one JSON summary.")
-    ] = False,
+    json: JsonOpt = False,
     llm: Annotated[
         str,
         typer.Option(
@@ -312,16 +319,14 @@ def demo(
     res = run_demo(llm=llm, model=model, model_dir=model_dir, console=err)
     print_report(res, err)
     if json:
-        sys.stdout.write(orjson.dumps(res.summary()).decode() + "\n")
+        _emit_json(res.summary())
     if res.events_out != res.events_in:
         raise typer.Exit(1)
 
 
 @app.command()
 def bench(
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
-        False
-    ),
+    json: JsonOpt = False,
     items: Annotated[int, typer.Option(help="Items for the throughput runs.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Encoder / consumer batch size.")] = 64,
     rate: Annotated[
@@ -367,7 +372,7 @@ def bench(
     for k, v in out.items():
         err.print(f"{k:<28} {v}")
     if json:
-        sys.stdout.write(orjson.dumps(out).decode() + "\n")
+        _emit_json(out)
 
 
 @app.command("export-onnx")
@@ -413,9 +418,7 @@ def replay_dlq_cmd(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Count what would be sent; send nothing.")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON report.")] = (
-        False
-    ),
+    json: JsonOpt = False,
 ) -> None:
     """Re-send chosen dead-letter records to their input topic (after a fix)."""
     from consumer.dlq import replay_dlq
@@ -436,17 +439,14 @@ def replay_dlq_cmd(
         f"{rep.matched if dry_run else rep.replayed}: {dict(rep.by_reason)} → {dict(rep.by_target)}"
     )
     if json:
-        sys.stdout.write(
-            orjson.dumps(
-                {
-                    "scanned": rep.scanned,
-                    "matched": rep.matched,
-                    "replayed": rep.replayed,
-                    "by_reason": dict(rep.by_reason),
-                    "by_target": dict(rep.by_target),
-                }
-            ).decode()
-            + "\n"
+        _emit_json(
+            {
+                "scanned": rep.scanned,
+                "matched": rep.matched,
+                "replayed": rep.replayed,
+                "by_reason": dict(rep.by_reason),
+                "by_target": dict(rep.by_target),
+            }
         )
 
 
@@ -533,9 +533,7 @@ def eval_cmd(
     llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N labelled items.")] = None,
     adapt: AdaptOpt = False,
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
-        False
-    ),
+    json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
     from consumer.config import Settings
@@ -558,7 +556,7 @@ def eval_cmd(
     out = report(run_)
     _print_metrics(out)
     if json:
-        sys.stdout.write(orjson.dumps(out).decode() + "\n")
+        _emit_json(out)
 
 
 @app.command("calibrate")
@@ -579,9 +577,7 @@ def calibrate_cmd(
     ] = 0.5,
     limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
     adapt: AdaptOpt = False,
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
-        False
-    ),
+    json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
     precision on labelled data; report it on held-out items; write a new tag-system version."""
@@ -622,7 +618,7 @@ def calibrate_cmd(
     for k, v in res.items():
         err.print(f"{k:<16} {v}")
     if json:
-        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+        _emit_json(res)
 
 
 @app.command("distill")
@@ -654,9 +650,7 @@ def distill_cmd(
     ] = 0.9,
     limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
     version: Annotated[str | None, typer.Option(help="Version of the new tag system.")] = None,
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
-        False
-    ),
+    json: JsonOpt = False,
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
     decisions, recalibrate the gate, write a new tag-system version; report before/after on
@@ -709,7 +703,7 @@ def distill_cmd(
     for k, v in res.items():
         err.print(f"{k:<20} {v}")
     if json:
-        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+        _emit_json(res)
 
 
 @app.command("build-tags")
@@ -755,9 +749,7 @@ def build_tags_cmd(
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
-    json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = (
-        False
-    ),
+    json: JsonOpt = False,
 ) -> None:
     """Build a tag system from a corpus: LLM proposals (several samples per item, resumable),
     normalise, count, frequency floor, merge synonyms, categories, descriptions, embed."""
@@ -815,7 +807,7 @@ def build_tags_cmd(
             f"{next(iter(rep.failed.items()))}); rerun with the same --work to ask again"
         )
     if json:
-        sys.stdout.write(orjson.dumps(res).decode() + "\n")
+        _emit_json(res)
 
 
 class VocabFormat(StrEnum):

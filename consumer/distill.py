@@ -18,12 +18,14 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from consumer.core import TaggingCore
 from consumer.evaluate import DEFAULT_MODEL, embed_items, zero_shot
+from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
-from tagsys import Decision, TagSystem, decide
+from tagsys import TagSystem
 from tagsys.datasets import DatasetError, Item, load
 from tagsys.distill import fit_head
-from tagsys.evaluation import Outcome, calibrate, compute
+from tagsys.evaluation import Outcome, calibrated, compute, gate_outcomes
 
 Progress = Callable[[int, int], None]
 F32 = npt.NDArray[np.float32]
@@ -45,28 +47,12 @@ class Labelled:
 
 def _outcomes(ts: TagSystem, d: Labelled) -> list[Outcome]:
     idx, scores = ts.shortlist(d.emb, d.texts, k=max(20, ts.gate.top_k))
-    outs = []
-    for i in range(len(d.ids)):
-        k = ts.gate.top_k
-        g = decide(idx[i, :k], scores[i, :k], ts.tag_ids, ts.gate)
-        auto = g.decision_hint is Decision.ENCODER
-        outs.append(
-            Outcome(d.gold[i], [int(j) for j in idx[i]], auto, not auto, [j for j, _ in g.tags])
-        )
-    return outs
+    return gate_outcomes(ts, idx, scores, d.gold)
 
 
 def _calibrated(ts: TagSystem, d: Labelled, target: float) -> TagSystem:
     idx, scores = ts.shortlist(d.emb, d.texts, k=ts.gate.top_k)
-    cal = calibrate(idx, scores, d.gold, ts.tag_ids, ts.gate, target_precision=target)
-    prov = dict(ts.provenance)
-    prov["calibrated"] = {
-        "target_precision": target,
-        "fit_items": len(d.ids),
-        "reached": cal.reached,
-        "fit_auto_fraction": round(cal.auto_fraction, 4),
-    }
-    return replace(ts, gate=cal.gate, provenance=prov)
+    return calibrated(ts, idx, scores, d.gold, target)[0]
 
 
 def _subset(d: Labelled, rows: list[int]) -> Labelled:
@@ -151,9 +137,12 @@ def labelled_from_file(
         raise DatasetError(f"{path}: no labelled items with text ({dict(ds.skipped)})")
     name = model or (base.encoder if base else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir)
-    emb, texts = embed_items(encoder, ds.items, progress)
     ts = base or zero_shot(ds.labels, encoder)
-    ts.check_encoder(encoder.name, encoder.dim)
+    core = TaggingCore(encoder, ts, metrics=Metrics())  # refuses a mismatched encoder
+    try:
+        emb, texts = embed_items(core, ds.items, progress)
+    finally:
+        core.close()
     unknown = 0
     gold = []
     for it in ds.items:

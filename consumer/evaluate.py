@@ -28,7 +28,7 @@ from models_onnx import OnnxEncoder
 from tagsys import Decision, GateConfig, Tag, TagSystem, build_tag_system
 from tagsys.adapt import adapt, label_free_gate
 from tagsys.datasets import Dataset, DatasetError, Item, load
-from tagsys.evaluation import Calibration, Outcome, calibrate, compute
+from tagsys.evaluation import Calibration, Outcome, calibrated, compute, gate_outcomes
 
 Progress = Callable[[int, int], None]
 DEFAULT_MODEL = {
@@ -84,25 +84,20 @@ def _tagger(
 
 
 def embed_items(
-    encoder: OnnxEncoder, items: list[Item], progress: Progress | None = None
+    core: TaggingCore, items: list[Item], progress: Progress | None = None
 ) -> tuple[npt.NDArray[np.float32], list[str]]:
-    """Embeddings and texts of items exactly as the service makes them."""
-    ts_dummy = build_tag_system("x", "0", [Tag("x", "x")], encoder.encode, encoder.name)
-    core = TaggingCore(encoder, ts_dummy, metrics=Metrics())
-    try:
-        embs, texts = [], []
-        done = 0
-        for batch in _batches(items, 256):
-            events = [to_event(it) for it in batch]
-            t = core.texts(events)
-            embs.append(core.embed(events, t))
-            texts.extend(t)
-            done += len(batch)
-            if progress:
-                progress(done, len(items))
-        return np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32), texts
-    finally:
-        core.close()
+    """Embeddings and texts of items exactly as the service makes them (the core's own path)."""
+    embs, texts = [], []
+    done = 0
+    for batch in _batches(items, 256):
+        events = [to_event(it) for it in batch]
+        t = core.texts(events)
+        embs.append(core.embed(events, t))
+        texts.extend(t)
+        done += len(batch)
+        if progress:
+            progress(done, len(items))
+    return np.concatenate(embs) if embs else np.zeros((0, core.encoder.dim), np.float32), texts
 
 
 def run_eval(
@@ -123,22 +118,23 @@ def run_eval(
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
         raise DatasetError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
-    ts = TagSystem.load(tag_system) if tag_system else None
-    name = model or (ts.encoder if ts else DEFAULT_MODEL[fmt])
+    loaded = TagSystem.load(tag_system) if tag_system else None
+    name = model or (loaded.encoder if loaded else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
-    emb, texts = embed_items(encoder, ds.items, progress)
-    if ts is None:
-        ts = zero_shot(ds.labels, encoder)
-        if adapt_corpus:  # unlabelled text of the same file: transductive, label-free
-            ts = adapt(ts, emb, texts)
-        ts = label_free_gate(ts, emb, texts)
-    elif adapt_corpus:
-        ts = adapt(ts, emb, texts)
+    ts = loaded or zero_shot(ds.labels, encoder)
     metrics = Metrics()
     outcomes: list[Outcome] = []
     with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
         core = TaggingCore(encoder, ts, tagger=tagger, metrics=metrics)
         try:
+            emb, texts = embed_items(core, ds.items, progress)
+            if loaded is None:
+                if adapt_corpus:  # unlabelled text of the same file: transductive, label-free
+                    ts = adapt(ts, emb, texts)
+                ts = label_free_gate(ts, emb, texts)
+            elif adapt_corpus:
+                ts = adapt(ts, emb, texts)
+            core.swap_tag_system(ts)
             idx, scores = ts.shortlist(emb, texts, k=max(20, ts.gate.top_k))
             for s in range(0, len(ds.items), 64):
                 items = ds.items[s : s + 64]
@@ -177,35 +173,9 @@ def run_calibrate(
     n = len(run.outcomes)
     cut = max(1, min(n - 1, int(n * fit_fraction)))
     gold = [o.gold for o in run.outcomes]
-    cal = calibrate(
-        run.idx[:cut],
-        run.scores[:cut],
-        gold[:cut],
-        ts.tag_ids,
-        ts.gate,
-        target_precision=target_precision,
-    )
-    prov = dict(ts.provenance)
-    prov["calibrated"] = {
-        "target_precision": target_precision,
-        "fit_items": cut,
-        "fit_auto_fraction": round(cal.auto_fraction, 4),
-        "fit_auto_precision": None if cal.auto_precision is None else round(cal.auto_precision, 4),
-        "reached": cal.reached,
-    }
-    new = replace(ts, gate=cal.gate, provenance=prov)
-    from tagsys import decide
+    new, cal = calibrated(ts, run.idx[:cut], run.scores[:cut], gold[:cut], target_precision)
 
     def held_out(t: TagSystem) -> dict[str, Any]:
-        outs = []
-        for i in range(cut, n):
-            g = decide(run.idx[i, : t.gate.top_k], run.scores[i, : t.gate.top_k], t.tag_ids, t.gate)
-            auto = g.decision_hint is Decision.ENCODER
-            outs.append(
-                replace(
-                    run.outcomes[i], auto=auto, routed_llm=not auto, final=[j for j, _ in g.tags]
-                )
-            )
-        return compute(outs, len(t.tags))
+        return compute(gate_outcomes(t, run.idx[cut:], run.scores[cut:], gold[cut:]), len(t.tags))
 
     return new, cal, held_out(ts), held_out(new)

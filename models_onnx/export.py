@@ -227,36 +227,15 @@ def _check_engine(folder: Path, manifest: Manifest, say: Step) -> None:
 
 def _check(folder: Path, manifest: Manifest, say: Step) -> None:
     """The int8 variant must stay close to fp32 (cosine >= 0.98) on a few sentences."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
     texts = [
         "How do I keep a pretzel bun crust soft?",
         "My puppy finally learned to sit.",
         "Last-minute goal wins the derby.",
         "Budgeting tips for your first salary.",
     ]
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.enable_padding()
-    tok.enable_truncation(manifest.max_length)
-    encs = tok.encode_batch(texts)
-    ids = np.array([e.ids for e in encs], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
-    types = np.array([e.type_ids for e in encs], dtype=np.int64)
 
     def embed(variant: str) -> np.ndarray:
-        sess = ort.InferenceSession(
-            str(folder / manifest.files[variant]["path"]), providers=["CPUExecutionProvider"]
-        )
-        names = {i.name for i in sess.get_inputs()}
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in names:
-            feeds["token_type_ids"] = types
-        h = np.asarray(sess.run(None, feeds)[0], dtype=np.float32)
-        m = mask[:, :, None].astype(np.float32)
-        v = (h * m).sum(1) / m.sum(1)
-        out: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
-        return out
+        return _embed_onnx(folder, manifest, variant, texts)
 
     ref = embed("fp32")
     for variant in manifest.files:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tagsys.gate import GateConfig
+from tagsys.gate import Decision, GateConfig, decide
+from tagsys.tagsystem import TagSystem
 
 KEYS = (
     "items",
@@ -204,3 +205,42 @@ def calibrate(
         auto_precision=(ok / emitted) if emitted else best_prec,
         reached=reached,
     )
+
+
+def gate_outcomes(
+    ts: TagSystem,
+    idx: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float32],
+    gold: Sequence[frozenset[int]],
+) -> list[Outcome]:
+    """The gate of `ts` over precomputed shortlists (at least `ts.gate.top_k` wide), without
+    the LLM: what auto-accepts and what it emits, for held-out reports."""
+    k = ts.gate.top_k
+    outs = []
+    for i in range(len(gold)):
+        g = decide(idx[i, :k], scores[i, :k], ts.tag_ids, ts.gate)
+        auto = g.decision_hint is Decision.ENCODER
+        outs.append(
+            Outcome(gold[i], [int(j) for j in idx[i]], auto, not auto, [j for j, _ in g.tags])
+        )
+    return outs
+
+
+def calibrated(
+    ts: TagSystem,
+    idx: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float32],
+    gold: Sequence[frozenset[int]],
+    target_precision: float,
+) -> tuple[TagSystem, Calibration]:
+    """`ts` with the gate `calibrate` fits on these items, recorded in its provenance."""
+    cal = calibrate(idx, scores, gold, ts.tag_ids, ts.gate, target_precision=target_precision)
+    prov = dict(ts.provenance)
+    prov["calibrated"] = {
+        "target_precision": target_precision,
+        "fit_items": len(gold),
+        "fit_auto_fraction": round(cal.auto_fraction, 4),
+        "fit_auto_precision": None if cal.auto_precision is None else round(cal.auto_precision, 4),
+        "reached": cal.reached,
+    }
+    return replace(ts, gate=cal.gate, provenance=prov), cal
