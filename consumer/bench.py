@@ -87,6 +87,7 @@ class BenchResult:
     torch_items_per_s: float | None
     shortlist_ms_per_item_40k: float
     shortlist_numpy_ms_per_item_40k: float | None = None
+    e2e_no_pipeline_items_per_s: float | None = None
     batch_tokens_sweep: dict[int, float] | None = None
 
     @property
@@ -98,6 +99,12 @@ class BenchResult:
             "encoder_items_per_s": round(self.encoder_items_per_s, 1),
             "e2e_items_per_s": round(self.e2e_items_per_s, 1),
             "e2e_to_encoder_ratio": round(self.e2e_to_encoder_ratio, 3),
+            # the same run with `--no-pipeline` (batches one after another), for comparison
+            "e2e_no_pipeline_items_per_s": (
+                None
+                if self.e2e_no_pipeline_items_per_s is None
+                else round(self.e2e_no_pipeline_items_per_s, 1)
+            ),
             "latency_p50_ms": round(self.latency_p50_ms, 1),
             "latency_p95_ms": round(self.latency_p95_ms, 1),
             "latency_p99_ms": round(self.latency_p99_ms, 1),
@@ -374,7 +381,7 @@ def run_bench(
 
     with progress:
         tasks["encoder"] = progress.add_task("encoder", total=len(texts))
-        tasks["e2e"] = progress.add_task("e2e", total=len(payloads))
+        tasks["e2e"] = progress.add_task("e2e", total=2 * len(payloads))
         tasks["latency"] = progress.add_task("latency", total=latency_items)
         tasks["torch"] = progress.add_task("torch", total=len(texts) if torch else 0)
         tasks["shortlist"] = progress.add_task("shortlist", total=2 * 20 * batch_size)
@@ -383,6 +390,7 @@ def run_bench(
         with EmbeddedBroker() as broker:
             core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
             e2e_rate = bench_e2e(broker, core, payloads, batch_size, step)
+            e2e_serial = bench_e2e(broker, core, payloads, batch_size, step, "serial", False)
             offered = rate or max(1.0, round(enc_rate * 0.5))
             lat_payloads = (payloads * (latency_items // len(payloads) + 1))[:latency_items]
             p50, p95, p99 = bench_latency(broker, core, lat_payloads, batch_size, offered, step)
@@ -407,6 +415,7 @@ def run_bench(
         batch_size=batch_size,
         encoder_items_per_s=enc_rate,
         e2e_items_per_s=e2e_rate,
+        e2e_no_pipeline_items_per_s=e2e_serial,
         latency_rate_per_s=offered,
         latency_p50_ms=p50,
         latency_p95_ms=p95,
