@@ -1,7 +1,9 @@
 """`tagstream bench`: where the time goes, measured in one run on the same items.
 
 (a) bare encoder throughput (tokenize + encode, no Kafka); (b) end-to-end throughput through
-the embedded broker with the LLM off; their ratio; (c) end-to-end latency percentiles at a
+the embedded broker with the LLM off; their ratio; the same without the pipeline (batches one
+after another), and with a zero-cost encoder (the ceiling of everything around the encoder);
+(c) end-to-end latency percentiles at a
 fixed offered rate; (d) PyTorch (transformers, fp32, mean pooling — what sentence-transformers
 runs) on the same items when torch is installed; (e) shortlist time per item against a
 vocabulary the size of TagGPT's (40,238 tags).
@@ -27,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consumer.broker import EmbeddedBroker, create_topics
-from consumer.core import TaggingCore
+from consumer.core import Prepared, TaggingCore
 from consumer.demo import sample_events
 from consumer.events import decode, event_text
 from consumer.metrics import Metrics
@@ -88,6 +90,7 @@ class BenchResult:
     shortlist_ms_per_item_40k: float
     shortlist_numpy_ms_per_item_40k: float | None = None
     e2e_no_pipeline_items_per_s: float | None = None
+    e2e_ceiling_items_per_s: float | None = None
     batch_tokens_sweep: dict[int, float] | None = None
 
     @property
@@ -104,6 +107,13 @@ class BenchResult:
                 None
                 if self.e2e_no_pipeline_items_per_s is None
                 else round(self.e2e_no_pipeline_items_per_s, 1)
+            ),
+            # everything but the encoder (decode, tokenize, gate, produce, commit): the most a
+            # faster encoder (a GPU) could give with this many CPU cores
+            "e2e_ceiling_items_per_s": (
+                None
+                if self.e2e_ceiling_items_per_s is None
+                else round(self.e2e_ceiling_items_per_s, 1)
             ),
             "latency_p50_ms": round(self.latency_p50_ms, 1),
             "latency_p95_ms": round(self.latency_p95_ms, 1),
@@ -270,6 +280,18 @@ def _out_reader(broker: EmbeddedBroker, topic: str) -> Any:
     return c
 
 
+class _InstantEncoderCore(TaggingCore):
+    """The service with a zero-cost encoder (fixed unit vectors, tokenization still real):
+    what the rest of the path can carry."""
+
+    def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
+        if prep.error is not None:
+            raise prep.error
+        v = np.ones((len(prep.texts), self.encoder.dim), dtype=np.float32)
+        out: npt.NDArray[np.float32] = v / np.sqrt(self.encoder.dim)
+        return out
+
+
 def bench_e2e(
     broker: EmbeddedBroker,
     core: TaggingCore,
@@ -381,7 +403,7 @@ def run_bench(
 
     with progress:
         tasks["encoder"] = progress.add_task("encoder", total=len(texts))
-        tasks["e2e"] = progress.add_task("e2e", total=2 * len(payloads))
+        tasks["e2e"] = progress.add_task("e2e", total=3 * len(payloads))
         tasks["latency"] = progress.add_task("latency", total=latency_items)
         tasks["torch"] = progress.add_task("torch", total=len(texts) if torch else 0)
         tasks["shortlist"] = progress.add_task("shortlist", total=2 * 20 * batch_size)
@@ -391,6 +413,9 @@ def run_bench(
             core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
             e2e_rate = bench_e2e(broker, core, payloads, batch_size, step)
             e2e_serial = bench_e2e(broker, core, payloads, batch_size, step, "serial", False)
+            instant = _InstantEncoderCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
+            ceiling = bench_e2e(broker, instant, payloads, batch_size, step, "ceiling")
+            instant.close()
             offered = rate or max(1.0, round(enc_rate * 0.5))
             lat_payloads = (payloads * (latency_items // len(payloads) + 1))[:latency_items]
             p50, p95, p99 = bench_latency(broker, core, lat_payloads, batch_size, offered, step)
@@ -416,6 +441,7 @@ def run_bench(
         encoder_items_per_s=enc_rate,
         e2e_items_per_s=e2e_rate,
         e2e_no_pipeline_items_per_s=e2e_serial,
+        e2e_ceiling_items_per_s=ceiling,
         latency_rate_per_s=offered,
         latency_p50_ms=p50,
         latency_p95_ms=p95,

@@ -69,6 +69,7 @@ def test_bench_json(model_dir: Path) -> None:
         "encoder_items_per_s",
         "e2e_items_per_s",
         "e2e_no_pipeline_items_per_s",
+        "e2e_ceiling_items_per_s",
         "latency_p50_ms",
         "shortlist_ms_per_item_40k",
     ):
