@@ -25,6 +25,8 @@ from tagsys.errors import TagstreamError
 
 log = logging.getLogger(__name__)
 
+POOLED = "sentence_embedding"  # the in-graph pooled, normalised output (models_onnx.export)
+
 Device = Literal["auto", "cpu", "cuda"]
 F32 = npt.NDArray[np.float32]
 
@@ -71,7 +73,10 @@ class OnnxEncoder:
         device: Device = "auto",
         threads: int | None = None,
         variant: str | None = None,
+        io_binding: bool | None = None,
     ) -> None:
+        """`io_binding` (default: on CUDA) binds inputs and the pooled output through
+        onnxruntime's IOBinding, so a run makes no extra host copies."""
         folder = model_path(name, model_dir)
         self.folder = folder
         self.manifest = Manifest.load(folder)
@@ -95,6 +100,10 @@ class OnnxEncoder:
         self.variant = variant
         self.device = "cuda" if use_cuda else "cpu"
         self._input_names = {i.name for i in self.session.get_inputs()}
+        # exports since the in-graph pooling have `sentence_embedding`: fetch only that
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._pooled = POOLED if POOLED in outputs else None
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.tokenizer = Tokenizer.from_file(str(folder / self.manifest.tokenizer["path"]))
         self.tokenizer.enable_truncation(self.manifest.max_length)
         pad_token = next(
@@ -184,7 +193,10 @@ class OnnxEncoder:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = batch.token_type_ids
-        hidden = np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
+        if self._pooled is not None:
+            pooled_out = self._run_one(feeds, self._pooled)
+            return EncodedBatch(np.ascontiguousarray(pooled_out, dtype=np.float32), batch.n_tokens)
+        hidden = self._run_one(feeds, self.session.get_outputs()[0].name)
         if self.manifest.pooling == "cls":
             pooled = hidden[:, 0, :]
         else:
@@ -193,6 +205,16 @@ class OnnxEncoder:
         if self.manifest.normalize:
             pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
         return EncodedBatch(np.ascontiguousarray(pooled, dtype=np.float32), batch.n_tokens)
+
+    def _run_one(self, feeds: dict[str, npt.NDArray[np.int64]], output: str) -> F32:
+        if not self.io_binding:
+            return np.asarray(self.session.run([output], feeds)[0], dtype=np.float32)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(output, self.device)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
     def encode(
         self,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models_onnx.encoder import POOLED
 from models_onnx.manifest import Manifest, ModelIntegrityError, ModelNotFoundError, sha256_file
 from models_onnx.registry import default_model_dir, model_path, resolve_source, spec_for
 from tagsys.errors import TagstreamError
@@ -110,6 +111,8 @@ def export_encoder(
             say(f"{spec.name}: fp16 conversion (GPU variant)")
             _to_fp16(fp32, tmp / "model_fp16.onnx")
             files["fp16"] = "model_fp16.onnx"
+        for f in files.values():
+            add_pooling(tmp / f, spec.pooling, spec.normalize)
         shutil.rmtree(tmp / "hf-checkpoint", ignore_errors=True)
         config = json.loads((tmp / "config.json").read_text())
         dim = int(config.get("hidden_size") or config.get("dim") or 0)
@@ -145,6 +148,57 @@ def export_encoder(
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"{spec.name}: exported to {out}")
     return out
+
+
+def add_pooling(path: Path, pooling: str, normalize: bool) -> None:
+    """Append the pooling (mean over the attention mask, or CLS) and L2 normalisation to the
+    graph as a second output, `sentence_embedding` (batch × dim). The encoder fetches only
+    that: on a GPU, batch × dim floats cross to the host instead of batch × tokens × dim,
+    and the host does no pooling. `last_hidden_state` stays for checks."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    if any(o.name == POOLED for o in g.output):
+        return
+    names = [o.name for o in g.output]
+    hidden = "last_hidden_state" if "last_hidden_state" in names else names[0]
+
+    def const(name: str, value: object, dtype: int) -> str:
+        g.initializer.append(helper.make_tensor(name, dtype, [len(value)], value))  # type: ignore[arg-type]
+        return name
+
+    nodes = []
+    if pooling == "cls":
+        g.initializer.append(helper.make_tensor("tsp_zero", TensorProto.INT64, [], [0]))
+        nodes.append(helper.make_node("Gather", [hidden, "tsp_zero"], ["tsp_pooled"], axis=1))
+    else:
+        axis1 = const("tsp_axis1", [1], TensorProto.INT64)
+        last = const("tsp_axis_last", [-1], TensorProto.INT64)
+        tiny = const("tsp_tiny", [1e-9], TensorProto.FLOAT)
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["tsp_mask_f"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["tsp_mask_f", last], ["tsp_mask3"]),
+            helper.make_node("Mul", [hidden, "tsp_mask3"], ["tsp_masked"]),
+            helper.make_node("ReduceSum", ["tsp_masked", axis1], ["tsp_sum"], keepdims=0),
+            helper.make_node("ReduceSum", ["tsp_mask3", axis1], ["tsp_count"], keepdims=0),
+            helper.make_node("Max", ["tsp_count", tiny], ["tsp_count_c"]),
+            helper.make_node("Div", ["tsp_sum", "tsp_count_c"], ["tsp_pooled"]),
+        ]
+    if normalize:
+        axis1 = "tsp_axis1" if pooling != "cls" else const("tsp_axis1", [1], TensorProto.INT64)
+        eps = const("tsp_eps", [1e-12], TensorProto.FLOAT)
+        nodes += [
+            helper.make_node("ReduceL2", ["tsp_pooled", axis1], ["tsp_norm"], keepdims=1),
+            helper.make_node("Max", ["tsp_norm", eps], ["tsp_norm_c"]),
+            helper.make_node("Div", ["tsp_pooled", "tsp_norm_c"], [POOLED]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["tsp_pooled"], [POOLED]))
+    g.node.extend(nodes)
+    g.output.append(helper.make_tensor_value_info(POOLED, TensorProto.FLOAT, ["batch", None]))
+    onnx.save(model, str(path))
 
 
 def _fuse_transformer(folder: Path, fp32: Path, say: Step) -> Path | None:
@@ -188,7 +242,11 @@ def _to_fp16(src: Path, dst: Path) -> None:
     onnx.save(convert_float_to_float16(model, keep_io_types=True), str(dst))
 
 
-def _embed_onnx(folder: Path, manifest: Manifest, variant: str, texts: list[str]) -> np.ndarray:
+def _embed_onnx(
+    folder: Path, manifest: Manifest, variant: str, texts: list[str], *, pooled: bool = False
+) -> np.ndarray:
+    """Mean-pooled, normalised embeddings of `texts`: pooled by numpy from the hidden states,
+    or (`pooled=True`) the graph's own `sentence_embedding`."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -204,7 +262,9 @@ def _embed_onnx(folder: Path, manifest: Manifest, variant: str, texts: list[str]
     feeds = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in {i.name for i in sess.get_inputs()}:
         feeds["token_type_ids"] = np.zeros_like(ids)
-    h = np.asarray(sess.run(None, feeds)[0], dtype=np.float32)
+    if pooled:
+        return np.asarray(sess.run([POOLED], feeds)[0], dtype=np.float32)
+    h = np.asarray(sess.run([sess.get_outputs()[0].name], feeds)[0], dtype=np.float32)
     m = mask[:, :, None].astype(np.float32)
     v = (h * m).sum(1) / m.sum(1)
     out: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -239,6 +299,11 @@ def _check(folder: Path, manifest: Manifest, say: Step) -> None:
 
     ref = embed("fp32")
     for variant in manifest.files:
+        if manifest.pooling == "mean" and manifest.normalize:
+            graph = _embed_onnx(folder, manifest, variant, texts, pooled=True)
+            diff = float(np.abs(graph - embed(variant)).max())
+            if diff > 1e-4:
+                raise TagstreamError(f"{variant}: in-graph pooling differs from numpy ({diff})")
         if variant == "fp32":
             continue
         cos = float((embed(variant) * ref).sum(1).min())

@@ -90,3 +90,64 @@ def test_runtime_imports_neither_torch_nor_transformers(model_dir: Path) -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_pooling_runs_in_the_graph_and_equals_numpy(model_dir: Path) -> None:
+    """Exports carry `sentence_embedding`; the encoder fetches only that (no host pooling)."""
+    texts = ["short", "a somewhat longer sentence about bread and butter", "", "x " * 300]
+    for variant in ("int8", "fp32"):
+        enc = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", variant=variant)
+        assert enc._pooled == "sentence_embedding"
+        graph = enc.encode(texts)
+        enc._pooled = None  # the numpy pooling over last_hidden_state
+        host = enc.encode(texts)
+        np.testing.assert_allclose(graph, host, atol=1e-5)
+
+
+def test_io_binding_gives_the_same_vectors(model_dir: Path, encoder: OnnxEncoder) -> None:
+    bound = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", io_binding=True)
+    assert bound.io_binding and not encoder.io_binding  # default: IOBinding on CUDA only
+    texts = ["espresso with latte art", "my puppy learned to sit", "a" * 50]
+    np.testing.assert_allclose(bound.encode(texts), encoder.encode(texts), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "normalize"), [("mean", True), ("cls", False), ("mean", False)]
+)
+def test_add_pooling_on_a_toy_graph(tmp_path: Path, pooling: str, normalize: bool) -> None:
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from models_onnx.export import add_pooling
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(10, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"], axis=0)],
+        "toy",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "l"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "l"]),
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "l", 4])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "toy.onnx"
+    onnx.save(model, str(path))
+    add_pooling(path, pooling, normalize)
+    add_pooling(path, pooling, normalize)  # idempotent
+    ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]], dtype=np.int64)
+    mask = (ids > 0).astype(np.int64)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+    h = table[ids]
+    if pooling == "cls":
+        want = h[:, 0]
+    else:
+        want = (h * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True)
+    if normalize:
+        want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
