@@ -136,9 +136,17 @@ def run(
         bool,
         typer.Option(
             envvar=_env("pipeline"),
-            help="Read, decode and tokenize the next batch while this one encodes.",
+            help="Read, decode and tokenize the next batch while this one encodes; produce "
+            "LLM items when answered instead of holding their batch.",
         ),
     ] = True,
+    llm_max_pending: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("llm_max_pending"),
+            help="LLM items awaiting answers across batches before the loop waits.",
+        ),
+    ] = 256,
     emit_embedding: Annotated[
         bool,
         typer.Option(
@@ -258,6 +266,7 @@ def run(
         batch_size=batch_size,
         batch_timeout_s=batch_timeout_s,
         pipeline=pipeline,
+        llm_max_pending=llm_max_pending,
         emit_embedding=emit_embedding,
         metrics_host=metrics_host,
         metrics_port=metrics_port,

@@ -47,8 +47,11 @@ class Settings(BaseSettings):
     # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device
     # (1024 on CPU, where padding costs most; 16384 on CUDA)
     max_batch_tokens: int = Field(0, ge=0)
-    # read, decode and tokenize the next batch while the encode thread runs this one
+    # read, decode and tokenize the next batch while the encode thread runs this one; and
+    # produce LLM items when their answers arrive instead of holding the batch for them
     pipeline: bool = True
+    # LLM items awaiting answers across batches before the loop waits for the oldest
+    llm_max_pending: int = Field(256, ge=1)
     max_field_chars: int = Field(2000, ge=16)
     max_event_bytes: int = Field(1 << 20, ge=64)
     emit_embedding: bool = False

@@ -62,6 +62,10 @@ class TagResult:
     llm_status: str | None = None
     # pause mode: the LLM was unavailable, so the runtime re-reads the item later instead
     deferred: bool = False
+    # the version that decided it: a hot reload before the LLM answers must not re-map it
+    tag_system: TagSystem | None = None
+    # `decide(wait_llm=False)`: the LLM's answer still to come (`complete_llm` applies it)
+    llm_future: Future[LLMAnswer] | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -174,9 +178,16 @@ class TaggingCore:
         return self.decide(events, self.encode_prepared(prep), prep.texts)
 
     def decide(
-        self, events: list[UploadEvent], emb: npt.NDArray[np.float32], texts: list[str]
+        self,
+        events: list[UploadEvent],
+        emb: npt.NDArray[np.float32],
+        texts: list[str],
+        *,
+        wait_llm: bool = True,
     ) -> list[TagResult]:
-        """Shortlist, gate and (for uncertain items) ask the LLM; `emb` from `embed`."""
+        """Shortlist, gate and (for uncertain items) ask the LLM; `emb` from `embed`.
+        With `wait_llm=False` the LLM items come back with `llm_future` set, so the caller can
+        emit the others at once and `complete_llm` these when their answers arrive."""
         ts = self.tag_system
         with self._timed("match"):
             idx, scores = self._shortlist(ts, emb, texts)
@@ -192,17 +203,28 @@ class TaggingCore:
                 llm_asked=False,
                 shortlist=short,
                 embedding=emb[i],  # kept for decision records; on the event only if asked
+                tag_system=ts,
             )
             if g.decision_hint is Decision.LLM:
                 self.metrics.llm_routed.inc()
                 res.decision = Decision.REVIEW
                 if self.tagger is not None:
                     res.llm_asked = True
-                    pending.append((i, self._pool.submit(self._ask, ev, short)))
+                    pending.append((i, self._pool.submit(self._ask, ts, ev, short)))
             results.append(res)
         for i, fut in pending:
-            self._apply_llm(results[i], fut.result())
+            if wait_llm:
+                self._apply_llm(results[i], fut.result())
+            else:
+                results[i].llm_future = fut
         return results
+
+    def complete_llm(self, res: TagResult) -> None:
+        """Apply the LLM's answer to a result of `decide(wait_llm=False)` (blocks until it is
+        there); raises what the request raised."""
+        fut, res.llm_future = res.llm_future, None
+        if fut is not None:
+            self._apply_llm(res, fut.result())
 
     def _shortlist(
         self, ts: TagSystem, emb: npt.NDArray[np.float32], texts: list[str]
@@ -226,11 +248,11 @@ class TaggingCore:
             return self.isolate(events, batch_exc)
 
     def decide_isolating(
-        self, prep: Prepared, emb: Future[npt.NDArray[np.float32]]
+        self, prep: Prepared, emb: Future[npt.NDArray[np.float32]], *, wait_llm: bool = True
     ) -> list[TagResult | BaseException]:
         """`process_isolating` for a batch prepared and encoded ahead (the Kafka runtime)."""
         try:
-            return list(self.decide(prep.events, emb.result(), prep.texts))
+            return list(self.decide(prep.events, emb.result(), prep.texts, wait_llm=wait_llm))
         except Exception as batch_exc:
             return self.isolate(prep.events, batch_exc)
 
@@ -263,7 +285,7 @@ class TaggingCore:
             return False
         return True
 
-    def _ask(self, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
+    def _ask(self, ts: TagSystem, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
         assert self.tagger is not None
         item = {
             k: v
@@ -281,15 +303,14 @@ class TaggingCore:
             if isinstance(v, str):
                 item[k] = v[: self.max_field_chars]
         if self.llm_mode == "generative":
-            return self._generate(ev, item)
-        names = [self.tag_system.names[j] for j, _ in short]
-        return self.tagger.tag(item, names, self.tag_system.gate.max_tags)
+            return self._generate(ts, ev, item)
+        names = [ts.names[j] for j, _ in short]
+        return self.tagger.tag(item, names, ts.gate.max_tags)
 
-    def _generate(self, ev: UploadEvent, item: dict[str, Any]) -> LLMAnswer:
+    def _generate(self, ts: TagSystem, ev: UploadEvent, item: dict[str, Any]) -> LLMAnswer:
         """Free LLM tags, each mapped to its nearest vocabulary tag (name or alias first);
         what maps nowhere is counted and logged as a candidate for the next vocabulary."""
         assert self.tagger is not None
-        ts = self.tag_system
         answer = self.tagger.propose(item, ts.gate.max_tags, temperature=0.0)
         if answer.status != "ok" or not answer.tags:
             return answer
@@ -314,12 +335,12 @@ class TaggingCore:
                     unmapped.append(free)
         if unmapped:
             self.metrics.new_tag_candidates.inc(len(unmapped))
-            self._record_candidates(ev.id, unmapped)
+            self._record_candidates(ev.id, unmapped, ts.version_id)
         answer.tags = list(mapped)[: ts.gate.max_tags]
         answer.scores = mapped
         return answer
 
-    def _record_candidates(self, item_id: str, tags: list[str]) -> None:
+    def _record_candidates(self, item_id: str, tags: list[str], version: str) -> None:
         if self.new_tags_file is None:
             return
         line = b"".join(
@@ -327,7 +348,7 @@ class TaggingCore:
                 {
                     "tag": t,
                     "item_id": item_id,
-                    "tag_system_version": self.tag_system.version_id,
+                    "tag_system_version": version,
                     "seen_at": now_iso(),
                 }
             )
@@ -350,7 +371,7 @@ class TaggingCore:
         score_of = {j: s for j, s in res.shortlist}
         chosen = []
         for name in answer.tags:
-            j = self.tag_system.index_of(name)
+            j = (res.tag_system or self.tag_system).index_of(name)
             if j is not None and j in score_of:
                 chosen.append((j, score_of[j], "llm"))
             elif j is not None and name in answer.scores:  # generative: mapped off-shortlist
@@ -364,7 +385,7 @@ class TaggingCore:
         (schema consumer/schemas/decision.v1.json); None when the LLM did not decide."""
         if res.decision is not Decision.LLM or self.tagger is None or res.embedding is None:
             return None
-        ts = self.tag_system
+        ts = res.tag_system or self.tag_system
         return {
             "schema_version": SCHEMA_VERSION,
             "id": res.event.id,
@@ -384,7 +405,7 @@ class TaggingCore:
 
     def to_payload(self, res: TagResult) -> dict[str, Any]:
         """The tag event (schema consumer/schemas/tag-event.v1.json)."""
-        ts = self.tag_system
+        ts = res.tag_system or self.tag_system
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "id": res.event.id,

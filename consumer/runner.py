@@ -204,6 +204,9 @@ class KafkaService:
         # bumped when a partition is rewound, revoked or lost: a batch read before that
         # must not emit its records of the partition (they are read again, or not ours)
         self._gen_of: dict[TP, int] = {}
+        # items whose LLM answer is still to come: produced when it arrives, while later
+        # batches go on (their offsets stay uncommitted until then); (record, result, gen)
+        self._llm_wait: list[tuple[Message, TagResult, int]] = []
         self._seq = itertools.count()
         self._gen = 0  # producer generation: callbacks of a replaced producer are ignored
         self._pending: dict[int, _Out] = {}
@@ -286,8 +289,8 @@ class KafkaService:
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions_revoked", partitions=sorted(revoked))
         self.health.assigned = max(0, self.health.assigned - len(revoked))
-        # Finish the batch ahead first, so whatever was read can be committed here.
-        self._finish_ahead()
+        # Finish the batch ahead and the LLM items first, so what was read is committed here.
+        self._finish_all()
         self._drain()
         self._commit(only=revoked)
         self.tracker.forget(revoked)
@@ -378,7 +381,7 @@ class KafkaService:
                 n = self._handle(msgs)
                 if on_batch is not None and n:
                     on_batch(n)
-            self._finish_ahead()
+            self._finish_all()
         finally:
             self.health.stopping = True
             try:
@@ -397,6 +400,7 @@ class KafkaService:
         staged = self._stage(msgs)
         if staged is None:
             n = self._finish_ahead()
+            self._emit_answered()
             self._drain()  # idle: let everything finish and be committed
             self._commit()
             return n
@@ -454,6 +458,37 @@ class KafkaService:
         for tp in tps:
             self._gen_of[tp] = self._gen_of.get(tp, 0) + 1
 
+    def _finish_all(self) -> None:
+        """The batch ahead and every LLM answer still to come (revoke, stop)."""
+        self._finish_ahead()
+        self._emit_answered(wait_all=True)
+
+    def _emit_answered(self, *, wait_all: bool = False) -> None:
+        """Produce the LLM items whose answers arrived; wait for the oldest ones beyond
+        `llm_max_pending` (backpressure), or for all of them."""
+        keep: list[tuple[Message, TagResult, int]] = []
+        stamp = now_iso()
+        waiting = self._llm_wait
+        for i, (m, res, gen) in enumerate(waiting):
+            tp, _ = _where(m)
+            if self._gen_of.get(tp, 0) != gen:
+                continue  # revoked or lost since it was read: not ours to emit
+            fut = res.llm_future
+            must = wait_all or len(waiting) - i > self.s.llm_max_pending
+            if fut is not None and not fut.done() and not must:
+                keep.append((m, res, gen))
+                continue
+            try:
+                self.core.complete_llm(res)
+            except Exception as e:
+                self.metrics.consumed.labels(outcome="process_error").inc()
+                self._send(self._dead_letter(m, "process", e, "process_error"))
+                continue
+            self._send(self._tag_event(m, res, stamp))
+            if self.s.decisions_topic and (rec := self.core.decision_record(res)):
+                self._send(self._decision(m, rec))
+        self._llm_wait = keep
+
     def _finish_ahead(self) -> int:
         ahead, self._ahead = self._ahead, None
         return self._finish(ahead) if ahead is not None else 0
@@ -466,7 +501,10 @@ class KafkaService:
         results: list[TagResult | BaseException] = []
         if staged.prep is not None and staged.emb is not None:
             try:
-                results = self.core.decide_isolating(staged.prep, staged.emb)
+                # pause mode needs every answer now (it rewinds to the first it lacks);
+                # otherwise LLM items are produced when answered and the rest goes on
+                wait = self.core.defer_when_llm_unavailable or not self.s.pipeline
+                results = self.core.decide_isolating(staged.prep, staged.emb, wait_llm=wait)
             except CoreBrokenError as e:
                 raise KafkaRuntimeError(str(e)) from e
         t0 = time.perf_counter()
@@ -495,9 +533,13 @@ class KafkaService:
         for m, res in tagged:
             tp, off = _where(m)
             if tp not in rewind or off < rewind[tp]:
+                if res.llm_future is not None:
+                    self._llm_wait.append((m, res, staged.gens[tp]))
+                    continue
                 self._send(self._tag_event(m, res, stamp))
                 if self.s.decisions_topic and (rec := self.core.decision_record(res)):
                     self._send(self._decision(m, rec))
+        self._emit_answered()
         seen = {_where(m)[0] for m in staged.records} & live
         if rewind:
             self._pause_and_rewind(rewind, seen)

@@ -294,3 +294,48 @@ def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
     assert metrics.registry.get_sample_value("tagstream_partition_pauses_total") >= 1
     assert committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 30
     core.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
+    pipeline: bool,
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """The first LLM request hangs; with the pipeline every other item still goes out, and
+    the offset stays committed below the hung item until its answer arrives."""
+    make_topics(broker.bootstrap, 1)
+    release = threading.Event()
+    calls = itertools.count()
+
+    def reply(req: dict[str, Any]) -> Reply:
+        if next(calls) == 0:
+            release.wait(40)
+        return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
+
+    server = fake_llm(reply)
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(
+        server.base_url, "fake", SecretStr(""), timeout_s=60, metrics=metrics, attempts=1
+    )
+    core = TaggingCore(encoder, _force_llm(sample_ts), tagger=tagger, metrics=metrics)
+    from consumer.send import send_lines
+
+    send_lines(broker.bootstrap, "uploads", make_events(40))
+    s = settings_for(broker.bootstrap, batch_size=8, pipeline=pipeline)
+    with running(service(s, core)):
+        early = read_topic(broker.bootstrap, "tags", expect=39, timeout_s=8 if pipeline else 4)
+        held_at = committed_total(broker.bootstrap, s.group_id, "uploads", 1)
+        release.set()
+        out = read_topic(broker.bootstrap, "tags", expect=40, timeout_s=60)
+    if pipeline:
+        assert len({m.key() for m in early}) == 39
+        assert held_at < 8  # the hung item is in the first batch: nothing past it committed
+    else:  # without the pipeline the batch waits for the answer, and so does the rest
+        assert len({m.key() for m in early}) < 8
+    assert len({m.key() for m in out}) == 40
+    assert {orjson.loads(m.value())["decision"] for m in out} == {"llm"}
+    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 40
+    core.close()
