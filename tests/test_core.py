@@ -195,3 +195,37 @@ def test_generative_mode_maps_free_tags_and_keeps_candidates(
     [rec] = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["tag"] == "quantum chromodynamics lecture" and rec["item_id"] == VAGUE.id
     assert rec["tag_system_version"] == sample_ts.version_id
+
+
+def test_an_llm_answer_after_a_reload_keeps_the_version_that_asked(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    metrics: Metrics,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """decide(wait_llm=False) + a tag-system swap before the answer: the tag event names the
+    tags of the version whose shortlist the LLM chose from."""
+    server = fake_llm(lambda req: (200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')))
+    tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
+    core = _core(encoder, sample_ts, metrics, tagger)
+    prep = core.prepare([CLEAR, VAGUE])
+    results = core.decide(prep.events, core.encode_prepared(prep), prep.texts, wait_llm=False)
+    assert results[0].llm_future is None and results[1].llm_future is not None
+    # v2: the same tags in reverse order, so indices mean other tags
+    rev = list(reversed(range(len(sample_ts.tags))))
+    v2 = TagSystem(
+        sample_ts.name,
+        "v2",
+        sample_ts.encoder,
+        [sample_ts.tags[j] for j in rev],
+        sample_ts.embeddings[rev],
+        sample_ts.gate,
+    )
+    core.swap_tag_system(v2)
+    core.complete_llm(results[1])
+    assert results[1].decision is Decision.LLM and results[1].llm_future is None
+    payload = core.to_payload(results[1])
+    chosen = sample_ts.names[results[1].shortlist[0][0]]
+    assert payload["tags"][0]["name"] == chosen
+    assert payload["tag_system_version"] == sample_ts.version_id != v2.version_id
+    core.close()
