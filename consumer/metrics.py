@@ -101,6 +101,11 @@ class Metrics:
             "1 while the LLM circuit breaker is open (items skip the LLM).",
             registry=r,
         )
+        self.llm_waiting = Gauge(
+            "tagstream_llm_waiting_items",
+            "Items awaiting their LLM answer; produced when it arrives (offsets held below).",
+            registry=r,
+        )
         self.llm_routed = Counter(
             "tagstream_llm_routed_total",
             "Items the gate found uncertain and routed to the LLM (or to review when it is off).",

@@ -488,6 +488,7 @@ class KafkaService:
             if self.s.decisions_topic and (rec := self.core.decision_record(res)):
                 self._send(self._decision(m, rec))
         self._llm_wait = keep
+        self.metrics.llm_waiting.set(len(keep))
 
     def _finish_ahead(self) -> int:
         ahead, self._ahead = self._ahead, None

@@ -328,11 +328,13 @@ def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
     with running(service(s, core)):
         early = read_topic(broker.bootstrap, "tags", expect=39, timeout_s=8 if pipeline else 4)
         held_at = committed_total(broker.bootstrap, s.group_id, "uploads", 1)
+        waiting = metrics.registry.get_sample_value("tagstream_llm_waiting_items")
         release.set()
         out = read_topic(broker.bootstrap, "tags", expect=40, timeout_s=60)
     if pipeline:
         assert len({m.key() for m in early}) == 39
         assert held_at < 8  # the hung item is in the first batch: nothing past it committed
+        assert waiting == 1
     else:  # without the pipeline the batch waits for the answer, and so does the rest
         assert len({m.key() for m in early}) < 8
     assert len({m.key() for m in out}) == 40
