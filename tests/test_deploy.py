@@ -163,6 +163,23 @@ def test_chart_renders_the_defaults() -> None:
     cm = docs["ConfigMap"]["data"]
     assert cm["TAGSTREAM_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert not any("API_KEY" in k or "PASSWORD" in k for k in cm)  # secrets stay in the Secret
+    # every variable the chart sets is one `tagstream run` reads, and parses as a setting
+    import typer.main
+
+    from consumer.cli import app
+    from consumer.config import Settings
+
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    known = {p.envvar for p in run.params if isinstance(p.envvar, str)}
+    known |= {f"TAGSTREAM_{name.upper()}" for name in Settings.model_fields}
+    assert set(cm) <= known, set(cm) - known
+    env = {
+        k[len("TAGSTREAM_") :].lower(): v
+        for k, v in cm.items()
+        if v != "" and k[len("TAGSTREAM_") :].lower() in Settings.model_fields
+    }
+    parsed = Settings.model_validate(env)
+    assert parsed.pipeline is True and parsed.llm_max_pending == 256
     # the grace period covers the LLM's worst case: timeout x attempts + 60
     assert pod["terminationGracePeriodSeconds"] >= 30 * 3 + 60
 
