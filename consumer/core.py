@@ -57,13 +57,13 @@ class TagResult:
     decision: Decision
     tags: list[tuple[int, float, str]]  # (tag index, score, source)
     llm_asked: bool
+    # the version that decided it: a hot reload before the LLM answers must not re-map it
+    tag_system: TagSystem
     shortlist: list[tuple[int, float]] = field(default_factory=list)
     embedding: npt.NDArray[np.float32] | None = None
     llm_status: str | None = None
     # pause mode: the LLM was unavailable, so the runtime re-reads the item later instead
     deferred: bool = False
-    # the version that decided it: a hot reload before the LLM answers must not re-map it
-    tag_system: TagSystem | None = None
     # `decide(wait_llm=False)`: the LLM's answer still to come (`complete_llm` applies it)
     llm_future: Future[LLMAnswer] | None = None
 
@@ -371,7 +371,7 @@ class TaggingCore:
         score_of = {j: s for j, s in res.shortlist}
         chosen = []
         for name in answer.tags:
-            j = (res.tag_system or self.tag_system).index_of(name)
+            j = res.tag_system.index_of(name)
             if j is not None and j in score_of:
                 chosen.append((j, score_of[j], "llm"))
             elif j is not None and name in answer.scores:  # generative: mapped off-shortlist
@@ -385,7 +385,7 @@ class TaggingCore:
         (schema consumer/schemas/decision.v1.json); None when the LLM did not decide."""
         if res.decision is not Decision.LLM or self.tagger is None or res.embedding is None:
             return None
-        ts = res.tag_system or self.tag_system
+        ts = res.tag_system
         return {
             "schema_version": SCHEMA_VERSION,
             "id": res.event.id,
@@ -405,7 +405,7 @@ class TaggingCore:
 
     def to_payload(self, res: TagResult) -> dict[str, Any]:
         """The tag event (schema consumer/schemas/tag-event.v1.json)."""
-        ts = res.tag_system or self.tag_system
+        ts = res.tag_system
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "id": res.event.id,

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -138,7 +138,7 @@ class _Staged:
     gens: dict[TP, int]  # partition generations when read (see KafkaService._gen_of)
     prep: Prepared | None = None
     emb: Future[Any] | None = None
-    done: bool = field(default=False)
+    done: bool = False
 
 
 def connect_error_headers(
@@ -484,11 +484,15 @@ class KafkaService:
                 self.metrics.consumed.labels(outcome="process_error").inc()
                 self._send(self._dead_letter(m, "process", e, "process_error"))
                 continue
-            self._send(self._tag_event(m, res, stamp))
-            if self.s.decisions_topic and (rec := self.core.decision_record(res)):
-                self._send(self._decision(m, rec))
+            self._emit(m, res, stamp)
         self._llm_wait = keep
         self.metrics.llm_waiting.set(len(keep))
+
+    def _emit(self, m: Message, res: TagResult, stamp: str) -> None:
+        """The tag event of one decided record, and its LLM decision when recorded."""
+        self._send(self._tag_event(m, res, stamp))
+        if self.s.decisions_topic and (rec := self.core.decision_record(res)):
+            self._send(self._decision(m, rec))
 
     def _finish_ahead(self) -> int:
         ahead, self._ahead = self._ahead, None
@@ -537,9 +541,7 @@ class KafkaService:
                 if res.llm_future is not None:
                     self._llm_wait.append((m, res, staged.gens[tp]))
                     continue
-                self._send(self._tag_event(m, res, stamp))
-                if self.s.decisions_topic and (rec := self.core.decision_record(res)):
-                    self._send(self._decision(m, rec))
+                self._emit(m, res, stamp)
         self._emit_answered()
         seen = {_where(m)[0] for m in staged.records} & live
         if rewind:

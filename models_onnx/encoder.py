@@ -103,6 +103,7 @@ class OnnxEncoder:
         # exports since the in-graph pooling have `sentence_embedding`: fetch only that
         outputs = [o.name for o in self.session.get_outputs()]
         self._pooled = POOLED if POOLED in outputs else None
+        self._hidden = outputs[0]
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.tokenizer = Tokenizer.from_file(str(folder / self.manifest.tokenizer["path"]))
         self.tokenizer.enable_truncation(self.manifest.max_length)
@@ -196,7 +197,7 @@ class OnnxEncoder:
         if self._pooled is not None:
             pooled_out = self._run_one(feeds, self._pooled)
             return EncodedBatch(np.ascontiguousarray(pooled_out, dtype=np.float32), batch.n_tokens)
-        hidden = self._run_one(feeds, self.session.get_outputs()[0].name)
+        hidden = self._run_one(feeds, self._hidden)
         if self.manifest.pooling == "cls":
             pooled = hidden[:, 0, :]
         else:

@@ -165,16 +165,16 @@ def add_pooling(path: Path, pooling: str, normalize: bool) -> None:
     names = [o.name for o in g.output]
     hidden = "last_hidden_state" if "last_hidden_state" in names else names[0]
 
-    def const(name: str, value: object, dtype: int) -> str:
-        g.initializer.append(helper.make_tensor(name, dtype, [len(value)], value))  # type: ignore[arg-type]
+    def const(name: str, value: list[int] | list[float], dtype: int) -> str:
+        g.initializer.append(helper.make_tensor(name, dtype, [len(value)], value))
         return name
 
+    axis1 = const("tsp_axis1", [1], TensorProto.INT64)
     nodes = []
     if pooling == "cls":
         g.initializer.append(helper.make_tensor("tsp_zero", TensorProto.INT64, [], [0]))
         nodes.append(helper.make_node("Gather", [hidden, "tsp_zero"], ["tsp_pooled"], axis=1))
     else:
-        axis1 = const("tsp_axis1", [1], TensorProto.INT64)
         last = const("tsp_axis_last", [-1], TensorProto.INT64)
         tiny = const("tsp_tiny", [1e-9], TensorProto.FLOAT)
         nodes += [
@@ -187,7 +187,6 @@ def add_pooling(path: Path, pooling: str, normalize: bool) -> None:
             helper.make_node("Div", ["tsp_sum", "tsp_count_c"], ["tsp_pooled"]),
         ]
     if normalize:
-        axis1 = "tsp_axis1" if pooling != "cls" else const("tsp_axis1", [1], TensorProto.INT64)
         eps = const("tsp_eps", [1e-12], TensorProto.FLOAT)
         nodes += [
             helper.make_node("ReduceL2", ["tsp_pooled", axis1], ["tsp_norm"], keepdims=1),
@@ -294,19 +293,16 @@ def _check(folder: Path, manifest: Manifest, say: Step) -> None:
         "Budgeting tips for your first salary.",
     ]
 
-    def embed(variant: str) -> np.ndarray:
-        return _embed_onnx(folder, manifest, variant, texts)
-
-    ref = embed("fp32")
-    for variant in manifest.files:
+    host = {v: _embed_onnx(folder, manifest, v, texts) for v in manifest.files}
+    for variant, vectors in host.items():
         if manifest.pooling == "mean" and manifest.normalize:
             graph = _embed_onnx(folder, manifest, variant, texts, pooled=True)
-            diff = float(np.abs(graph - embed(variant)).max())
+            diff = float(np.abs(graph - vectors).max())
             if diff > 1e-4:
                 raise TagstreamError(f"{variant}: in-graph pooling differs from numpy ({diff})")
         if variant == "fp32":
             continue
-        cos = float((embed(variant) * ref).sum(1).min())
+        cos = float((vectors * host["fp32"]).sum(1).min())
         say(f"{manifest.name}: {variant} vs fp32 min cosine {cos:.4f}")
         if cos < 0.98:
             raise TagstreamError(f"{variant} variant drifts from fp32 (cosine {cos:.4f} < 0.98)")
