@@ -343,6 +343,16 @@ def bench(
         typer.Option(help="Offered events/s for the latency run (default: half the encoder's)."),
     ] = None,
     latency_items: Annotated[int, typer.Option(help="Events in the latency run.")] = 600,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help=(
+                "Rounds of PyTorch, encoder and end-to-end runs; ratios are the median of "
+                "each round's own."
+            ),
+        ),
+    ] = 3,
     torch: Annotated[bool, typer.Option(help="Also time PyTorch when it is installed.")] = True,
     sweep_batch_tokens: Annotated[
         str | None,
@@ -373,6 +383,7 @@ def bench(
         data=data,
         rate=rate,
         latency_items=latency_items,
+        rounds=rounds,
         torch=torch,
         sweep=[int(x) for x in sweep_batch_tokens.split(",")] if sweep_batch_tokens else None,
         show_progress=sys.stderr.isatty() or not json,
