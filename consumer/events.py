@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -14,6 +15,10 @@ from tagsys.errors import TagstreamError
 SCHEMA_VERSION = 1
 CE_TYPE = "dev.tagstream.tags.v1"
 TEXT_FIELDS = ("title", "caption", "cover_text", "ocr", "asr")
+# a `#` that marks a hashtag (`#美食`, `#情感视频#`, a stray `#`) but not one that ends a
+# one-letter name (`C#`, `F#`)
+_HASHTAG_MARK = re.compile(r"(?<!\b[A-Za-z])#")
+_SPACES = re.compile(r"[ \t]{2,}")
 
 
 class DecodeError(TagstreamError):
@@ -67,11 +72,22 @@ def decode(value: bytes | None, *, max_bytes: int = 1 << 20) -> UploadEvent:
         raise DecodeError(reason, f"schema violation at {where or '<root>'}: {first['msg']}") from e
 
 
+def unmark_hashtags(text: str) -> str:
+    """`#美食 #家常菜` → `美食 家常菜`: the words stay, the markers go. Measured with
+    multilingual-e5-small on KuaiRec (cover text + caption), label-free: recall@10 of the
+    category 0.645 → 0.660 (level 1, rows 3,001 on) and 0.385 → 0.399 (level 2); XLM-R's
+    sentencepiece glues `#` to the word, so `#美食` is not `美食` to the encoder."""
+    if "#" not in text:
+        return text
+    return _SPACES.sub(" ", _HASHTAG_MARK.sub(" ", text)).strip()
+
+
 def event_text(ev: UploadEvent, *, max_chars: int = 2000) -> str:
-    """The text the encoder reads: the text fields in order, then hashtags; capped per field."""
-    parts = [getattr(ev, f)[:max_chars] for f in TEXT_FIELDS if getattr(ev, f)]
+    """The text the encoder reads: the text fields in order, then the hashtags as words;
+    capped per field; hashtag markers dropped (`unmark_hashtags`)."""
+    parts = [unmark_hashtags(getattr(ev, f)[:max_chars]) for f in TEXT_FIELDS if getattr(ev, f)]
     if ev.hashtags:
-        parts.append(" ".join("#" + h.lstrip("#")[:100] for h in ev.hashtags[:30]))
+        parts.append(unmark_hashtags(" ".join(h[:100] for h in ev.hashtags[:30])))
     return ". ".join(p.strip() for p in parts if p.strip())
 
 

@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.demo import sample_events
-from consumer.events import DecodeError, UploadEvent, ce_headers, decode, event_text, load_schema
+from consumer.events import (
+    DecodeError,
+    UploadEvent,
+    ce_headers,
+    decode,
+    event_text,
+    load_schema,
+    unmark_hashtags,
+)
 
 
 def test_valid_event_and_unknown_fields_ignored() -> None:
@@ -93,8 +101,23 @@ def test_sample_events_match_the_schema() -> None:
 def test_event_text_orders_fields_caps_them_and_adds_hashtags() -> None:
     ev = UploadEvent(id="1", title="T", caption="C" * 50, asr="spoken", hashtags=["#a", "b"])
     text = event_text(ev, max_chars=10)
-    assert text == "T. CCCCCCCCCC. spoken. #a #b"
+    assert text == "T. CCCCCCCCCC. spoken. a b"
     assert event_text(UploadEvent(id="2")) == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("好吃 #美食 #家常菜", "好吃 美食 家常菜"),
+        ("爱你们#情感视频# #求热门# #官方 #", "爱你们 情感视频 求热门 官方"),
+        ("#1 tip for #baking", "1 tip for baking"),
+        ("C# and F# stay", "C# and F# stay"),
+        ("no markers here", "no markers here"),
+    ],
+)
+def test_hashtag_markers_go_and_their_words_stay(text: str, want: str) -> None:
+    assert unmark_hashtags(text) == want
+    assert event_text(UploadEvent(id="h", caption=text)) == want
 
 
 def test_cloudevents_headers() -> None:
