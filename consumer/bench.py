@@ -8,9 +8,9 @@ fixed offered rate; (d) PyTorch (transformers, fp32, mean pooling — what sente
 runs) on the same items when torch is installed; (e) shortlist time per item against a
 vocabulary the size of TagGPT's (40,238 tags).
 
-(a), (b) and (d) run in rounds — encoder, end to end, PyTorch, again — and the ratios are the
-median of each round's own ratio: a shared machine's speed drifts by more than the 10% the
-goals are about within a minute, so two figures taken minutes apart would compare the
+(d), (a) and (b) run in rounds — PyTorch, encoder, end to end, again — and the ratios are
+the median of each round's own ratio: a shared machine's speed drifts within a minute by
+more than the 10% the goals are about, so two figures taken minutes apart would compare the
 machine, not the code.
 """
 
