@@ -93,8 +93,11 @@ def test_kill_9_three_times_loses_nothing(
     ids = {orjson.loads(e)["id"] for e in events}
     assert set(keys) == ids, f"lost: {sorted(ids - set(keys))[:10]}"
     duplicates = sum(n - 1 for n in keys.values())
-    # each crash re-reads at most the batch in flight (commits are synchronous per batch)
-    assert duplicates <= kills * BATCH, duplicates
+    # a crash re-produces at most the batch being produced and the one before it, still
+    # awaiting acknowledgements (the loop encodes on meanwhile; commits cover acknowledged
+    # records only) — the bound docs/RELIABILITY.md states. Without commits a kill would
+    # re-produce all ~300 records it got through.
+    assert duplicates <= kills * 2 * BATCH, duplicates
 
 
 def test_a_consumer_joining_and_leaving_loses_nothing(
