@@ -62,6 +62,12 @@ def cuda_usable() -> bool:
     return True
 
 
+# onnxruntime would re-fuse what the export leaves apart (models_onnx/export.py:
+# _fuse_transformer); its CPU kernels for these fused ops are the slower ones on this path.
+# CUDA keeps them: there the fused kernels are the fast ones.
+CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion", "FastGeluFusion"]
+
+
 class OnnxEncoder:
     """One loaded encoder. Thread-compatible: one caller at a time per instance."""
 
@@ -93,7 +99,12 @@ class OnnxEncoder:
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if use_cuda:
             providers = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.session = ort.InferenceSession(
+            str(path),
+            sess_options=opts,
+            providers=providers,
+            disabled_optimizers=[] if use_cuda else CPU_DISABLED_FUSIONS,
+        )
         active = self.session.get_providers()
         if use_cuda and active[0] != "CUDAExecutionProvider":
             raise TagstreamError(f"CUDA provider failed to start (active: {active})")

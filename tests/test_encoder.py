@@ -151,3 +151,31 @@ def test_add_pooling_on_a_toy_graph(tmp_path: Path, pooling: str, normalize: boo
     if normalize:
         want = want / np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_int8_graph_keeps_layernorm_and_gelu_unfused(model_dir: Path) -> None:
+    """Export recipe 2: onnxruntime's CPU SkipLayerNormalization and bias-GELU kernels were
+    the slow ones (docs/PERFORMANCE.md); attention stays fused so Q/K/V quantise together."""
+    onnx = pytest.importorskip("onnx")
+    path = model_dir / "all-MiniLM-L6-v2" / "model_int8.onnx"
+    graph = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"SkipLayerNormalization", "FastGelu", "BiasGelu"}
+    assert {"QAttention", "LayerNormalization", "Gelu"} <= ops
+
+
+def test_export_of_an_older_recipe_is_redone(model_dir: Path, tmp_path: Path) -> None:
+    from models_onnx.export import EXPORT_RECIPE
+
+    folder = tmp_path / "all-MiniLM-L6-v2"
+    shutil.copytree(model_dir / "all-MiniLM-L6-v2", folder)
+    assert is_exported("all-MiniLM-L6-v2", tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["exported_with"]["recipe"] == EXPORT_RECIPE
+    for old in ("1", None):
+        if old is None:
+            del manifest["exported_with"]["recipe"]
+        else:
+            manifest["exported_with"]["recipe"] = old
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert not is_exported("all-MiniLM-L6-v2", tmp_path)
