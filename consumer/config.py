@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)
     # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device
-    # (1024 on CPU, where padding costs most; 16384 on CUDA)
+    # (512 on CPU, where padding costs most; 16384 on CUDA)
     max_batch_tokens: int = Field(0, ge=0)
     # read, decode and tokenize the next batch while the encode thread runs this one; and
     # produce LLM items when their answers arrive instead of holding the batch for them

@@ -97,8 +97,8 @@ class TaggingCore:
         self.max_field_chars = max_field_chars
         self.emit_embedding = emit_embedding
         self.defer_when_llm_unavailable = defer_when_llm_unavailable
-        # measured (`tagstream bench`, StackExchange items): on 2 CPU cores a 1024-token budget
-        # tags ~3x more items/s than one padded batch of 64; a GPU wants big batches
+        # measured (`tagstream bench`, StackExchange items): on 2 CPU cores a 512-1024-token
+        # budget tags ~3x more items/s than one padded batch of 64; a GPU wants big batches
         self.max_batch_tokens = max_batch_tokens or encoder.default_batch_tokens
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, llm_concurrency), thread_name_prefix="llm"
