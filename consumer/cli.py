@@ -340,7 +340,9 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Encoder / consumer batch size.")] = 64,
     rate: Annotated[
         float | None,
-        typer.Option(help="Offered events/s for the latency run (default: half the encoder's)."),
+        typer.Option(
+            help="Offered events/s for the latency run (default: half the end-to-end rate)."
+        ),
     ] = None,
     latency_items: Annotated[int, typer.Option(help="Events in the latency run.")] = 600,
     rounds: Annotated[

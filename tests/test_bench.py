@@ -48,8 +48,6 @@ def test_bench_json(model_dir: Path) -> None:
             "96",
             "--latency-items",
             "40",
-            "--rate",
-            "40",
             "--batch-size",
             "32",
             "--rounds",
@@ -77,6 +75,8 @@ def test_bench_json(model_dir: Path) -> None:
     ):
         assert np.isfinite(res[k]) and res[k] > 0, k
     assert res["latency_p50_ms"] <= res["latency_p99_ms"]
+    # no --rate: the latency run offers half of what the service sustained end to end
+    assert abs(res["latency_rate_per_s"] - max(1, round(res["e2e_items_per_s"] * 0.5))) <= 1
     # two rounds: figures are the medians, ratios the median of each round's own ratio
     assert res["rounds"] == 2
     assert len(res["encoder_runs"]) == len(res["e2e_runs"]) == len(res["torch_runs"]) == 2
