@@ -29,7 +29,8 @@ log = structlog.get_logger(__name__)
 def sample_tag_system(encoder: OnnxEncoder) -> TagSystem:
     """The built-in demo vocabulary, embedded with `encoder`."""
     tags, gate, version = load_sample_tags()
-    return build_tag_system("sample", version, tags, encoder.encode, encoder.name, gate)
+    tag_enc = encoder.tag_encoder()
+    return build_tag_system("sample", version, tags, tag_enc.encode, encoder.name, gate)
 
 
 def load_tag_system(path: Path | None, encoder: OnnxEncoder) -> TagSystem:

@@ -192,7 +192,8 @@ def build_tags(
             f"no proposed tag reached {min_items} items ({report.candidates} candidates); "
             "lower --min-items or use more items"
         )
-    emb = encoder.encode([c.name for c in cands])
+    tag_enc = encoder.tag_encoder()  # fp32: tag vectors are built once (see its docstring)
+    emb = tag_enc.encode([c.name for c in cands])
     groups = merge_synonyms(cands, emb, merge_threshold)
     texts = {it.id: event_text(to_event(it), max_chars=200) for it in ds.items}
     examples: dict[str, list[str]] = {}
@@ -225,7 +226,7 @@ def build_tags(
         )
         report.categorized = sum(c is not None for c in categories)
     elif cat_names is not None:
-        cat_emb = encoder.encode(cat_names)
+        cat_emb = tag_enc.encode(cat_names)
         row_of = {c.key: i for i, c in enumerate(cands)}
         keep_rows = [row_of[h.key] for h, _ in groups]
         categories = list(nearest_category(emb[keep_rows], cat_emb, cat_names))
@@ -238,7 +239,7 @@ def build_tags(
         report.described = sum(d is not None for d in descriptions)
     vocab = to_tags(groups, categories, descriptions)
     report.tags = len(vocab)
-    tag_emb = encoder.encode([tag_prompt(t) for t in vocab])
+    tag_emb = tag_enc.encode([tag_prompt(t) for t in vocab])
     ts = TagSystem(
         name=name,
         version=version,

@@ -897,7 +897,8 @@ def import_tags(
     if lexical_boost is not None:
         gate = replace(gate, lexical_boost=lexical_boost)
     enc = OnnxEncoder(model, model_dir=model_dir)
-    emb = _encode_with_progress(enc, [tag_prompt(t) for t in vocab.tags], "embedding tags")
+    tag_enc = enc.tag_encoder()
+    emb = _encode_with_progress(tag_enc, [tag_prompt(t) for t in vocab.tags], "embedding tags")
     ts = TagSystem(
         name=name or vocab.name,
         version=version or vocab.version,

@@ -48,7 +48,7 @@ def zero_shot(labels: list[str], encoder: OnnxEncoder, name: str = "zero-shot") 
     """A tag system whose only knowledge of the labels is their names."""
     tags = [Tag(id=label, name=label) for label in labels]
     gate = GateConfig(top_k=20, lexical_boost=ZERO_SHOT_LEXICAL_BOOST)
-    ts = build_tag_system(name, "0", tags, encoder.encode, encoder.name, gate)
+    ts = build_tag_system(name, "0", tags, encoder.tag_encoder().encode, encoder.name, gate)
     return replace(ts, provenance={"built_by": "zero-shot from the label names"})
 
 

@@ -179,3 +179,19 @@ def test_export_of_an_older_recipe_is_redone(model_dir: Path, tmp_path: Path) ->
             manifest["exported_with"]["recipe"] = old
         (folder / "manifest.json").write_text(json.dumps(manifest))
         assert not is_exported("all-MiniLM-L6-v2", tmp_path)
+
+
+def test_tags_are_embedded_by_the_fp32_variant(model_dir: Path, encoder: OnnxEncoder) -> None:
+    """An int8 error on a tag vector shifts that tag for every item (see `tag_encoder`)."""
+    from consumer.app import sample_tag_system
+    from tagsys import load_sample_tags, tag_prompt
+
+    fp32 = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", variant="fp32")
+    assert fp32.tag_encoder() is fp32
+    ref = encoder.tag_encoder()
+    assert ref.variant == "fp32" and ref.device == encoder.device
+    ts = sample_tag_system(encoder)
+    assert ts.encoder == "all-MiniLM-L6-v2"
+    prompts = [tag_prompt(t) for t in load_sample_tags()[0]]
+    np.testing.assert_allclose(ts.embeddings, fp32.encode(prompts), atol=1e-5)
+    assert np.abs(ts.embeddings - encoder.encode(prompts)).max() > 1e-3  # int8 differs
