@@ -1,7 +1,9 @@
 """`tagstream bench`: where the time goes, measured in one run on the same items.
 
 (a) bare encoder throughput (tokenize + encode, no Kafka); (b) end-to-end throughput through
-the embedded broker with the LLM off; their ratio; the same without the pipeline (batches one
+the embedded broker with the LLM off; their ratio, split into the share of the end-to-end
+time the encoder was running (idle gaps are the pipeline's fault) and its own rate meanwhile
+(a slower encoder is contention for the cores); the same without the pipeline (batches one
 after another), and with a zero-cost encoder (the ceiling of everything around the encoder);
 (c) end-to-end latency percentiles at a
 fixed offered rate; (d) PyTorch (transformers, fp32, mean pooling — what sentence-transformers
@@ -88,6 +90,7 @@ class BenchResult:
     batch_size: int
     encoder_runs: list[float]
     e2e_runs: list[float]
+    e2e_busy_runs: list[float]
     latency_rate_per_s: float
     latency_p50_ms: float
     latency_p95_ms: float
@@ -106,6 +109,18 @@ class BenchResult:
     @property
     def e2e_items_per_s(self) -> float:
         return statistics.median(self.e2e_runs)
+
+    @property
+    def e2e_encoder_busy_fraction(self) -> float:
+        return statistics.median(self.e2e_busy_runs)
+
+    @property
+    def e2e_encode_items_per_s(self) -> float:
+        """The encoder's own rate inside the end-to-end runs (items / seconds it ran):
+        against `encoder_items_per_s`, how much the work around it slowed it down."""
+        return statistics.median(
+            e / b for e, b in zip(self.e2e_runs, self.e2e_busy_runs, strict=True) if b > 0
+        )
 
     @property
     def torch_items_per_s(self) -> float | None:
@@ -131,6 +146,9 @@ class BenchResult:
             "encoder_items_per_s": round(self.encoder_items_per_s, 1),
             "e2e_items_per_s": round(self.e2e_items_per_s, 1),
             "e2e_to_encoder_ratio": round(self.e2e_to_encoder_ratio, 3),
+            # e2e / encoder = busy fraction x (encode rate inside e2e / bare encoder rate)
+            "e2e_encoder_busy_fraction": round(self.e2e_encoder_busy_fraction, 3),
+            "e2e_encode_items_per_s": round(self.e2e_encode_items_per_s, 1),
             # the same run with `--no-pipeline` (batches one after another), for comparison
             "e2e_no_pipeline_items_per_s": (
                 None
@@ -161,6 +179,7 @@ class BenchResult:
             "rounds": len(self.encoder_runs),
             "encoder_runs": [round(v, 1) for v in self.encoder_runs],
             "e2e_runs": [round(v, 1) for v in self.e2e_runs],
+            "e2e_busy_runs": [round(v, 3) for v in self.e2e_busy_runs],
             "torch_runs": None
             if self.torch_runs is None
             else [round(v, 1) for v in self.torch_runs],
@@ -332,6 +351,20 @@ class _InstantEncoderCore(TaggingCore):
         return out
 
 
+@dataclass(frozen=True)
+class E2ERun:
+    items_per_s: float
+    # encoder running / wall time: what is left to 1 is time the encoder waited for work
+    busy_fraction: float
+
+
+def _encode_seconds(core: TaggingCore) -> float:
+    v = core.metrics.registry.get_sample_value(
+        "tagstream_stage_duration_seconds_sum", {"stage": "encode"}
+    )
+    return float(v or 0.0)
+
+
 def bench_e2e(
     broker: EmbeddedBroker,
     core: TaggingCore,
@@ -340,8 +373,10 @@ def bench_e2e(
     step: Step,
     phase: str = "e2e",
     pipeline: bool = True,
-) -> float:
-    """Send N events to a running service; time until N tag events are out."""
+) -> E2ERun:
+    """Send N events to a running service; time until N tag events are out. Also how long
+    the encoder ran meanwhile (its stage histogram), to tell idle gaps from a slower encoder."""
+    encode_before = _encode_seconds(core)
     with _service(broker, core, batch_size, phase, pipeline):
         reader = _out_reader(broker, f"{phase}-out")
         prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
@@ -358,7 +393,7 @@ def bench_e2e(
             step("e2e", got)
         elapsed = time.perf_counter() - t0
         reader.close()
-    return seen / elapsed
+    return E2ERun(seen / elapsed, (_encode_seconds(core) - encode_before) / elapsed)
 
 
 def bench_latency(
@@ -457,6 +492,7 @@ def run_bench(
             torch_pass = torch_runner(resolve_source(spec), texts, batch_size, spec.max_length)
         enc_runs: list[float] = []
         e2e_runs: list[float] = []
+        busy_runs: list[float] = []
         torch_runs: list[float] = []
         with EmbeddedBroker() as broker:
             core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
@@ -466,8 +502,10 @@ def run_bench(
                 if torch_pass is not None:
                     torch_runs.append(torch_pass(step))
                 enc_runs.append(bench_encoder(encoder, texts, batch_size, step))
-                e2e_runs.append(bench_e2e(broker, core, payloads, batch_size, step, f"e2e{r}"))
-            e2e_serial = bench_e2e(broker, core, payloads, batch_size, step, "serial", False)
+                run = bench_e2e(broker, core, payloads, batch_size, step, f"e2e{r}")
+                e2e_runs.append(run.items_per_s)
+                busy_runs.append(run.busy_fraction)
+            serial = bench_e2e(broker, core, payloads, batch_size, step, "serial", False)
             instant = _InstantEncoderCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
             ceiling = bench_e2e(broker, instant, payloads, batch_size, step, "ceiling")
             instant.close()
@@ -491,8 +529,9 @@ def run_bench(
         batch_size=batch_size,
         encoder_runs=enc_runs,
         e2e_runs=e2e_runs,
-        e2e_no_pipeline_items_per_s=e2e_serial,
-        e2e_ceiling_items_per_s=ceiling,
+        e2e_busy_runs=busy_runs,
+        e2e_no_pipeline_items_per_s=serial.items_per_s,
+        e2e_ceiling_items_per_s=ceiling.items_per_s,
         latency_rate_per_s=offered,
         latency_p50_ms=p50,
         latency_p95_ms=p95,

@@ -84,6 +84,13 @@ def test_bench_json(model_dir: Path) -> None:
     assert res["e2e_items_per_s"] == pytest.approx(np.median(res["e2e_runs"]), abs=0.1)
     ratios = np.array(res["e2e_runs"]) / np.array(res["encoder_runs"])
     assert res["e2e_to_encoder_ratio"] == pytest.approx(np.median(ratios), abs=0.002)
+    # the encoder's share of each end-to-end run, and its own rate inside them
+    busy = np.array(res["e2e_busy_runs"])
+    assert len(busy) == 2 and np.all((busy > 0) & (busy <= 1)), busy
+    assert res["e2e_encoder_busy_fraction"] == pytest.approx(np.median(busy), abs=0.002)
+    inner = np.array(res["e2e_runs"]) / busy
+    assert res["e2e_encode_items_per_s"] == pytest.approx(np.median(inner), rel=0.01)
+    assert res["e2e_encode_items_per_s"] >= res["e2e_items_per_s"] * 0.99
     speedups = np.array(res["encoder_runs"]) / np.array(res["torch_runs"])
     assert res["torch_speedup"] == pytest.approx(np.median(speedups), abs=0.01)
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
