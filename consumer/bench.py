@@ -117,10 +117,10 @@ class BenchResult:
     @property
     def e2e_encode_items_per_s(self) -> float:
         """The encoder's own rate inside the end-to-end runs (items / seconds it ran):
-        against `encoder_items_per_s`, how much the work around it slowed it down."""
-        return statistics.median(
-            e / b for e, b in zip(self.e2e_runs, self.e2e_busy_runs, strict=True) if b > 0
-        )
+        against `encoder_items_per_s`, how much the work around it slowed it down. NaN (null
+        in JSON) when no run saw the encoder work, instead of failing after every phase ran."""
+        inner = [e / b for e, b in zip(self.e2e_runs, self.e2e_busy_runs, strict=True) if b > 0]
+        return statistics.median(inner) if inner else float("nan")
 
     @property
     def torch_items_per_s(self) -> float | None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from consumer.bench import load_items, shared_data_dir
@@ -96,3 +97,27 @@ def test_bench_json(model_dir: Path) -> None:
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
     assert set(res["batch_tokens_sweep"]) == {"512", "4096"}
     assert all(v > 0 for v in res["batch_tokens_sweep"].values())
+
+
+def test_a_run_without_encoder_time_reports_null_not_a_crash() -> None:
+    """A stalled end-to-end run (nothing out, no encode time) must not lose the other figures."""
+    from consumer.bench import BenchResult
+
+    res = BenchResult(
+        items=10,
+        source="sample events",
+        encoder="all-MiniLM-L6-v2/int8",
+        batch_size=8,
+        encoder_runs=[50.0, 60.0],
+        e2e_runs=[0.0, 0.0],
+        e2e_busy_runs=[0.0, 0.0],
+        latency_rate_per_s=1.0,
+        latency_p50_ms=1.0,
+        latency_p95_ms=2.0,
+        latency_p99_ms=3.0,
+        torch_runs=None,
+        shortlist_ms_per_item_40k=0.1,
+    )
+    out = json.loads(orjson.dumps(res.to_json()))
+    assert out["e2e_encode_items_per_s"] is None
+    assert out["e2e_encoder_busy_fraction"] == 0.0 and out["encoder_items_per_s"] == 55.0
