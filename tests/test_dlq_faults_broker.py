@@ -199,11 +199,18 @@ def test_every_llm_fault_loses_nothing(
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
     make_topics(broker.bootstrap, 2)
-    counter = itertools.count()
     faults = [*FAULTS, _slow]
+    # Each distinct item keeps one fault across its retries, so every final status shows up
+    # whatever order the concurrent requests arrive in (a global round-robin let a retry land
+    # on the next fault, and a final "timeout" then depended on the interleaving).
+    fault_of: dict[str, int] = {}
+    lock = threading.Lock()
 
     def reply(req: dict[str, Any]) -> Reply:
-        return faults[next(counter) % len(faults)](req)
+        item = req["messages"][-1]["content"]
+        with lock:
+            k = fault_of.setdefault(item, len(fault_of) % len(faults))
+        return faults[k](req)
 
     server = fake_llm(reply)
     metrics = Metrics(CollectorRegistry())
