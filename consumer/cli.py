@@ -883,7 +883,7 @@ def import_tags(
     from dataclasses import replace
 
     from models_onnx import OnnxEncoder
-    from tagsys import TagSystem, tag_prompt
+    from tagsys import TagSystem, embed_tags
     from tagsys.gate import GateConfig
     from tagsys.vocab import read_vocabulary
 
@@ -898,7 +898,7 @@ def import_tags(
         gate = replace(gate, lexical_boost=lexical_boost)
     enc = OnnxEncoder(model, model_dir=model_dir)
     tag_enc = enc.tag_encoder()
-    emb = _encode_with_progress(tag_enc, [tag_prompt(t) for t in vocab.tags], "embedding tags")
+    emb = embed_tags(vocab.tags, lambda texts: _encode_with_progress(tag_enc, texts, "embedding"))
     ts = TagSystem(
         name=name or vocab.name,
         version=version or vocab.version,
@@ -916,6 +916,115 @@ def import_tags(
     )
 
 
+@app.command("describe-tags")
+def describe_tags_cmd(
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Vocabulary JSON to write: the tags with `descriptions`; embed it with "
+            "`import-tags OUT --format json`."
+        ),
+    ],
+    vocab: Annotated[Path | None, typer.Option(help="Vocabulary file to describe.")] = None,
+    vocab_format: Annotated[
+        VocabFormat, typer.Option(help="Format of --vocab.")
+    ] = VocabFormat.json,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Or labelled data: its distinct gold labels, by name only (as zero-shot eval)."
+        ),
+    ] = None,
+    fmt: Annotated[DataFormat | None, typer.Option("--format", help="Format of --data.")] = None,
+    level: LevelOpt = 1,
+    llm: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("describe_llm"),
+            help="local (the bundled Gemma 3 270M base model) or an OpenAI-compatible URL "
+            "with a /completions endpoint.",
+        ),
+    ] = "local",
+    llm_model: Annotated[str, typer.Option(envvar=_env("describe_llm_model"))] = "gemma3-270m",
+    samples: Annotated[
+        int, typer.Option(min=1, max=50, help="Descriptions sampled per tag (fewer: noisier).")
+    ] = 20,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent LLM calls.")] = 1,
+    json: JsonOpt = False,
+) -> None:
+    """Sample short descriptions of every tag from a base LLM, by name alone (RAM++ style);
+    `import-tags` then mixes their mean into each tag's vector."""
+    import contextlib
+    import json as jsonlib
+    import os
+
+    from consumer.config import Settings
+    from consumer.describe import PROMPT_VERSION, Describer
+    from consumer.llm_server import GEMMA, LocalLLM
+    from tagsys import Tag
+    from tagsys.datasets import load
+    from tagsys.vocab import read_vocabulary
+
+    logs.configure("warning")
+    if (vocab is None) == (data is None):
+        raise TagstreamError("give either --vocab FILE or --data FILE --format F")
+    if data is not None:
+        if fmt is None:
+            raise TagstreamError("--data needs --format (kuairec, stackexchange or jsonl)")
+        labels = load(data, fmt.value, level=level).labels
+        if not labels:
+            raise TagstreamError(f"{data}: no gold labels found")
+        tags = [Tag(id=label, name=label) for label in labels]
+        name, version, source = f"{data.stem}-labels", "1", data.name
+    else:
+        assert vocab is not None
+        v = read_vocabulary(vocab, vocab_format.value)
+        tags, name, version, source = v.tags, v.name, v.version, vocab.name
+    with contextlib.ExitStack() as stack:
+        if llm.strip().lower() == "local":
+            # no broker or consumer to leave a core to here: llama.cpp gets them all
+            local = stack.enter_context(
+                LocalLLM(model=GEMMA, parallel=concurrency, threads=os.cpu_count() or 2)
+            )
+            url, model, key = local.base_url, local.model, SecretStr("")
+        else:
+            url, model, key = llm, llm_model, Settings().llm_api_key
+        describer = Describer(url, model, key, samples=samples, concurrency=concurrency)
+        with _progress("describing") as bar:
+            task = bar.add_task("describe", total=len(tags) * samples)
+            described, rep = describer.describe(
+                tags, lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    doc = {
+        "name": name,
+        "version": version,
+        "provenance": {
+            "described_by": model,
+            "prompt": PROMPT_VERSION,
+            "samples": samples,
+            "source": source,
+        },
+        "tags": [t.to_dict() for t in described],
+    }
+    out.write_text(jsonlib.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    res = {
+        "out": str(out),
+        "tags": rep.tags,
+        "described": rep.described,
+        "requests": rep.requests,
+        "failed": rep.failed,
+    }
+    for k, v2 in res.items():
+        err.print(f"{k:<10} {v2}")
+    if rep.failed:
+        err.print(
+            f"[yellow]warning:[/] {rep.failed} requests gave no text, e.g. "
+            f"{rep.errors[0] if rep.errors else 'an empty answer'}"
+        )
+    if json:
+        _emit_json(res)
+
+
 @app.command("llm-serve")
 def llm_serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
@@ -923,13 +1032,20 @@ def llm_serve(
         "127.0.0.1"
     ),
     parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 2,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="smollm2 (SmolLM2-135M-Instruct, chat) or gemma3-270m (Gemma 3 270M base, "
+            "completions only: what describe-tags uses)."
+        ),
+    ] = "smollm2",
 ) -> None:
-    """Serve the bundled SmolLM2-135M-Instruct as an OpenAI-compatible API (foreground)."""
+    """Serve a bundled small LLM as an OpenAI-compatible API (foreground)."""
     import os
 
     from consumer.llm_server import serve
 
-    serve(port, parallel, 2048, os.cpu_count() or 2, host)
+    serve(port, parallel, 2048, os.cpu_count() or 2, host, model)
 
 
 def main(argv: list[str] | None = None) -> Any:

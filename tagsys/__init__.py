@@ -7,7 +7,14 @@ the service, in `tagstream eval` and in tests.
 from tagsys.errors import EncoderMismatchError, TagstreamError, TagSystemError
 from tagsys.gate import Decision, GateConfig, GateResult, decide
 from tagsys.shortlist import shortlist
-from tagsys.tagsystem import Tag, TagSystem, build_tag_system, load_sample_tags, tag_prompt
+from tagsys.tagsystem import (
+    Tag,
+    TagSystem,
+    build_tag_system,
+    embed_tags,
+    load_sample_tags,
+    tag_prompt,
+)
 
 __all__ = [
     "Decision",
@@ -20,6 +27,7 @@ __all__ = [
     "TagstreamError",
     "build_tag_system",
     "decide",
+    "embed_tags",
     "load_sample_tags",
     "shortlist",
     "tag_prompt",

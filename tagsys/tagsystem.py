@@ -32,6 +32,8 @@ EMB_FILE = "embeddings.npy"
 BIAS_FILE = "bias.npy"
 HEAD_FILE = "head.npz"
 MAX_PROMPT_ALIASES = 8
+# weight of a described tag's own prompt vector against the mean of its descriptions'
+DESCRIPTION_NAME_WEIGHT = 0.5
 
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
 
@@ -43,6 +45,9 @@ class Tag:
     aliases: tuple[str, ...] = ()
     category: str | None = None
     description: str | None = None
+    # Sampled LLM descriptions (RAM++ style): each is embedded on its own and their mean is
+    # mixed into the tag's vector (`embed_tags`); one sample alone is too noisy to use.
+    descriptions: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "aliases": list(self.aliases)}
@@ -50,6 +55,8 @@ class Tag:
             d["category"] = self.category
         if self.description is not None:
             d["description"] = self.description
+        if self.descriptions:
+            d["descriptions"] = list(self.descriptions)
         return d
 
     @classmethod
@@ -64,6 +71,7 @@ class Tag:
             aliases=tuple(str(a) for a in d.get("aliases", ())),
             category=d.get("category"),
             description=d.get("description"),
+            descriptions=tuple(str(x) for x in d.get("descriptions", ())),
         )
 
 
@@ -76,6 +84,30 @@ def tag_prompt(tag: Tag) -> str:
     if tag.description:
         parts.append(tag.description)
     return ": ".join(parts[:2]) + (". " + parts[2] if len(parts) > 2 else "")
+
+
+def embed_tags(
+    tags: Sequence[Tag], encode: EncodeFn, name_weight: float = DESCRIPTION_NAME_WEIGHT
+) -> npt.NDArray[np.float32]:
+    """One unit vector per tag: its prompt's, mixed for described tags with the mean of
+    `name: description` vectors (RAM++): `name_weight` × prompt + (1 − it) × mean. Keeping the
+    name in the mix matters: small LLMs drift off topic in some samples (docs/QUALITY.md)."""
+    if not 0.0 <= name_weight <= 1.0:
+        raise TagSystemError(f"name_weight must be in [0, 1], got {name_weight}")
+    base = np.asarray(encode([tag_prompt(t) for t in tags]), dtype=np.float32)
+    texts = [f"{t.name}: {d}" for t in tags for d in t.descriptions]
+    if not texts:
+        return base
+    desc = _normalise(np.asarray(encode(texts), dtype=np.float32))
+    out = _normalise(base.copy())
+    row = 0
+    for i, t in enumerate(tags):
+        n = len(t.descriptions)
+        if n:
+            mean = _normalise(desc[row : row + n].mean(axis=0, keepdims=True))[0]
+            out[i] = name_weight * out[i] + (1.0 - name_weight) * mean
+            row += n
+    return _normalise(out)
 
 
 def _normalise(m: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -292,8 +324,8 @@ def build_tag_system(
     encoder: str,
     gate: GateConfig | None = None,
 ) -> TagSystem:
-    """Embed every tag's prompt with `encode` and wrap the result as a versioned artifact."""
-    emb = encode([tag_prompt(t) for t in tags])
+    """Embed every tag (`embed_tags`) and wrap the result as a versioned artifact."""
+    emb = embed_tags(tags, encode)
     return TagSystem(
         name=name,
         version=version,

@@ -16,6 +16,7 @@ from tagsys import (
     TagSystemError,
     build_tag_system,
     decide,
+    embed_tags,
     load_sample_tags,
     shortlist,
     tag_prompt,
@@ -128,6 +129,39 @@ def test_tag_prompt_uses_aliases_and_description() -> None:
     assert tag_prompt(Tag("1", "dogs", ("puppy", "dog walk"))) == "dogs: puppy, dog walk"
     assert tag_prompt(Tag("2", "cats", (), None, "small felines")) == "cats: small felines"
     assert tag_prompt(Tag("3", "coffee")) == "coffee"
+
+
+def test_embed_tags_mixes_the_mean_of_the_descriptions_into_described_tags_only() -> None:
+    tags = [
+        Tag("a", "dogs", ("puppy",)),
+        Tag("b", "cats", descriptions=("small felines", "purring pets")),
+    ]
+    plain = _unit(_fake_encode([tag_prompt(t) for t in tags]))
+    got = embed_tags(tags, _fake_encode, name_weight=0.3)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(got[0], plain[0], atol=1e-6)  # no descriptions: the prompt's vector
+    d = _unit(_fake_encode(["cats: small felines", "cats: purring pets"]))
+    mean = d.mean(0) / np.linalg.norm(d.mean(0))
+    want = 0.3 * plain[1] + 0.7 * mean
+    assert np.allclose(got[1], want / np.linalg.norm(want), atol=1e-5)
+    # the ends of the weight: the name alone, the descriptions alone
+    assert np.allclose(embed_tags(tags, _fake_encode, 1.0)[1], plain[1], atol=1e-5)
+    assert np.allclose(embed_tags(tags, _fake_encode, 0.0)[1], mean, atol=1e-5)
+    # nothing described: exactly what the encoder gave (hashes of old artifacts stay put)
+    assert np.array_equal(embed_tags(tags[:1], _fake_encode), _fake_encode(["dogs: puppy"]))
+    with pytest.raises(TagSystemError, match="name_weight"):
+        embed_tags(tags, _fake_encode, 1.5)
+
+
+def test_descriptions_round_trip_and_change_the_hash(tmp_path: Path) -> None:
+    tags = [Tag("b", "cats", descriptions=("small felines", "purring pets"))]
+    assert Tag.from_dict(tags[0].to_dict()) == tags[0]
+    assert "descriptions" not in Tag("a", "dogs").to_dict()
+    ts = build_tag_system("toy", "1", tags, _fake_encode, "enc-x")
+    ts.save(tmp_path / "ts")
+    assert TagSystem.load(tmp_path / "ts").tags == tags
+    other = build_tag_system("toy", "1", [Tag("b", "cats")], _fake_encode, "enc-x")
+    assert other.content_hash != ts.content_hash
 
 
 def test_sample_tags_load() -> None:

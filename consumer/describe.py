@@ -1,0 +1,188 @@
+"""Sampled tag descriptions from a base LLM (RAM++ style), from the tag's name alone.
+
+A base model continues a few-shot list of `tag → description` lines; several samples per
+tag are kept and `tagsys.embed_tags` mixes their mean into the tag's vector. The few-shot
+examples are tags of no shipped dataset (astronomy, gardening, archaeology, knitting), so
+nothing about an evaluation's labels leaks in beyond their names. Chinese names get a
+Chinese prompt, everything else an English one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import openai
+import structlog
+import tenacity
+from pydantic import SecretStr
+
+from tagsys import Tag
+
+log = structlog.get_logger(__name__)
+
+PROMPT_VERSION = "describe-fewshot-1"
+
+PROMPT_ZH = """以下是内容标签及其描述，描述列出该标签下的视频常见的内容和关键词。
+
+标签：天文
+描述：星空摄影、行星、望远镜观测、宇宙科普、流星雨、银河、星座观测。
+
+标签：园艺
+描述：种花、养多肉、盆栽修剪、阳台花园、施肥浇水、花卉品种介绍。
+
+标签：考古
+描述：古墓发掘、文物修复、历史遗址、出土文物、考古队日常、博物馆藏品。
+
+标签：{tag}
+描述："""
+
+PROMPT_EN = """Tags and their descriptions. A description lists what posts with that tag are \
+usually about.
+
+Tag: astronomy
+Description: stars, planets, telescopes, night sky photography, meteor showers, galaxies, \
+space science.
+
+Tag: gardening
+Description: growing flowers and vegetables, pruning, potting soil, watering, fertiliser, \
+garden pests.
+
+Tag: knitting
+Description: yarn, needles, stitches, knitting patterns, sweaters and scarves, casting on \
+and binding off.
+
+Tag: {tag}
+Description:"""
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+_SPLIT = re.compile(r"[，,、。；;.]+")
+
+Progress = Callable[[int, int], None]
+
+
+def prompt_for(name: str) -> str:
+    return (PROMPT_ZH if _CJK.search(name) else PROMPT_EN).format(tag=name)
+
+
+def clean(text: str, max_chars: int = 200) -> str | None:
+    """One line, repeated phrases dropped (small models loop), None when nothing is left."""
+    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    parts = [p.strip() for p in _SPLIT.split(line)]
+    seen: list[str] = []
+    for p in parts:
+        if p and p not in seen:
+            seen.append(p)
+    sep = "、" if _CJK.search(line) else ", "
+    out = sep.join(seen)[:max_chars].strip()
+    return out or None
+
+
+@dataclass
+class DescribeReport:
+    tags: int = 0
+    requests: int = 0
+    failed: int = 0  # requests that gave no usable text after retries
+    described: int = 0  # tags with at least one description
+    errors: list[str] = field(default_factory=list)
+
+
+class Describer:
+    """Asks an OpenAI-compatible *completions* endpoint (not chat: a base model has no chat
+    template) for `samples` descriptions per tag, `concurrency` requests at a time."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: SecretStr = SecretStr(""),
+        *,
+        samples: int = 20,
+        temperature: float = 0.8,
+        max_tokens: int = 60,
+        timeout_s: float = 60.0,
+        attempts: int = 3,
+        concurrency: int = 1,
+    ) -> None:
+        if samples < 1:
+            raise ValueError("samples must be at least 1")
+        self.model = model
+        self.samples = samples
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.attempts = attempts
+        self.concurrency = max(1, concurrency)
+        self.client = openai.OpenAI(
+            base_url=base_url,
+            api_key=api_key.get_secret_value() or "not-needed",
+            timeout=timeout_s,
+            max_retries=0,
+        )
+
+    def _once(self, name: str, seed: int) -> str | None:
+        r = self.client.completions.create(
+            model=self.model,
+            prompt=prompt_for(name),
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=seed,
+            stop=["\n"],
+            frequency_penalty=0.5,
+            extra_body={"repeat_penalty": 1.3},  # llama.cpp; other servers ignore it
+        )
+        return clean(r.choices[0].text) if r.choices else None
+
+    def _sample(self, name: str, seed: int) -> str | None:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=8),
+            retry=tenacity.retry_if_exception_type(
+                (
+                    openai.APIConnectionError,
+                    openai.APITimeoutError,
+                    openai.InternalServerError,
+                    openai.RateLimitError,
+                )
+            ),
+            reraise=True,
+        )
+        return retrying(self._once, name, seed)
+
+    def describe(
+        self, tags: Sequence[Tag], progress: Progress | None = None
+    ) -> tuple[list[Tag], DescribeReport]:
+        """The tags with `descriptions` filled (existing ones replaced); a tag whose every
+        sample failed keeps none and is counted, never dropped."""
+        report = DescribeReport(tags=len(tags))
+        jobs = [(i, s) for i in range(len(tags)) for s in range(self.samples)]
+        got: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(tags))}
+        done = 0
+
+        def run(job: tuple[int, int]) -> tuple[int, int, str | None, str | None]:
+            i, s = job
+            try:
+                return i, s, self._sample(tags[i].name, seed=s + 1), None
+            except openai.OpenAIError as e:
+                return i, s, None, f"{tags[i].name}: {type(e).__name__}: {e}"
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for i, s, text, error in pool.map(run, jobs):
+                report.requests += 1
+                if text is None:
+                    report.failed += 1
+                    if error and len(report.errors) < 20:
+                        report.errors.append(error)
+                        log.warning("describe_failed", error=error)
+                else:
+                    got[i].append((s, text))
+                done += 1
+                if progress:
+                    progress(done, len(jobs))
+        out = []
+        for i, t in enumerate(tags):
+            texts = tuple(dict.fromkeys(text for _, text in sorted(got[i])))
+            report.described += bool(texts)
+            out.append(replace(t, descriptions=texts))
+        return out, report

