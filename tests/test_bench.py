@@ -93,7 +93,12 @@ def test_bench_json(model_dir: Path) -> None:
     assert res["e2e_encode_items_per_s"] == pytest.approx(np.median(inner), rel=0.01)
     assert res["e2e_encode_items_per_s"] >= res["e2e_items_per_s"] * 0.99
     speedups = np.array(res["encoder_runs"]) / np.array(res["torch_runs"])
-    assert res["torch_speedup"] == pytest.approx(np.median(speedups), abs=0.01)
+    # the runs are printed to 0.1 items/s, which at a few tens of items/s moves a ratio of two
+    # of them by tenths of a percent (a CI run: 3.27 reported, 3.259 from the printed runs);
+    # the speedup itself is printed to 0.01
+    enc, torch = np.array(res["encoder_runs"]), np.array(res["torch_runs"])
+    slack = float(np.max(speedups * (0.05 / enc + 0.05 / torch))) + 0.005
+    assert res["torch_speedup"] == pytest.approx(np.median(speedups), abs=slack + 1e-9)
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
     assert set(res["batch_tokens_sweep"]) == {"512", "4096"}
     assert all(v > 0 for v in res["batch_tokens_sweep"].values())
