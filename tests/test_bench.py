@@ -83,8 +83,11 @@ def test_bench_json(model_dir: Path) -> None:
     assert len(res["encoder_runs"]) == len(res["e2e_runs"]) == len(res["torch_runs"]) == 2
     assert res["encoder_items_per_s"] == pytest.approx(np.median(res["encoder_runs"]), abs=0.1)
     assert res["e2e_items_per_s"] == pytest.approx(np.median(res["e2e_runs"]), abs=0.1)
-    ratios = np.array(res["e2e_runs"]) / np.array(res["encoder_runs"])
-    assert res["e2e_to_encoder_ratio"] == pytest.approx(np.median(ratios), abs=0.002)
+    e2e_runs, enc = np.array(res["e2e_runs"]), np.array(res["encoder_runs"])
+    ratios = e2e_runs / enc
+    # runs are printed to 0.1 items/s and the ratio to 0.001: allow what that rounding moves
+    slack = float(np.max(ratios * (0.05 / e2e_runs + 0.05 / enc))) + 0.0005
+    assert res["e2e_to_encoder_ratio"] == pytest.approx(np.median(ratios), abs=slack + 1e-9)
     # the encoder's share of each end-to-end run, and its own rate inside them
     busy = np.array(res["e2e_busy_runs"])
     assert len(busy) == 2 and np.all((busy > 0) & (busy <= 1)), busy
@@ -93,10 +96,8 @@ def test_bench_json(model_dir: Path) -> None:
     assert res["e2e_encode_items_per_s"] == pytest.approx(np.median(inner), rel=0.01)
     assert res["e2e_encode_items_per_s"] >= res["e2e_items_per_s"] * 0.99
     speedups = np.array(res["encoder_runs"]) / np.array(res["torch_runs"])
-    # the runs are printed to 0.1 items/s, which at a few tens of items/s moves a ratio of two
-    # of them by tenths of a percent (a CI run: 3.27 reported, 3.259 from the printed runs);
-    # the speedup itself is printed to 0.01
-    enc, torch = np.array(res["encoder_runs"]), np.array(res["torch_runs"])
+    # likewise (a CI run: 3.27 reported, 3.259 from the printed runs); printed to 0.01
+    torch = np.array(res["torch_runs"])
     slack = float(np.max(speedups * (0.05 / enc + 0.05 / torch))) + 0.005
     assert res["torch_speedup"] == pytest.approx(np.median(speedups), abs=slack + 1e-9)
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
