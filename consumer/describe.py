@@ -19,6 +19,7 @@ import structlog
 import tenacity
 from pydantic import SecretStr
 
+from consumer.llm import RETRYABLE, openai_client
 from tagsys import Tag
 
 log = structlog.get_logger(__name__)
@@ -70,13 +71,9 @@ def prompt_for(name: str) -> str:
 def clean(text: str, max_chars: int = 200) -> str | None:
     """One line, repeated phrases dropped (small models loop), None when nothing is left."""
     line = text.strip().splitlines()[0].strip() if text.strip() else ""
-    parts = [p.strip() for p in _SPLIT.split(line)]
-    seen: list[str] = []
-    for p in parts:
-        if p and p not in seen:
-            seen.append(p)
+    parts = dict.fromkeys(p.strip() for p in _SPLIT.split(line) if p.strip())
     sep = "、" if _CJK.search(line) else ", "
-    out = sep.join(seen)[:max_chars].strip()
+    out = sep.join(parts)[:max_chars].strip()
     return out or None
 
 
@@ -114,12 +111,7 @@ class Describer:
         self.max_tokens = max_tokens
         self.attempts = attempts
         self.concurrency = max(1, concurrency)
-        self.client = openai.OpenAI(
-            base_url=base_url,
-            api_key=api_key.get_secret_value() or "not-needed",
-            timeout=timeout_s,
-            max_retries=0,
-        )
+        self.client = openai_client(base_url, api_key, timeout_s)
 
     def _once(self, name: str, seed: int) -> str | None:
         r = self.client.completions.create(
@@ -138,14 +130,7 @@ class Describer:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential(multiplier=0.5, max=8),
-            retry=tenacity.retry_if_exception_type(
-                (
-                    openai.APIConnectionError,
-                    openai.APITimeoutError,
-                    openai.InternalServerError,
-                    openai.RateLimitError,
-                )
-            ),
+            retry=tenacity.retry_if_exception_type(RETRYABLE),
             reraise=True,
         )
         return retrying(self._once, name, seed)

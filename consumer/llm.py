@@ -65,6 +65,17 @@ RETRYABLE = (
 )
 
 
+def openai_client(base_url: str, api_key: SecretStr, timeout_s: float) -> openai.OpenAI:
+    """Retries are ours (tenacity: Retry-After, a breaker, counted); the client's own are off
+    so that no request is repeated behind our back or counted twice."""
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key=api_key.get_secret_value() or "not-needed",
+        timeout=timeout_s,
+        max_retries=0,
+    )
+
+
 @dataclass
 class LLMAnswer:
     status: str  # one of STATUSES
@@ -165,14 +176,7 @@ class SelectiveTagger:
         self.limiter = limiter
         self._wait = _WaitRetryAfter(retry_after_cap_s, backoff_base_s, backoff_max_s)
         self._secret = api_key.get_secret_value()
-        # Retries are ours (tenacity, with Retry-After and a breaker); the client's own are
-        # off so that no request is repeated behind our back or counted twice.
-        self.client = openai.OpenAI(
-            base_url=base_url,
-            api_key=api_key.get_secret_value() or "not-needed",
-            timeout=timeout_s,
-            max_retries=0,
-        )
+        self.client = openai_client(base_url, api_key, timeout_s)
 
     @staticmethod
     def build_messages(item: dict[str, Any], shortlist: list[str], max_tags: int) -> list[Any]:
