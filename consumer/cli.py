@@ -13,6 +13,7 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from consumer import logs
+from tagsys.bank import BANK_K, BANK_WEIGHT
 from tagsys.errors import TagstreamError
 
 app = typer.Typer(
@@ -506,6 +507,18 @@ AdaptOpt = Annotated[
         "hubness bias; no labels used)."
     ),
 ]
+BankOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A larger tag system of the same domain and encoder (e.g. TagGPT's vocabulary, "
+        "imported with import-tags): each tag's vector is mixed with its nearest bank tags'. "
+        "No labels used."
+    ),
+]
+BankKOpt = Annotated[int, typer.Option(min=1, help="Bank neighbours per tag.")]
+BankWeightOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share of the tag's own vector in the mix.")
+]
 
 
 def _progress(label: str) -> Any:
@@ -555,6 +568,9 @@ def eval_cmd(
     llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N labelled items.")] = None,
     adapt: AdaptOpt = False,
+    bank: BankOpt = None,
+    bank_k: BankKOpt = BANK_K,
+    bank_weight: BankWeightOpt = BANK_WEIGHT,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -574,6 +590,9 @@ def eval_cmd(
         llm_api_key=Settings().llm_api_key,
         limit=limit,
         adapt_corpus=adapt,
+        bank=bank,
+        bank_k=bank_k,
+        bank_weight=bank_weight,
     )
     out = report(run_)
     _print_metrics(out)
@@ -599,6 +618,9 @@ def calibrate_cmd(
     ] = 0.5,
     limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
     adapt: AdaptOpt = False,
+    bank: BankOpt = None,
+    bank_k: BankKOpt = BANK_K,
+    bank_weight: BankWeightOpt = BANK_WEIGHT,
     json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
@@ -615,6 +637,9 @@ def calibrate_cmd(
         model_dir=model_dir,
         limit=limit,
         adapt_corpus=adapt,
+        bank=bank,
+        bank_k=bank_k,
+        bank_weight=bank_weight,
     )
     ts, cal, before, after = run_calibrate(
         run_, target_precision=target_precision, fit_fraction=fit_fraction
@@ -878,6 +903,9 @@ def import_tags(
     ] = None,
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
+    bank: BankOpt = None,
+    bank_k: BankKOpt = BANK_K,
+    bank_weight: BankWeightOpt = BANK_WEIGHT,
 ) -> None:
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
     from dataclasses import replace
@@ -908,6 +936,10 @@ def import_tags(
         gate=gate,
         provenance={"imported_from": file.name, "format": fmt.value},
     )
+    if bank is not None:
+        from tagsys.bank import expand_with_bank
+
+        ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
     ts.save(out)
     n_alias = sum(len(t.aliases) for t in ts.tags)
     err.print(

@@ -27,6 +27,7 @@ from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, GateConfig, Tag, TagSystem, build_tag_system
 from tagsys.adapt import adapt, label_free_gate
+from tagsys.bank import BANK_K, BANK_WEIGHT, expand_with_bank
 from tagsys.datasets import Dataset, DatasetError, Item, load
 from tagsys.evaluation import Calibration, Outcome, calibrated, compute, gate_outcomes
 
@@ -113,6 +114,9 @@ def run_eval(
     llm_api_key: SecretStr = SecretStr(""),
     limit: int | None = None,
     adapt_corpus: bool = False,
+    bank: Path | None = None,
+    bank_k: int = BANK_K,
+    bank_weight: float = BANK_WEIGHT,
     progress: Progress | None = None,
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
@@ -122,6 +126,8 @@ def run_eval(
     name = model or (loaded.encoder if loaded else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
     ts = loaded or zero_shot(ds.labels, encoder)
+    if bank is not None:  # an external vocabulary, no labels: zero-shot stays zero-shot
+        ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
     metrics = Metrics()
     outcomes: list[Outcome] = []
     with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
