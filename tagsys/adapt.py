@@ -17,16 +17,10 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 
+from tagsys.shortlist import unit
 from tagsys.tagsystem import TagSystem
 
 F32 = npt.NDArray[np.float32]
-
-
-def _unit(v: F32) -> F32:
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    n[n == 0] = 1.0
-    out: F32 = (v / n).astype(np.float32)
-    return out
 
 
 def adapt(
@@ -50,8 +44,8 @@ def adapt(
     moved = 0
     for j, rows in members.items():
         if len(rows) >= min_mentions:
-            centroid = _unit(item_embeddings[rows].mean(0))
-            emb[j] = _unit(keep * ts.embeddings[j] + (1 - keep) * centroid)
+            centroid = unit(item_embeddings[rows].mean(0))
+            emb[j] = unit(keep * ts.embeddings[j] + (1 - keep) * centroid)
             moved += 1
     bias = None
     if hubness:

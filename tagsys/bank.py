@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tagsys.errors import EncoderMismatchError, TagSystemError
+from tagsys.shortlist import shortlist, unit
 from tagsys.tagsystem import TagSystem
 
 F32 = npt.NDArray[np.float32]
@@ -23,24 +24,12 @@ BANK_K = 10
 BANK_WEIGHT = 0.7  # share of the tag's own vector; the rest is its bank neighbours' mean
 
 
-def _unit(v: F32) -> F32:
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    n[n == 0] = 1.0
-    out: F32 = (v / n).astype(np.float32)
-    return out
-
-
 def bank_neighbours(embeddings: F32, bank: F32, k: int, chunk: int = 1024) -> npt.NDArray[np.int64]:
     """Indices of each row's `k` nearest bank rows (cosine, best first); chunked so a large
     vocabulary against a large bank stays within `chunk` x bank floats at a time."""
-    k = min(k, bank.shape[0])
-    out = np.empty((embeddings.shape[0], k), dtype=np.int64)
-    for s in range(0, embeddings.shape[0], chunk):
-        sims = embeddings[s : s + chunk] @ bank.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
-        out[s : s + chunk] = np.take_along_axis(part, order, 1)
-    return out
+    starts = range(0, len(embeddings), chunk)
+    rows = [shortlist(embeddings[s : s + chunk], bank, k)[0] for s in starts]
+    return np.concatenate(rows) if rows else np.zeros((0, min(k, len(bank))), np.int64)
 
 
 def expand_with_bank(
@@ -65,8 +54,8 @@ def expand_with_bank(
     if not bank.tags:
         raise TagSystemError(f"bank {bank.version_id} has no tags")
     nb = bank_neighbours(ts.embeddings, bank.embeddings, k)
-    mean = _unit(bank.embeddings[nb].mean(axis=1))
-    emb = _unit(weight * ts.embeddings + (1.0 - weight) * mean)
+    mean = unit(bank.embeddings[nb].mean(axis=1))
+    emb = unit(weight * ts.embeddings + (1.0 - weight) * mean)
     prov = dict(ts.provenance)
     prov["bank"] = {"bank": bank.version_id, "k": int(nb.shape[1]), "weight": weight}
     return replace(ts, embeddings=emb, provenance=prov)

@@ -11,6 +11,14 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
+def unit(v: F32) -> F32:
+    """Rows scaled to length 1 (zero rows stay zero): what `shortlist` expects."""
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    n[n == 0] = 1.0
+    out: F32 = (v / n).astype(np.float32)
+    return out
+
+
 def shortlist(
     queries: F32,
     tag_embeddings: F32,
