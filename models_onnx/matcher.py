@@ -4,11 +4,11 @@
 40k tags × 384 dims its product alone runs near the 2-core fp32 peak (~0.29 ms/item) and the
 argpartition adds ~0.17 ms. Here one ORT graph quantises the queries on the fly, multiplies
 them with the int8 tag matrix and subtracts the bias in one kernel (`DynamicQuantizeMatMul`,
-VNNI where the CPU has it; the matrix is a constant, pre-packed once at load), and keeps the
-best max(4k, k+32) candidates with ORT's TopK; numpy then re-scores those candidates exactly
-in fp32 and keeps k. The returned scores are exact; the top-k equals the reference unless a
-true top-k tag falls outside the int8 candidates (tests/test_matcher.py measures the
-agreement; `tagstream bench` the speed).
+VNNI where the CPU has it; 7-bit weights, see W_MAX; the matrix is a constant, pre-packed
+once at load), and keeps the best max(4k, k+32) candidates with ORT's TopK; numpy then
+re-scores those candidates exactly in fp32 and keeps k. The returned scores are exact; the
+top-k equals the reference unless a true top-k tag falls outside the int8 candidates
+(tests/test_matcher.py measures the agreement; `tagstream bench` the speed).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ I64 = npt.NDArray[np.int64]
 
 # below this many tags the numpy path is as fast and simpler
 MIN_TAGS = 2048
+# Weights use 7 bits, not 8. Without VNNI (AVX2 only, e.g. the AMD EPYC CI machines) ORT's
+# u8s8 kernel adds pairs of u8×s8 products in int16 (vpmaddubsw), which saturates at 32767:
+# 2 × 255 × 127 overflows, 2 × 255 × 63 does not (ORT's own `reduce_range` advice). With ±127 a
+# 64-dim test vocabulary lost true top-10 tags from the 40 candidates there (recall 0.992);
+# with ±63 none, and the exact re-rank makes the lost bit invisible in the scores.
+W_MAX = 63
 
 
 GRAPH = Path(__file__).with_name("shortlist.onnx")
@@ -84,10 +90,10 @@ class OrtMatcher:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.log_severity_level = 3
-        # symmetric per-tag int8
-        scale = np.abs(self.tags).max(axis=1) / 127.0
+        # symmetric per-tag, 7-bit (W_MAX)
+        scale = np.abs(self.tags).max(axis=1) / W_MAX
         scale[scale == 0] = 1.0
-        wq = np.clip(np.round(self.tags / scale[:, None]), -127, 127).astype(np.int8)
+        wq = np.clip(np.round(self.tags / scale[:, None]), -W_MAX, W_MAX).astype(np.int8)
         negbias = -self.bias if self.bias is not None else np.zeros(self.n_tags, np.float32)
         # ORT keeps pointers to these: they live as long as the matcher
         self._weights = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models_onnx.matcher import GRAPH, OrtMatcher, build_graph
+from models_onnx.matcher import GRAPH, W_MAX, OrtMatcher, build_graph
 from tagsys.shortlist import shortlist
 
 
@@ -44,3 +44,17 @@ def test_agreement_at_taggpt_scale() -> None:
     assert agree >= 0.99
     same = (ref_i == got_i).all(axis=1)
     assert np.allclose(ref_s[same], got_s[same], atol=1e-5)  # scores are exact fp32
+
+
+def test_weights_cannot_saturate_avx2() -> None:
+    """ORT's AVX2 u8s8 kernel sums pairs of u8×s8 products in int16: 2 × 255 × |w| must stay
+    below 32768, or scores clip on CPUs without VNNI (the 64-dim test above failed there)."""
+    rng = np.random.default_rng(3)
+    tags = _unit(rng.normal(size=(3000, 32)))
+    tags[0] = 0.0
+    tags[1, 0] = -50.0  # one dominant component: its scale maps it to exactly -W_MAX
+    m = OrtMatcher(tags)
+    wq = m._weights["Wq"].numpy()
+    assert wq.dtype == np.int8
+    assert 2 * 255 * int(np.abs(wq).max()) < 32768
+    assert np.abs(wq).max() == W_MAX
