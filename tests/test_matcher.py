@@ -58,3 +58,17 @@ def test_weights_cannot_saturate_avx2() -> None:
     assert wq.dtype == np.int8
     assert 2 * 255 * int(np.abs(wq).max()) < 32768
     assert np.abs(wq).max() == W_MAX
+
+
+def test_agreement_with_anisotropic_vectors() -> None:
+    """Real encoders put every vector near one shared direction, which fills the int8 range
+    in the same components; on an AVX2 CPU without VNNI 8-bit weights saturated there (this
+    case: top-10 agreement 0.980 with 8-bit weights, 1.0 with 7-bit)."""
+    rng = np.random.default_rng(4)
+    mean = _unit(rng.normal(size=(1, 384)))[0]
+    tags = _unit(rng.normal(size=(40238, 384)) * 0.05 + mean)
+    q = _unit(rng.normal(size=(64, 384)) * 0.05 + mean)
+    ref_i, _ = shortlist(q, tags, 10)
+    got_i, _ = OrtMatcher(tags).top_k(q, 10)
+    agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref_i, got_i, strict=True)])
+    assert agree >= 0.995
