@@ -522,17 +522,10 @@ BankWeightOpt = Annotated[
 
 
 def _progress(label: str) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    """A bar on a terminal; timed plain lines otherwise (nohup, CI, a Job's log)."""
+    from consumer.progress import progress
 
-    return Progress(
-        f"[bold]{label}[/]",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not sys.stderr.isatty(),
-    )
+    return progress(label, err)
 
 
 def _run_eval(data: Path, fmt: str, **kw: Any) -> Any:

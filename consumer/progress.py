@@ -1,0 +1,119 @@
+"""Progress of long CLI jobs: a rich bar on a terminal, plain timed lines otherwise.
+
+`describe-tags` or `build-tags` run for tens of minutes, often under nohup, in CI or in a
+Kubernetes Job, where stderr is no terminal and a bar would either be hidden or flood the
+log. There a line like `describing: 120/3015 (4%), 1m35s elapsed, ~36m left` every
+`interval` seconds (and one at the end) says the job is alive and when it will finish.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class LineProgress:
+    """The subset of `rich.progress.Progress` the CLI uses, written as log lines."""
+
+    def __init__(
+        self,
+        label: str,
+        console: Console,
+        *,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.console = console
+        self.interval = interval
+        self.clock = clock
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            for tid, t in self._tasks.items():
+                if t["completed"] and t["last_printed"] != t["completed"]:
+                    self._print(tid)
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        tid = len(self._tasks)
+        now = self.clock()
+        self._tasks[tid] = {
+            "description": self.label,
+            "total": total,
+            "completed": 0,
+            "start": now,
+            "stage_start": now,  # the ETA of a multi-stage job counts from its stage's start
+            "last": now,
+            "last_printed": None,
+        }
+        return tid
+
+    def update(
+        self,
+        task_id: int,
+        *,
+        completed: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+        **_: Any,
+    ) -> None:
+        t = self._tasks[task_id]
+        if description is not None and description != t["description"]:
+            t["description"] = description
+            t["stage_start"] = self.clock()
+            t["last"] = -float("inf")  # a new stage: say so at once
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        now = self.clock()
+        finished = t["total"] is not None and t["completed"] >= t["total"] > 0
+        if now - t["last"] >= self.interval or (finished and t["last_printed"] != t["completed"]):
+            self._print(task_id)
+            t["last"] = now
+
+    def _print(self, task_id: int) -> None:
+        t = self._tasks[task_id]
+        done, total = t["completed"], t["total"]
+        now = self.clock()
+        elapsed, in_stage = now - t["start"], now - t["stage_start"]
+        parts = [f"{t['description']}: {int(done)}"]
+        if total:
+            parts[0] += f"/{int(total)} ({100 * done / total:.0f}%)"
+        parts.append(f"{_duration(elapsed)} elapsed")
+        if total and 0 < done < total:
+            parts.append(f"~{_duration(in_stage * (total - done) / done)} left")
+        self.console.print(", ".join(parts), highlight=False, soft_wrap=True)
+        t["last_printed"] = done
+
+
+def progress(label: str, console: Console, *, interval: float = 30.0) -> Any:
+    """A rich bar when `console` writes to a terminal, else `LineProgress`."""
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        return Progress(
+            f"[bold]{label}[/]",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+    return LineProgress(label, console, interval=interval)
