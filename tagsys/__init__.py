@@ -1,7 +1,7 @@
 """The tag system: vocabulary, tag embeddings, thresholds, shortlist and decision rules.
 
-Pure Python + numpy: nothing here knows about Kafka, ONNX or LLMs, so the same rules run in
-the service, in `tagstream eval` and in tests.
+Pure Python + numpy (and the pure-Python Snowball stemmer): nothing here knows about Kafka,
+ONNX or LLMs, so the same rules run in the service, in `tagstream eval` and in tests.
 """
 
 from tagsys.errors import EncoderMismatchError, TagstreamError, TagSystemError

@@ -27,7 +27,8 @@ class GateConfig:
     An item is confident when its best score reaches `accept_threshold` (or that tag's own
     entry in `tag_thresholds`) and leads the runner-up by at least `min_margin`. Scores are
     cosines, minus the tag's bias when the tag system has one, plus `lexical_boost` when the
-    tag is literally mentioned in the text (0 turns that off).
+    tag is literally mentioned in the text (0 turns that off); with `lexical_stems` a mention
+    may also be by word stems ("substitute" names "substitutions", tagsys/lexicon.py).
     """
 
     top_k: int = 10
@@ -37,6 +38,9 @@ class GateConfig:
     min_score: float = 0.2
     tag_thresholds: dict[str, float] = field(default_factory=dict)
     lexical_boost: float = 0.0
+    # Tag systems written before stem matching existed have no such key: they load with it
+    # off (and `to_dict` leaves it out), so their behaviour and content hash stay the same.
+    lexical_stems: bool = True
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.max_tags < 1:
@@ -47,11 +51,15 @@ class GateConfig:
             raise ValueError("lexical_boost must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.lexical_stems:
+            del d["lexical_stems"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("lexical_stems", False)
         return cls(**known)
 
 

@@ -176,7 +176,9 @@ class TagSystem:
     @property
     def lexicon(self) -> Lexicon:
         if self._lexicon is None:
-            self._lexicon = Lexicon([(t.name, *t.aliases) for t in self.tags])
+            self._lexicon = Lexicon(
+                [(t.name, *t.aliases) for t in self.tags], stem=self.gate.lexical_stems
+            )
         return self._lexicon
 
     def mentions(self, texts: Sequence[str]) -> list[set[int]] | None:

@@ -128,7 +128,13 @@ def read_json(path: Path) -> Vocabulary:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         tags = [Tag.from_dict(t) for t in data["tags"]]
-        gate = GateConfig.from_dict(data["gate"]) if data.get("gate") else None
+        # a new tag system: stem matching on unless the file says otherwise (from_dict's
+        # default is off, for artifacts written before it existed)
+        gate = (
+            GateConfig.from_dict({"lexical_stems": True} | data["gate"])
+            if data.get("gate")
+            else None
+        )
         return Vocabulary(tags, str(data["name"]), str(data["version"]), gate)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TagSystemError(f"cannot read vocabulary {path}: {e}") from e

@@ -91,6 +91,18 @@ def test_lexicon_matches_words_plurals_and_chinese() -> None:
     assert 4 not in lex.match("a b c")  # one-letter terms are ignored
 
 
+def test_lexicon_matches_by_stems_only_when_asked() -> None:
+    terms = [["substitutions"], ["frying"], ["food-safety"], ["storage method"], ["美食"]]
+    plain, stems = Lexicon(terms), Lexicon(terms, stem=True)
+    text = "Can I substitute butter when the fried food is safe? Storing methods; 美食"
+    assert plain.match(text) == {4}
+    assert stems.match(text) == {0, 1, 4}  # not 2: "food is safe" is no "food safety"
+    assert stems.match("Storage methods for rice") == {3}  # multi-word stems
+    assert stems.match("substitution") == {0} and plain.match("substitution") == {0}  # plural
+    assert stems.lookup("Fried") == [1] and plain.lookup("Fried") == []
+    assert stems.match("substantial frosting") == set()  # different stems, no match
+
+
 def test_readers(tmp_path: Path) -> None:
     k = tmp_path / "k.csv"
     k.write_text(

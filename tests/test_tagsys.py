@@ -107,6 +107,32 @@ def test_tag_system_roundtrip_hash_and_tamper(tmp_path: Path) -> None:
         TagSystem.load(tmp_path / "ts")
 
 
+def test_artifacts_without_the_stems_key_keep_their_hash_and_behaviour(tmp_path: Path) -> None:
+    # a tag system written before `lexical_stems` existed: its gate has no such key
+    ts = build_tag_system("toy", "1", _tags(), _fake_encode, "enc-x", GateConfig(lexical_boost=0.1))
+    assert ts.gate.lexical_stems and ts.gate.to_dict()["lexical_stems"] is True
+    legacy = TagSystem(
+        "toy",
+        "1",
+        "enc-x",
+        ts.tags,
+        ts.embeddings,
+        gate=GateConfig.from_dict({"lexical_boost": 0.1}),
+    )
+    assert not legacy.gate.lexical_stems and "lexical_stems" not in legacy.gate.to_dict()
+    legacy.save(tmp_path / "old")
+    meta = (tmp_path / "old" / "tagsystem.json").read_text()
+    assert "lexical_stems" not in meta
+    back = TagSystem.load(tmp_path / "old")
+    assert back.content_hash == legacy.content_hash != ts.content_hash
+    assert not back.gate.lexical_stems
+    # only the new one matches by stems ("dogged" stems to "dog"); plurals match in both
+    assert ts.mentions(["a dogged effort"]) == [{0}] and back.mentions(["a dogged effort"]) == [
+        set()
+    ]
+    assert ts.mentions(["my puppies"]) == back.mentions(["my puppies"]) == [{0}]
+
+
 def test_tag_system_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(TagSystemError):
         TagSystem("x", "1", "e", _tags(), np.zeros((2, 8), dtype=np.float32))
