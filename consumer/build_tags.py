@@ -22,7 +22,14 @@ from consumer.evaluate import to_event
 from consumer.events import event_text
 from consumer.llm import PROPOSE_PROMPT_VERSION, SelectiveTagger
 from models_onnx import OnnxEncoder
-from tagsys import GateConfig, TagSystem, TagSystemError, embed_tags
+from tagsys import (
+    DEFAULT_TEMPLATE,
+    GateConfig,
+    TagSystem,
+    TagSystemError,
+    embed_tags,
+    template_provenance,
+)
 from tagsys.build import (
     Candidate,
     count,
@@ -167,6 +174,7 @@ def build_tags(
     describe: bool = False,
     name: str = "built",
     version: str = "1",
+    tag_template: str = DEFAULT_TEMPLATE,
     progress: Progress | None = None,
 ) -> tuple[TagSystem, BuildReport]:
     ds = load(data, fmt, limit=limit, require_labels=False)
@@ -239,7 +247,7 @@ def build_tags(
         report.described = sum(d is not None for d in descriptions)
     vocab = to_tags(groups, categories, descriptions)
     report.tags = len(vocab)
-    tag_emb = embed_tags(vocab, tag_enc.encode)
+    tag_emb = embed_tags(vocab, tag_enc.encode, template=tag_template)
     ts = TagSystem(
         name=name,
         version=version,
@@ -255,6 +263,7 @@ def build_tags(
             "samples": samples,
             "min_items": min_items,
             "merge_threshold": merge_threshold,
+            **template_provenance(tag_template),
             **report.to_dict(),
         },
     )

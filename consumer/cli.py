@@ -516,6 +516,14 @@ BankOpt = Annotated[
     ),
 ]
 BankKOpt = Annotated[int, typer.Option(min=1, help="Bank neighbours per tag.")]
+TagTemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="How a tag's name is embedded, with {name} for it: put the tags in their domain, "
+        "e.g. '{name} (cooking)' (\"equipment\" alone is vague). Recorded in the tag "
+        "system. Default: the name alone.",
+    ),
+]
 BankWeightOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Share of the tag's own vector in the mix.")
 ]
@@ -564,6 +572,7 @@ def eval_cmd(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -586,6 +595,7 @@ def eval_cmd(
         bank=bank,
         bank_k=bank_k,
         bank_weight=bank_weight,
+        tag_template=tag_template,
     )
     out = report(run_)
     _print_metrics(out)
@@ -614,6 +624,7 @@ def calibrate_cmd(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
@@ -633,6 +644,7 @@ def calibrate_cmd(
         bank=bank,
         bank_k=bank_k,
         bank_weight=bank_weight,
+        tag_template=tag_template,
     )
     ts, cal, before, after = run_calibrate(
         run_, target_precision=target_precision, fit_fraction=fit_fraction
@@ -690,6 +702,7 @@ def distill_cmd(
     ] = 0.9,
     limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
     version: Annotated[str | None, typer.Option(help="Version of the new tag system.")] = None,
+    tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
@@ -729,6 +742,7 @@ def distill_cmd(
                 model_dir=model_dir,
                 limit=limit,
                 progress=lambda d, t: bar.update(task, completed=d, total=t),
+                tag_template=tag_template,
             )
         extra.update(counts)
         heldout = out.with_name(out.name + ".heldout.jsonl")
@@ -789,6 +803,7 @@ def build_tags_cmd(
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
+    tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Build a tag system from a corpus: LLM proposals (several samples per item, resumable),
@@ -801,8 +816,10 @@ def build_tags_cmd(
     from consumer.llm_server import LocalLLM
     from consumer.metrics import Metrics
     from models_onnx import OnnxEncoder
+    from tagsys import DEFAULT_TEMPLATE, check_template
 
     logs.configure("warning")
+    template = check_template(tag_template or DEFAULT_TEMPLATE)  # before the LLM's hours
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model, model_dir=model_dir)
@@ -836,6 +853,7 @@ def build_tags_cmd(
                 describe=describe,
                 name=name,
                 version=version,
+                tag_template=template,
                 progress=step,
             )
     res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
@@ -899,16 +917,18 @@ def import_tags(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tag_template: TagTemplateOpt = None,
 ) -> None:
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
     from dataclasses import replace
 
     from models_onnx import OnnxEncoder
-    from tagsys import TagSystem, embed_tags
+    from tagsys import DEFAULT_TEMPLATE, TagSystem, check_template, embed_tags, template_provenance
     from tagsys.gate import GateConfig
     from tagsys.vocab import read_vocabulary
 
     logs.configure("warning")
+    template = check_template(tag_template or DEFAULT_TEMPLATE)
     vocab = read_vocabulary(file, fmt.value)
     for p in vocab.problems[:10]:
         err.print(f"[yellow]warning:[/] {p}")
@@ -919,7 +939,11 @@ def import_tags(
         gate = replace(gate, lexical_boost=lexical_boost)
     enc = OnnxEncoder(model, model_dir=model_dir)
     tag_enc = enc.tag_encoder()
-    emb = embed_tags(vocab.tags, lambda texts: _encode_with_progress(tag_enc, texts, "embedding"))
+    emb = embed_tags(
+        vocab.tags,
+        lambda texts: _encode_with_progress(tag_enc, texts, "embedding"),
+        template=template,
+    )
     ts = TagSystem(
         name=name or vocab.name,
         version=version or vocab.version,
@@ -927,7 +951,11 @@ def import_tags(
         tags=vocab.tags,
         embeddings=emb,
         gate=gate,
-        provenance={"imported_from": file.name, "format": fmt.value},
+        provenance={
+            "imported_from": file.name,
+            "format": fmt.value,
+            **template_provenance(template),
+        },
     )
     if bank is not None:
         from tagsys.bank import expand_with_bank

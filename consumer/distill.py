@@ -19,7 +19,7 @@ import numpy.typing as npt
 import orjson
 
 from consumer.core import TaggingCore
-from consumer.evaluate import DEFAULT_MODEL, embed_items, zero_shot
+from consumer.evaluate import DEFAULT_MODEL, embed_items, template_for, zero_shot
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
@@ -131,13 +131,15 @@ def labelled_from_file(
     model_dir: Path | None,
     limit: int | None,
     progress: Progress | None,
+    tag_template: str | None = None,
 ) -> tuple[TagSystem, Labelled, list[Item], dict[str, int]]:
     ds = load(path, fmt, level=level, limit=limit)
     if not ds.items:
         raise DatasetError(f"{path}: no labelled items with text ({dict(ds.skipped)})")
+    template = template_for(base, tag_template)
     name = model or (base.encoder if base else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir)
-    ts = base or zero_shot(ds.labels, encoder)
+    ts = base or zero_shot(ds.labels, encoder, template=template)
     core = TaggingCore(encoder, ts, metrics=Metrics())  # refuses a mismatched encoder
     try:
         emb, texts = embed_items(core, ds.items, progress)

@@ -25,7 +25,16 @@ from consumer.llm import SelectiveTagger
 from consumer.llm_server import LocalLLM
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
-from tagsys import Decision, GateConfig, Tag, TagSystem, build_tag_system
+from tagsys import (
+    DEFAULT_TEMPLATE,
+    Decision,
+    GateConfig,
+    Tag,
+    TagSystem,
+    TagSystemError,
+    build_tag_system,
+    check_template,
+)
 from tagsys.adapt import adapt, label_free_gate
 from tagsys.bank import BANK_K, BANK_WEIGHT, expand_with_bank
 from tagsys.datasets import Dataset, DatasetError, Item, load
@@ -45,12 +54,31 @@ def to_event(item: Item) -> UploadEvent:
     return UploadEvent.model_validate({"id": item.id, **item.fields})
 
 
-def zero_shot(labels: list[str], encoder: OnnxEncoder, name: str = "zero-shot") -> TagSystem:
-    """A tag system whose only knowledge of the labels is their names."""
+def zero_shot(
+    labels: list[str],
+    encoder: OnnxEncoder,
+    name: str = "zero-shot",
+    template: str = DEFAULT_TEMPLATE,
+) -> TagSystem:
+    """A tag system whose only knowledge of the labels is their names (in `template`)."""
     tags = [Tag(id=label, name=label) for label in labels]
     gate = GateConfig(top_k=20, lexical_boost=ZERO_SHOT_LEXICAL_BOOST)
-    ts = build_tag_system(name, "0", tags, encoder.tag_encoder().encode, encoder.name, gate)
-    return replace(ts, provenance={"built_by": "zero-shot from the label names"})
+    enc = encoder.tag_encoder().encode
+    ts = build_tag_system(name, "0", tags, enc, encoder.name, gate, template=template)
+    prov = {"built_by": "zero-shot from the label names", **ts.provenance}
+    return replace(ts, provenance=prov)
+
+
+def template_for(loaded: TagSystem | None, template: str | None) -> str:
+    """`--tag-template` shapes tags as they are embedded: a loaded tag system was already."""
+    if template is None:
+        return DEFAULT_TEMPLATE
+    if loaded is not None:
+        raise TagSystemError(
+            f"--tag-template applies where tags are embedded (zero-shot, import-tags, "
+            f"build-tags); {loaded.version_id} is embedded already"
+        )
+    return check_template(template)
 
 
 @dataclass
@@ -117,15 +145,17 @@ def run_eval(
     bank: Path | None = None,
     bank_k: int = BANK_K,
     bank_weight: float = BANK_WEIGHT,
+    tag_template: str | None = None,
     progress: Progress | None = None,
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
         raise DatasetError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
     loaded = TagSystem.load(tag_system) if tag_system else None
+    template = template_for(loaded, tag_template)
     name = model or (loaded.encoder if loaded else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
-    ts = loaded or zero_shot(ds.labels, encoder)
+    ts = loaded or zero_shot(ds.labels, encoder, template=template)
     if bank is not None:  # an external vocabulary, no labels: zero-shot stays zero-shot
         ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
     metrics = Metrics()

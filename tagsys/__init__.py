@@ -8,15 +8,19 @@ from tagsys.errors import EncoderMismatchError, TagstreamError, TagSystemError
 from tagsys.gate import Decision, GateConfig, GateResult, decide
 from tagsys.shortlist import shortlist
 from tagsys.tagsystem import (
+    DEFAULT_TEMPLATE,
     Tag,
     TagSystem,
     build_tag_system,
+    check_template,
     embed_tags,
     load_sample_tags,
     tag_prompt,
+    template_provenance,
 )
 
 __all__ = [
+    "DEFAULT_TEMPLATE",
     "Decision",
     "EncoderMismatchError",
     "GateConfig",
@@ -26,9 +30,11 @@ __all__ = [
     "TagSystemError",
     "TagstreamError",
     "build_tag_system",
+    "check_template",
     "decide",
     "embed_tags",
     "load_sample_tags",
     "shortlist",
     "tag_prompt",
+    "template_provenance",
 ]

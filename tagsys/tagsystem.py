@@ -75,9 +75,27 @@ class Tag:
         )
 
 
-def tag_prompt(tag: Tag) -> str:
-    """Text embedded for a tag: its name, then aliases and description add context."""
-    parts = [tag.name]
+DEFAULT_TEMPLATE = "{name}"
+
+
+def check_template(template: str) -> str:
+    """A tag template names the tag once as `{name}`, e.g. `{name} (cooking)`."""
+    try:
+        probe = template.format(name="\x00")
+    except (KeyError, IndexError, ValueError) as e:
+        raise TagSystemError(
+            f"tag template {template!r} is not valid: use {{name}} for the tag's name "
+            f"and nothing else in braces ({e!r})"
+        ) from e
+    if probe.count("\x00") != 1:
+        raise TagSystemError(f"tag template {template!r} must contain {{name}} exactly once")
+    return template
+
+
+def tag_prompt(tag: Tag, template: str = DEFAULT_TEMPLATE) -> str:
+    """Text embedded for a tag: its name (in `template`, which may put it in a domain, e.g.
+    `{name} (cooking)`: "equipment" alone is vague), then aliases and description."""
+    parts = [template.format(name=tag.name)]
     if tag.aliases:
         # TagGPT tags carry up to ~200 aliases; the first few say it, the rest only pad
         parts.append(", ".join(tag.aliases[:MAX_PROMPT_ALIASES]))
@@ -87,15 +105,19 @@ def tag_prompt(tag: Tag) -> str:
 
 
 def embed_tags(
-    tags: Sequence[Tag], encode: EncodeFn, name_weight: float = DESCRIPTION_NAME_WEIGHT
+    tags: Sequence[Tag],
+    encode: EncodeFn,
+    name_weight: float = DESCRIPTION_NAME_WEIGHT,
+    template: str = DEFAULT_TEMPLATE,
 ) -> npt.NDArray[np.float32]:
     """One unit vector per tag: its prompt's, mixed for described tags with the mean of
     `name: description` vectors (RAM++): `name_weight` × prompt + (1 − it) × mean. Keeping the
     name in the mix matters: small LLMs drift off topic in some samples (docs/QUALITY.md)."""
     if not 0.0 <= name_weight <= 1.0:
         raise TagSystemError(f"name_weight must be in [0, 1], got {name_weight}")
-    base = np.asarray(encode([tag_prompt(t) for t in tags]), dtype=np.float32)
-    texts = [f"{t.name}: {d}" for t in tags for d in t.descriptions]
+    check_template(template)
+    base = np.asarray(encode([tag_prompt(t, template) for t in tags]), dtype=np.float32)
+    texts = [f"{template.format(name=t.name)}: {d}" for t in tags for d in t.descriptions]
     if not texts:
         return base
     desc = _normalise(np.asarray(encode(texts), dtype=np.float32))
@@ -325,9 +347,10 @@ def build_tag_system(
     encode: EncodeFn,
     encoder: str,
     gate: GateConfig | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> TagSystem:
     """Embed every tag (`embed_tags`) and wrap the result as a versioned artifact."""
-    emb = embed_tags(tags, encode)
+    emb = embed_tags(tags, encode, template=template)
     return TagSystem(
         name=name,
         version=version,
@@ -335,7 +358,13 @@ def build_tag_system(
         tags=list(tags),
         embeddings=np.asarray(emb, dtype=np.float32),
         gate=gate or GateConfig(),
+        provenance=template_provenance(template),
     )
+
+
+def template_provenance(template: str) -> dict[str, Any]:
+    """Recorded only when not the default, so older artifacts keep their hashes."""
+    return {} if template == DEFAULT_TEMPLATE else {"tag_template": template}
 
 
 def load_sample_tags() -> tuple[list[Tag], GateConfig, str]:

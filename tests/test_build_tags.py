@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
@@ -137,6 +138,23 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
     )
     assert rep2.cached == 10
     assert len(server.requests) - n_before == 4  # 2 samples x (1 try + 1 retry pass)
+    assert "tag_template" not in ts.provenance
+    # the same cached proposals embedded in their domain: same tags, other vectors, recorded
+    ts_t, _ = build_tags(
+        corpus,
+        "jsonl",
+        tmp_path / "ts-t",
+        _tagger(server),
+        encoder,
+        work=work,
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+        tag_template="{name} (cooking)",
+    )
+    assert ts_t.provenance["tag_template"] == "{name} (cooking)"
+    assert [t.name for t in ts_t.tags] == [t.name for t in TagSystem.load(tmp_path / "ts2").tags]
+    assert not np.allclose(ts_t.embeddings, TagSystem.load(tmp_path / "ts2").embeddings)
     # categories from a hierarchy, by embedding (no LLM call for them)
     hier = tmp_path / "h.csv"
     hier.write_text("l1\nbaking\ncutlery\n")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -110,6 +111,33 @@ def test_import_tags_writes_a_loadable_tag_system(model_dir: Path, tmp_path: Pat
     ts = TagSystem.load(tmp_path / "ts")
     assert ts.version_id.startswith("toy@7#") and ts.tag_ids == ["dogs", "c"]
     assert ts.encoder == "all-MiniLM-L6-v2" and ts.gate.top_k == 2
+    assert ts.gate.lexical_stems  # a new tag system matches by stems
+    assert "tag_template" not in ts.provenance
+    # a template: recorded, and the vectors are those of "dogs (pets): puppy", not "dogs: puppy"
+    res = runner.invoke(
+        app,
+        [
+            "import-tags",
+            str(vocab),
+            "--out",
+            str(tmp_path / "ts2"),
+            "--model-dir",
+            str(model_dir),
+            "--tag-template",
+            "{name} (pets)",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    ts2 = TagSystem.load(tmp_path / "ts2")
+    assert ts2.provenance["tag_template"] == "{name} (pets)"
+    from models_onnx import OnnxEncoder
+
+    enc = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu").tag_encoder()
+    want = enc.encode(["dogs (pets): puppy", "coffee (pets)"])
+    assert np.allclose(
+        ts2.embeddings, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5
+    )
+    assert not np.allclose(ts2.embeddings, ts.embeddings, atol=1e-3)
 
 
 def test_import_tags_rejects_a_bad_file_with_a_clear_error(tmp_path: Path) -> None:

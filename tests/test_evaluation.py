@@ -232,6 +232,21 @@ def test_eval_and_calibrate_cli_on_toy_data(
     assert e.value.code in (0, None)
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["tag_system"] == ts.version_id
+    # a tag template shapes the zero-shot tags (and is recorded); an embedded system refuses it
+    base = ["--data", str(data), "--format", "jsonl", "--model-dir", str(model_dir), "--json"]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *base, "--tag-template", "{name} (cooking)"])
+    assert e.value.code in (0, None)
+    templated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert templated["items"] == 18 and templated["tag_system"] != out["tag_system"]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *base, "--tag-system", str(cal_dir), "--tag-template", "{name} (x)"])
+    assert e.value.code == 2
+    assert "embedded already" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *base, "--tag-template", "cooking"])
+    assert e.value.code == 2
+    assert "exactly once" in capsys.readouterr().err
 
 
 def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fake_llm: Any) -> None:

@@ -15,6 +15,7 @@ from tagsys import (
     TagSystem,
     TagSystemError,
     build_tag_system,
+    check_template,
     decide,
     embed_tags,
     load_sample_tags,
@@ -155,6 +156,34 @@ def test_tag_prompt_uses_aliases_and_description() -> None:
     assert tag_prompt(Tag("1", "dogs", ("puppy", "dog walk"))) == "dogs: puppy, dog walk"
     assert tag_prompt(Tag("2", "cats", (), None, "small felines")) == "cats: small felines"
     assert tag_prompt(Tag("3", "coffee")) == "coffee"
+
+
+def test_tag_templates_put_the_name_in_context_and_are_recorded() -> None:
+    dogs = Tag("1", "dogs", ("puppy",), None, None, ("loyal pets",))
+    assert tag_prompt(dogs, "{name} (pets)") == "dogs (pets): puppy"
+    seen: list[str] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.extend(texts)
+        return _fake_encode(texts)
+
+    ts = build_tag_system("toy", "1", [dogs], encode, "enc-x", template="{name} (pets)")
+    assert seen == ["dogs (pets): puppy", "dogs (pets): loyal pets"]
+    assert ts.provenance == {"tag_template": "{name} (pets)"}
+    plain = build_tag_system("toy", "1", [dogs], _fake_encode, "enc-x")
+    assert plain.provenance == {} and plain.content_hash != ts.content_hash
+    assert check_template("快手{name}") == "快手{name}"
+    for bad, why in [
+        ("cooking", "exactly once"),
+        ("{name} {name}", "exactly once"),
+        ("{nam}", "not valid"),
+        ("{0} {name}", "not valid"),
+        ("{name", "not valid"),
+    ]:
+        with pytest.raises(TagSystemError, match=why):
+            check_template(bad)
+    with pytest.raises(TagSystemError):
+        embed_tags([dogs], _fake_encode, template="{tag}")
 
 
 def test_embed_tags_mixes_the_mean_of_the_descriptions_into_described_tags_only() -> None:
