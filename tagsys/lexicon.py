@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
 
@@ -44,15 +45,18 @@ def normalise(text: str) -> str:
     return _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
-@functools.cache
-def _stemmer() -> snowballstemmer.stemmer:
-    return snowballstemmer.stemmer("english")
+_local = threading.local()
 
 
 @functools.lru_cache(maxsize=200_000)
 def _stem(word: str) -> str:
-    # word frequencies are Zipfian: the cache answers nearly every lookup of a stream
-    stem: str = _stemmer().stemWord(word)
+    # word frequencies are Zipfian: the cache answers nearly every lookup of a stream. A
+    # Snowball stemmer keeps its state in the object, so each thread has its own (the LLM
+    # workers map free proposals with `lookup` while the batch loop runs `match`).
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = snowballstemmer.stemmer("english")
+    stem: str = stemmer.stemWord(word)
     return stem
 
 

@@ -103,6 +103,50 @@ def test_lexicon_matches_by_stems_only_when_asked() -> None:
     assert stems.match("substantial frosting") == set()  # different stems, no match
 
 
+def test_stems_are_right_under_threads() -> None:
+    """One Snowball stemmer shared by threads corrupts stems and can raise IndexError (seen
+    with 8 threads here); the LLM workers' `lookup` runs beside the batch loop's `match`."""
+    import random
+    import sys
+    import threading
+
+    import snowballstemmer
+
+    from tagsys import lexicon
+
+    rng = random.Random(0)
+    ends = ["ing", "ed", "s", "ation", "ness", "ly", "ies"]
+    words = [
+        "".join(rng.choice("abcdefghilmnoprstuy") for _ in range(rng.randint(4, 14)))
+        + rng.choice(ends)
+        for _ in range(20_000)
+    ]
+    ref = snowballstemmer.stemmer("english")
+    want = {w: ref.stemWord(w) for w in words}
+    lexicon._stem.cache_clear()
+    wrong: list[str] = []
+    errors: list[BaseException] = []
+
+    def work(part: list[str]) -> None:
+        try:
+            wrong.extend(w for w in part if lexicon._stem(w) != want[w])
+        except BaseException as e:  # the race shows as an IndexError inside snowballstemmer
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(words[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+        lexicon._stem.cache_clear()
+    assert not errors and not wrong
+
+
 def test_readers(tmp_path: Path) -> None:
     k = tmp_path / "k.csv"
     k.write_text(
