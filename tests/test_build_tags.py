@@ -98,20 +98,22 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
 ) -> None:
     server = fake_llm(_propose)
     out, work = tmp_path / "ts", tmp_path / "work"
-    ts, rep = build_tags(
-        corpus,
-        "jsonl",
-        out,
-        _tagger(server),
-        encoder,
-        work=work,
-        samples=2,
-        min_items=2,
-        merge_threshold=0.8,
-        describe=True,
-        concurrency=2,
-        llm_categories=True,
-    )
+
+    def build(folder: Path, **kw: Any) -> tuple[TagSystem, Any]:
+        return build_tags(
+            corpus,
+            "jsonl",
+            folder,
+            _tagger(server),
+            encoder,
+            work=work,
+            samples=2,
+            min_items=2,
+            merge_threshold=0.8,
+            **kw,
+        )
+
+    ts, rep = build(out, describe=True, concurrency=2, llm_categories=True)
     names = {t.name for t in ts.tags}
     assert "food safety" not in names  # one item only: below the floor
     assert any("sourdough" in n.lower() for n in names)
@@ -125,51 +127,19 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
     assert loaded.version_id == ts.version_id and loaded.gate.lexical_boost > 0
     # resume: a second run asks only for what is missing (the failing item's two samples)
     n_before = len(server.requests)
-    _, rep2 = build_tags(
-        corpus,
-        "jsonl",
-        tmp_path / "ts2",
-        _tagger(server),
-        encoder,
-        work=work,
-        samples=2,
-        min_items=2,
-        merge_threshold=0.8,
-    )
+    _, rep2 = build(tmp_path / "ts2")
     assert rep2.cached == 10
     assert len(server.requests) - n_before == 4  # 2 samples x (1 try + 1 retry pass)
     assert "tag_template" not in ts.provenance
     # the same cached proposals embedded in their domain: same tags, other vectors, recorded
-    ts_t, _ = build_tags(
-        corpus,
-        "jsonl",
-        tmp_path / "ts-t",
-        _tagger(server),
-        encoder,
-        work=work,
-        samples=2,
-        min_items=2,
-        merge_threshold=0.8,
-        tag_template="{name} (cooking)",
-    )
+    ts_t, _ = build(tmp_path / "ts-t", tag_template="{name} (cooking)")
     assert ts_t.provenance["tag_template"] == "{name} (cooking)"
     assert [t.name for t in ts_t.tags] == [t.name for t in TagSystem.load(tmp_path / "ts2").tags]
     assert not np.allclose(ts_t.embeddings, TagSystem.load(tmp_path / "ts2").embeddings)
     # categories from a hierarchy, by embedding (no LLM call for them)
     hier = tmp_path / "h.csv"
     hier.write_text("l1\nbaking\ncutlery\n")
-    ts3, rep3 = build_tags(
-        corpus,
-        "jsonl",
-        tmp_path / "ts3",
-        _tagger(server),
-        encoder,
-        work=work,
-        samples=2,
-        min_items=2,
-        merge_threshold=0.8,
-        hierarchy=hier,
-    )
+    ts3, rep3 = build(tmp_path / "ts3", hierarchy=hier)
     [knife3] = [t for t in ts3.tags if "knife" in (t.name + " ".join(t.aliases)).lower()]
     assert knife3.category == "cutlery" and rep3.categorized == len(ts3.tags)
     lines = (work / PROPOSALS).read_text().splitlines()
