@@ -813,13 +813,13 @@ def build_tags_cmd(
     from consumer.app import make_tagger
     from consumer.build_tags import build_tags
     from consumer.config import Settings
+    from consumer.evaluate import template_for
     from consumer.llm_server import LocalLLM
     from consumer.metrics import Metrics
     from models_onnx import OnnxEncoder
-    from tagsys import DEFAULT_TEMPLATE, check_template
 
     logs.configure("warning")
-    template = check_template(tag_template or DEFAULT_TEMPLATE)  # before the LLM's hours
+    template = template_for(None, tag_template)  # checked before the LLM's hours
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model, model_dir=model_dir)
@@ -922,13 +922,14 @@ def import_tags(
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
     from dataclasses import replace
 
+    from consumer.evaluate import template_for
     from models_onnx import OnnxEncoder
-    from tagsys import DEFAULT_TEMPLATE, TagSystem, check_template, embed_tags, template_provenance
+    from tagsys import TagSystem, embed_tags, template_provenance
     from tagsys.gate import GateConfig
     from tagsys.vocab import read_vocabulary
 
     logs.configure("warning")
-    template = check_template(tag_template or DEFAULT_TEMPLATE)
+    template = template_for(None, tag_template)
     vocab = read_vocabulary(file, fmt.value)
     for p in vocab.problems[:10]:
         err.print(f"[yellow]warning:[/] {p}")

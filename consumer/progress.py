@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -22,6 +23,17 @@ def _duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    start: float
+    stage_start: float  # the ETA of a multi-stage job counts from its stage's start
+    last: float
+    completed: float = 0
+    last_printed: float | None = None
 
 
 class LineProgress:
@@ -39,30 +51,21 @@ class LineProgress:
         self.console = console
         self.interval = interval
         self.clock = clock
-        self._tasks: dict[int, dict[str, Any]] = {}
+        self._tasks: list[_Task] = []
 
     def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
-            for tid, t in self._tasks.items():
-                if t["completed"] and t["last_printed"] != t["completed"]:
-                    self._print(tid)
+            for t in self._tasks:
+                if t.completed and t.last_printed != t.completed:
+                    self._print(t)
 
     def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
-        tid = len(self._tasks)
         now = self.clock()
-        self._tasks[tid] = {
-            "description": self.label,
-            "total": total,
-            "completed": 0,
-            "start": now,
-            "stage_start": now,  # the ETA of a multi-stage job counts from its stage's start
-            "last": now,
-            "last_printed": None,
-        }
-        return tid
+        self._tasks.append(_Task(self.label, total, start=now, stage_start=now, last=now))
+        return len(self._tasks) - 1
 
     def update(
         self,
@@ -74,33 +77,32 @@ class LineProgress:
         **_: Any,
     ) -> None:
         t = self._tasks[task_id]
-        if description is not None and description != t["description"]:
-            t["description"] = description
-            t["stage_start"] = self.clock()
-            t["last"] = -float("inf")  # a new stage: say so at once
+        if description is not None and description != t.description:
+            t.description = description
+            t.stage_start = self.clock()
+            t.last = -float("inf")  # a new stage: say so at once
         if total is not None:
-            t["total"] = total
+            t.total = total
         if completed is not None:
-            t["completed"] = completed
+            t.completed = completed
         now = self.clock()
-        finished = t["total"] is not None and t["completed"] >= t["total"] > 0
-        if now - t["last"] >= self.interval or (finished and t["last_printed"] != t["completed"]):
-            self._print(task_id)
-            t["last"] = now
+        finished = t.total is not None and t.completed >= t.total > 0
+        if now - t.last >= self.interval or (finished and t.last_printed != t.completed):
+            self._print(t)
+            t.last = now
 
-    def _print(self, task_id: int) -> None:
-        t = self._tasks[task_id]
-        done, total = t["completed"], t["total"]
+    def _print(self, t: _Task) -> None:
+        done, total = t.completed, t.total
         now = self.clock()
-        elapsed, in_stage = now - t["start"], now - t["stage_start"]
-        parts = [f"{t['description']}: {int(done)}"]
+        elapsed, in_stage = now - t.start, now - t.stage_start
+        parts = [f"{t.description}: {int(done)}"]
         if total:
             parts[0] += f"/{int(total)} ({100 * done / total:.0f}%)"
         parts.append(f"{_duration(elapsed)} elapsed")
         if total and 0 < done < total:
             parts.append(f"~{_duration(in_stage * (total - done) / done)} left")
         self.console.print(", ".join(parts), highlight=False, soft_wrap=True)
-        t["last_printed"] = done
+        t.last_printed = done
 
 
 def progress(label: str, console: Console, *, interval: float = 30.0) -> Any:
