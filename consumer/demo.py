@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import importlib.resources
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -72,10 +73,28 @@ def run_demo(
     console: Console | None = None,
 ) -> DemoResult:
     con = console or Console(stderr=True)
-    events = sample_events()
+    # the broker's log matters only when the demo fails: kept then (and named), else removed
     logdir = Path(tempfile.mkdtemp(prefix="tagstream-demo-"))
+    try:
+        result = _run(llm, model, model_dir, timeout_s, con, logdir / "broker.log")
+    except BaseException:
+        con.print(f"[yellow]the embedded broker's log is kept at {logdir / 'broker.log'}[/]")
+        raise
+    shutil.rmtree(logdir, ignore_errors=True)
+    return result
+
+
+def _run(
+    llm: str,
+    model: str,
+    model_dir: Path | None,
+    timeout_s: float,
+    con: Console,
+    broker_log: Path,
+) -> DemoResult:
+    events = sample_events()
     t0 = time.monotonic()
-    with EmbeddedBroker(log_path=logdir / "broker.log") as broker:
+    with EmbeddedBroker(log_path=broker_log) as broker:
         con.print(f"[bold]broker[/] Tansu on {broker.bootstrap}")
         create_topics(broker.bootstrap, {INPUT: 3, OUTPUT: 3, f"{INPUT}.dlq": 1})
         settings = Settings(

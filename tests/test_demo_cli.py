@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from consumer.cli import app
 from consumer.demo import run_demo, sample_events
+from tagsys.errors import TagstreamError
 
 runner = CliRunner()
 
@@ -50,11 +54,28 @@ def test_settings_hide_secrets() -> None:
 
 
 @pytest.mark.broker
-def test_demo_without_llm_tags_every_sample_event(model_dir: Path) -> None:
+def test_demo_without_llm_tags_every_sample_event(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     res = run_demo(llm="none", model_dir=model_dir)
     assert res.events_in == len(sample_events()) == res.events_out
     assert res.llm_calls == 0 and res.decisions.get("encoder", 0) > 0
     assert res.decisions.get("review", 0) > 0  # the sample has vague items too
+    assert not list(tmp_path.glob("tagstream-demo-*"))  # nothing left behind
+
+
+@pytest.mark.broker
+def test_a_failed_demo_keeps_the_broker_log_and_says_where(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    con = Console(file=io.StringIO(), width=300)
+    with pytest.raises(TagstreamError, match="tag events within"):
+        run_demo(llm="none", model_dir=model_dir, timeout_s=0.01, console=con)
+    (kept,) = tmp_path.glob("tagstream-demo-*/broker.log")
+    assert "tansu" in kept.read_text()
+    assert str(kept) in con.file.getvalue()  # type: ignore[attr-defined]
 
 
 @pytest.mark.broker
