@@ -13,18 +13,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
+from consumer.describe import Describer
 from consumer.evaluate import to_event
 from consumer.events import event_text
-from consumer.llm import PROPOSE_PROMPT_VERSION, SelectiveTagger
+from consumer.llm import LLMAnswer, SelectiveTagger
 from models_onnx import OnnxEncoder
 from tagsys import (
     DEFAULT_TEMPLATE,
     GateConfig,
+    Tag,
     TagSystem,
     TagSystemError,
     embed_tags,
@@ -39,10 +41,23 @@ from tagsys.build import (
     to_tags,
 )
 from tagsys.datasets import Item, load
+from tagsys.lexicon import Lexicon
 from tagsys.vocab import read_vocabulary
 
 Progress = Callable[[str, int, int], None]
 PROPOSALS = "proposals.jsonl"
+
+
+class Proposer(Protocol):
+    """What proposes free tags: `SelectiveTagger` (chat + JSON schema) or
+    `consumer.propose.FewShotProposer` (a base model's completions)."""
+
+    model: str
+    prompt_version: str
+
+    def propose(
+        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+    ) -> LLMAnswer: ...
 
 
 @dataclass
@@ -56,8 +71,21 @@ class BuildReport:
     tags: int = 0
     categorized: int = 0
     described: int = 0
+    stale: int = 0  # cached proposals of another model or prompt: not used
+    gold_labels: int | None = None  # distinct gold labels of the items, when the data has any
+    gold_recovered: int | None = None  # of them, named by a built tag (name or alias)
+    gold_coverage: float | None = None  # share of the items' gold label occurrences
 
     def to_dict(self) -> dict[str, Any]:
+        gold = (
+            {
+                "gold_labels": self.gold_labels,
+                "gold_recovered": self.gold_recovered,
+                "gold_coverage": self.gold_coverage,
+            }
+            if self.gold_labels is not None
+            else {}
+        )
         return {
             "items": self.items,
             "llm_calls": self.calls,
@@ -68,20 +96,32 @@ class BuildReport:
             "tags": self.tags,
             "categorized": self.categorized,
             "described": self.described,
+            **({"stale_cache": self.stale} if self.stale else {}),
+            **gold,
         }
 
 
-def _load_cache(path: Path) -> dict[tuple[str, int], list[str]]:
+def _load_cache(
+    path: Path, model: str, prompt: str
+) -> tuple[dict[tuple[str, int], list[str]], int]:
+    """Proposals already made by this model with this prompt, and how many others the log
+    holds (a rerun with another --llm-model or --prompt must not mix the two)."""
     done: dict[tuple[str, int], list[str]] = {}
+    stale = 0
     if not path.is_file():
-        return done
+        return done, stale
     for line in path.read_bytes().splitlines():
         try:
             rec = orjson.loads(line)
-            done[(str(rec["id"]), int(rec["sample"]))] = [str(t) for t in rec["tags"]]
+            key = (str(rec["id"]), int(rec["sample"]))
+            tags = [str(t) for t in rec["tags"]]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut by a crash: that proposal is asked again
-    return done
+        if rec.get("model", model) != model or rec.get("prompt", prompt) != prompt:
+            stale += 1
+            continue
+        done[key] = tags
+    return done, stale
 
 
 def _fields(item: Item, max_chars: int = 1500) -> dict[str, Any]:
@@ -90,7 +130,7 @@ def _fields(item: Item, max_chars: int = 1500) -> dict[str, Any]:
 
 def collect_proposals(
     items: list[Item],
-    tagger: SelectiveTagger,
+    tagger: Proposer,
     work: Path,
     *,
     samples: int,
@@ -102,7 +142,7 @@ def collect_proposals(
     """Every item's proposals over all samples (resumable, retried, failures reported)."""
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / PROPOSALS
-    done = _load_cache(cache_path)
+    done, report.stale = _load_cache(cache_path, tagger.model, tagger.prompt_version)
     by_id = {it.id: it for it in items}
     jobs = [(it.id, s) for it in items for s in range(samples) if (it.id, s) not in done]
     report.cached = sum(1 for it in items for s in range(samples) if (it.id, s) in done)
@@ -127,7 +167,7 @@ def collect_proposals(
                             "id": i,
                             "sample": s,
                             "tags": ans.tags,
-                            "prompt": PROPOSE_PROMPT_VERSION,
+                            "prompt": tagger.prompt_version,
                             "model": tagger.model,
                         }
                         with lock:
@@ -176,14 +216,20 @@ def build_tags(
     version: str = "1",
     tag_template: str = DEFAULT_TEMPLATE,
     progress: Progress | None = None,
+    proposer: Proposer | None = None,
+    describer: Describer | None = None,
 ) -> tuple[TagSystem, BuildReport]:
+    """`proposer` (default: `tagger`, chat) proposes the free tags; `tagger` categorises and
+    describes. `describer` (a base model's sampled descriptions) replaces the tagger's one-line
+    description when given."""
     ds = load(data, fmt, limit=limit, require_labels=False)
     report = BuildReport(items=len(ds.items))
     if not ds.items:
         raise TagSystemError(f"{data}: no items with text ({dict(ds.skipped)})")
+    proposer = proposer or tagger
     proposals = collect_proposals(
         ds.items,
-        tagger,
+        proposer,
         work,
         samples=samples,
         max_tags=max_tags,
@@ -240,13 +286,19 @@ def build_tags(
         categories = list(nearest_category(emb[keep_rows], cat_emb, cat_names))
         report.categorized = len(groups)
     descriptions: list[str | None] | None = None
-    if describe:
+    if describe and describer is None:
         descriptions = per_tag(
             lambda h: tagger.describe(h.name, examples.get(h.key, [])[:3]), "describing tags"
         )
         report.described = sum(d is not None for d in descriptions)
     vocab = to_tags(groups, categories, descriptions)
+    if describe and describer is not None:
+        vocab, drep = describer.describe(
+            vocab, (lambda d, n: progress("describing tags", d, n)) if progress else None
+        )
+        report.described = drep.described
     report.tags = len(vocab)
+    _gold_coverage(ds.items, vocab, report)
     tag_emb = embed_tags(vocab, tag_enc.encode, template=tag_template)
     ts = TagSystem(
         name=name,
@@ -258,8 +310,8 @@ def build_tags(
         provenance={
             "built_by": "tagstream build-tags",
             "data": data.name,
-            "llm_model": tagger.model,
-            "prompt": PROPOSE_PROMPT_VERSION,
+            "llm_model": proposer.model,
+            "prompt": proposer.prompt_version,
             "samples": samples,
             "min_items": min_items,
             "merge_threshold": merge_threshold,
@@ -269,3 +321,17 @@ def build_tags(
     )
     ts.save(out)
     return ts, report
+
+
+def _gold_coverage(items: list[Item], vocab: list[Tag], report: BuildReport) -> None:
+    """Where the data is labelled, how much of its label set the built vocabulary names
+    (by name or alias, matched as the lexicon matches: normalised, then by stems). A check
+    on the vocabulary, not an input to it: the labels never reach the LLM."""
+    occurrences = [g for it in items for g in it.gold]
+    if not occurrences:
+        return
+    lex = Lexicon([[t.name, *t.aliases] for t in vocab], stem=True)
+    named = {g for g in set(occurrences) if lex.lookup(g)}
+    report.gold_labels = len(set(occurrences))
+    report.gold_recovered = len(named)
+    report.gold_coverage = round(sum(g in named for g in occurrences) / len(occurrences), 4)

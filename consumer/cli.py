@@ -473,6 +473,12 @@ def replay_dlq_cmd(
         )
 
 
+class PromptStyle(StrEnum):
+    auto = "auto"
+    chat = "chat"
+    fewshot = "fewshot"
+
+
 class DataFormat(StrEnum):
     kuairec = "kuairec"
     stackexchange = "stackexchange"
@@ -768,10 +774,30 @@ def build_tags_cmd(
     llm: Annotated[
         str,
         typer.Option(
-            envvar=_env("llm"), help="local (bundled SmolLM2) or an OpenAI-compatible URL."
+            envvar=_env("llm"),
+            help="local (a bundled model, see --llm-model) or an OpenAI-compatible URL.",
         ),
     ] = "local",
-    llm_model: Annotated[str, typer.Option(envvar=_env("llm_model"))] = "smollm2",
+    llm_model: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("llm_model"),
+            help=(
+                "Model at the endpoint. With --llm local: smollm2 (SmolLM2-135M-Instruct, "
+                "chat) or gemma3-270m (Gemma 3 270M base: better proposals, docs/QUALITY.md)."
+            ),
+        ),
+    ] = "smollm2",
+    prompt: Annotated[
+        PromptStyle,
+        typer.Option(
+            help=(
+                "How proposals are asked: chat (JSON schema, /chat/completions), fewshot "
+                "(a base model continues examples, /completions), or auto: fewshot for "
+                "the bundled base model, chat otherwise."
+            ),
+        ),
+    ] = PromptStyle.auto,
     work: Annotated[
         Path | None,
         typer.Option(help="Folder for the resumable proposal log (default: <out>.work)."),
@@ -797,8 +823,18 @@ def build_tags_cmd(
         ),
     ] = False,
     describe: Annotated[
-        bool, typer.Option(help="Ask the LLM for a one-line description of every tag.")
+        bool,
+        typer.Option(
+            help=(
+                "Describe every tag: one line from a chat model, or --describe-samples "
+                "sampled lines from a base model (fewshot), as describe-tags does."
+            )
+        ),
     ] = False,
+    describe_samples: Annotated[
+        int,
+        typer.Option(min=1, max=50, help="Descriptions sampled per tag with --prompt fewshot."),
+    ] = 5,
     name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: ModelOpt = "all-MiniLM-L6-v2",
@@ -809,26 +845,55 @@ def build_tags_cmd(
     """Build a tag system from a corpus: LLM proposals (several samples per item, resumable),
     normalise, count, frequency floor, merge synonyms, categories, descriptions, embed."""
     import contextlib
+    import os
 
     from consumer.app import make_tagger
-    from consumer.build_tags import build_tags
+    from consumer.build_tags import Proposer, build_tags
     from consumer.config import Settings
+    from consumer.describe import Describer
     from consumer.evaluate import template_for
-    from consumer.llm_server import LocalLLM
+    from consumer.llm_server import BASE_MODELS, MODELS, LocalLLM
     from consumer.metrics import Metrics
+    from consumer.propose import FewShotProposer
     from models_onnx import OnnxEncoder
 
     logs.configure("warning")
     template = template_for(None, tag_template)  # checked before the LLM's hours
+    local_llm = llm.strip().lower() == "local"
+    if local_llm and llm_model not in MODELS:
+        raise typer.BadParameter(
+            f"{llm_model!r} is no bundled model; with --llm local use one of {', '.join(MODELS)}",
+            param_hint="--llm-model",
+        )
+    style = prompt
+    if style is PromptStyle.auto:
+        style = PromptStyle.fewshot if llm_model in BASE_MODELS else PromptStyle.chat
+    if style is PromptStyle.fewshot and llm_categories:
+        raise typer.BadParameter(
+            "--llm-categories needs a chat model (a base model cannot answer with one of a "
+            "list); use --hierarchy alone, or --prompt chat with an instruction-tuned model",
+            param_hint="--llm-categories",
+        )
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model, model_dir=model_dir)
     with contextlib.ExitStack() as stack:
-        if llm.strip().lower() == "local":
-            local = stack.enter_context(LocalLLM())
-            tagger = make_tagger(settings, local.base_url, local.model, SecretStr(""), metrics)
+        if local_llm:
+            local = stack.enter_context(
+                LocalLLM(model=llm_model, parallel=concurrency, threads=os.cpu_count() or 2)
+            )
+            url, key = local.base_url, SecretStr("")
         else:
-            tagger = make_tagger(settings, llm, llm_model, settings.llm_api_key, metrics)
+            url, key = llm, settings.llm_api_key
+        tagger = make_tagger(settings, url, llm_model, key, metrics)
+        proposer: Proposer = tagger
+        describer = None
+        if style is PromptStyle.fewshot:
+            proposer = FewShotProposer(url, llm_model, key)
+            if describe:
+                describer = Describer(
+                    url, llm_model, key, samples=describe_samples, concurrency=concurrency
+                )
         with _progress("building") as bar:
             task = bar.add_task("build", total=None)
 
@@ -855,6 +920,8 @@ def build_tags_cmd(
                 version=version,
                 tag_template=template,
                 progress=step,
+                proposer=proposer,
+                describer=describer,
             )
     res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
     for k, v in res.items():

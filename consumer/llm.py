@@ -147,6 +147,8 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
 
 
 class SelectiveTagger:
+    prompt_version = PROPOSE_PROMPT_VERSION  # of `propose`, recorded with build-tags' proposals
+
     def __init__(
         self,
         base_url: str,

@@ -32,6 +32,7 @@ from tagsys.errors import TagstreamError
 MODEL_NAME = "smollm2"
 GEMMA = "gemma3-270m"
 MODELS = (MODEL_NAME, GEMMA)
+BASE_MODELS = frozenset({GEMMA})  # no chat tuning: prompted by few-shot continuation
 
 
 def gemma_gguf() -> Path:

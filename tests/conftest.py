@@ -149,3 +149,15 @@ def fake_llm() -> Iterator[Callable[[Responder], FakeOpenAI]]:
     yield make
     for s in servers:
         s.close()
+
+
+def text_completion(text: str) -> dict[str, Any]:
+    """A /v1/completions answer (base models: describe-tags, build-tags --prompt fewshot)."""
+    return {
+        "id": "x",
+        "object": "text_completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 90, "completion_tokens": 12, "total_tokens": 102},
+    }

@@ -15,18 +15,7 @@ import pytest
 from consumer.cli import main
 from consumer.describe import PROMPT_EN, PROMPT_ZH, Describer, clean, prompt_for
 from tagsys import Tag, TagSystem
-from tests.conftest import FakeOpenAI, Reply, Responder
-
-
-def text_completion(text: str) -> dict[str, Any]:
-    return {
-        "id": "x",
-        "object": "text_completion",
-        "created": 0,
-        "model": "fake",
-        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": 90, "completion_tokens": 12, "total_tokens": 102},
-    }
+from tests.conftest import FakeOpenAI, Reply, Responder, text_completion
 
 
 def tag_of(req: dict[str, Any]) -> str:

