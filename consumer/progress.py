@@ -33,6 +33,9 @@ class _Task:
     stage_start: float  # the ETA of a multi-stage job counts from its stage's start
     last: float
     completed: float = 0
+    # done when the stage was first heard of: a stage is often first reported with its
+    # first step already done, whose time is unknown, so the rate counts from there
+    stage_done: float = 0
     last_printed: float | None = None
 
 
@@ -77,14 +80,16 @@ class LineProgress:
         **_: Any,
     ) -> None:
         t = self._tasks[task_id]
-        if description is not None and description != t.description:
-            t.description = description
-            t.stage_start = self.clock()
-            t.last = -float("inf")  # a new stage: say so at once
+        new_stage = description is not None and description != t.description
         if total is not None:
             t.total = total
         if completed is not None:
             t.completed = completed
+        if new_stage:
+            t.description = description or t.description
+            t.stage_start = self.clock()
+            t.stage_done = t.completed
+            t.last = -float("inf")  # a new stage: say so at once
         now = self.clock()
         finished = t.total is not None and t.completed >= t.total > 0
         if now - t.last >= self.interval or (finished and t.last_printed != t.completed):
@@ -99,8 +104,9 @@ class LineProgress:
         if total:
             parts[0] += f"/{int(total)} ({100 * done / total:.0f}%)"
         parts.append(f"{_duration(elapsed)} elapsed")
-        if total and 0 < done < total:
-            parts.append(f"~{_duration(in_stage * (total - done) / done)} left")
+        if total and t.stage_done < done < total and in_stage > 0:
+            rate = (done - t.stage_done) / in_stage
+            parts.append(f"~{_duration((total - done) / rate)} left")
         self.console.print(", ".join(parts), highlight=False, soft_wrap=True)
         t.last_printed = done
 

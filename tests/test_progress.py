@@ -58,6 +58,23 @@ def test_stage_changes_are_said_at_once_and_unknown_totals_work() -> None:
     ]
 
 
+def test_a_stage_first_heard_of_with_a_step_done_gives_no_eta_until_it_has_a_rate() -> None:
+    # build-tags reports a stage when its first LLM answer is back: that step's duration is
+    # unknown, so the first line says no "~0s left", and the rate counts from it
+    console, buf = _console()
+    clock = Clock()
+    with LineProgress("building", console, interval=30, clock=clock) as bar:
+        task = bar.add_task("build", total=None)
+        clock.now = 2
+        bar.update(task, description="asking the LLM", completed=1, total=1200)
+        clock.now = 32
+        bar.update(task, completed=31)  # 30 steps in 30 s since the first line
+    assert buf.getvalue().splitlines() == [
+        "asking the LLM: 1/1200 (0%), 2s elapsed",
+        "asking the LLM: 31/1200 (3%), 32s elapsed, ~19m29s left",
+    ]
+
+
 def test_a_terminal_gets_a_bar_anything_else_lines() -> None:
     console, _ = _console()
     assert isinstance(progress("x", console), LineProgress)
