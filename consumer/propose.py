@@ -19,8 +19,9 @@ import tenacity
 from pydantic import SecretStr
 
 from consumer.llm import MAX_FREE_TAG_CHARS, RETRYABLE, LLMAnswer, openai_client
+from tagsys.lexicon import normalise, stem_key
 
-PROMPT_VERSION = "propose-fewshot-1"
+PROMPT_VERSION = "propose-fewshot-2"
 
 PROMPT_EN = """Posts and the topic tags their authors gave them.
 
@@ -55,6 +56,31 @@ PROMPT_ZH = """以下是短视频的文字和作者给它们打的话题标签�
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _SPLIT = re.compile(r"[,，、;；|]+")
 _SPACE = re.compile(r"\s+")
+_TAG_LINE = re.compile(r"^(?:Tags: |标签：)(.+)$", re.M)
+_LATIN = re.compile(r"[0-9a-z\u00c0-\u024f]+")
+
+
+def _key(text: str) -> str:
+    """A tag by its English stems ("gardening" is "garden"), a CJK one as it is."""
+    t = normalise(text)
+    return stem_key(t) or t
+
+
+def _named_in(text: str) -> str:
+    """What an item names, to look keys up in: its normal form, then its Latin words' stems
+    (a mixed Chinese / English text too)."""
+    t = normalise(text)
+    return f" {t} | {stem_key(' '.join(_LATIN.findall(t)))} "
+
+
+# the examples' own tags: a small model sometimes copies them ("metal detecting" for a
+# question about pastry); one is kept only where the item itself names it
+EXAMPLE_TAGS = frozenset(
+    _key(t)
+    for p in (PROMPT_EN, PROMPT_ZH)
+    for line in _TAG_LINE.findall(p)
+    for t in _SPLIT.split(line)
+)
 
 
 def item_line(item: dict[str, Any], max_chars: int = 500) -> str:
@@ -68,15 +94,27 @@ def prompt_for(item: dict[str, Any]) -> str:
     return (PROMPT_ZH if _CJK.search(text) else PROMPT_EN).format(text=text)
 
 
-def parse_line(text: str, max_tags: int) -> list[str]:
-    """The first line, split on commas (and 、), trimmed of `#` and dots, deduplicated."""
+def parse_line(text: str, max_tags: int, item_text: str = "") -> tuple[list[str], int]:
+    """The first line, split on commas (and 、), trimmed of `#` and dots, deduplicated; and
+    how many parts were dropped (too long, or an example's tag that `item_text` does not
+    name)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    seen = _named_in(item_text)
     out: list[str] = []
+    dropped = 0
     for part in _SPLIT.split(line):
         tag = part.strip().strip("#.。").strip()
-        if 0 < len(tag) <= MAX_FREE_TAG_CHARS and tag not in out:
+        if not tag or tag in out:
+            continue
+        key = _key(tag)
+        echo = key in EXAMPLE_TAGS and (
+            f" {key} " not in seen if key.isascii() else key not in seen
+        )
+        if len(tag) > MAX_FREE_TAG_CHARS or echo:
+            dropped += 1
+        else:
             out.append(tag)
-    return out[:max_tags]
+    return out[:max_tags], dropped
 
 
 class FewShotProposer:
@@ -109,8 +147,10 @@ class FewShotProposer:
             stop=["\n"],
             extra_body={"repeat_penalty": 1.3},  # llama.cpp; small models loop. Others ignore it
         )
-        tags = parse_line(r.choices[0].text, max_tags) if r.choices else []
-        answer = LLMAnswer(status="ok" if tags else "empty", tags=tags)
+        tags, dropped = (
+            parse_line(r.choices[0].text, max_tags, item_line(item)) if r.choices else ([], 0)
+        )
+        answer = LLMAnswer(status="ok" if tags else "empty", tags=tags, rejected=dropped)
         if not tags:
             answer.error = "no tags in the answer"
         if r.usage is not None:

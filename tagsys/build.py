@@ -1,6 +1,6 @@
 """Vocabulary construction from LLM proposals (TagGPT step 1), minus the LLM calls.
 
-Proposals -> normalised surface forms -> document frequency -> frequency floor -> synonym
+Proposals -> normalised surface forms, grouped by English stems -> document frequency -> frequency floor -> synonym
 merge by embedding similarity (the merged forms become aliases) -> categories. Pure numpy so
 each step is testable with a fake encoder.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tagsys.lexicon import normalise, stem_key
 from tagsys.tagsystem import Tag
 
 EncodeFn = Callable[[list[str]], npt.NDArray[np.float32]]
@@ -42,11 +43,19 @@ class Candidate:
     forms: tuple[str, ...]  # other surface forms seen
 
 
+def _group(key: str) -> str:
+    """Proposals in one group are one tag: equal normal forms, or (Latin text) equal English
+    stems — "meat" / "meats", "bake" / "baking" — counted together before the floor."""
+    return stem_key(normalise(key)) or key
+
+
 def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
     """`proposals` holds, per item, every tag its samples proposed. Counts items, not
     samples, so one chatty item cannot make a tag frequent."""
-    per_item: Counter[str] = Counter()
-    surface: dict[str, Counter[str]] = {}
+    per_item: Counter[str] = Counter()  # items per group
+    key_items: Counter[str] = Counter()  # items per normal form
+    surface: dict[str, Counter[str]] = {}  # surface forms per normal form
+    members: dict[str, set[str]] = {}  # normal forms per group
     for tags in proposals:
         seen: set[str] = set()
         for raw in tags:
@@ -55,13 +64,21 @@ def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
                 continue
             shown = _EDGE.sub("", _SPACE.sub(" ", unicodedata.normalize("NFKC", raw)).strip())
             surface.setdefault(key, Counter())[shown] += 1
+            members.setdefault(_group(key), set()).add(key)
             seen.add(key)
-        per_item.update(seen)
+        per_item.update({_group(k) for k in seen})
+        key_items.update(seen)
     out = []
-    # ties broken by text, so the result does not depend on the order answers arrived in
-    for key, n in sorted(per_item.items(), key=lambda kv: (-kv[1], kv[0])):
-        forms = [f for f, _ in sorted(surface[key].items(), key=lambda kv: (-kv[1], kv[0]))]
-        out.append(Candidate(key, forms[0], n, tuple(forms[1:])))
+    # ties broken by length and text, so the result does not depend on the order answers
+    # arrived in: the group's name is the most frequent form of its most frequent key
+    for group, n in sorted(per_item.items(), key=lambda kv: (-kv[1], kv[0])):
+        keys = sorted(members[group], key=lambda k: (-key_items[k], len(k), k))
+        forms = [
+            f
+            for k in keys
+            for f, _ in sorted(surface[k].items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
+        out.append(Candidate(keys[0], forms[0], n, tuple(forms[1:])))
     return out
 
 

@@ -75,6 +75,10 @@ def test_normalise_and_count() -> None:
     by_key = {c.key: c for c in cands}
     assert by_key["bread"].items == 2  # items, not mentions
     assert by_key["cake"].items == 1
+    # English stems group forms before the floor: three items, one tag, named by its most
+    # frequent form; Chinese forms are grouped by their normal form only
+    [meat] = [c for c in count([["Meat", "meats"], ["meat"], ["meats"], ["美食"]]) if c.items == 3]
+    assert meat.key == "meat" and {meat.name, *meat.forms} == {"Meat", "meat", "meats"}
 
 
 def test_merge_synonyms_keeps_the_frequent_form() -> None:

@@ -64,19 +64,30 @@ def test_the_prompt_quotes_the_item_as_one_line_in_its_language() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "want"),
+    ("raw", "want", "dropped"),
     [
-        (" steak, beef, menu", ["steak", "beef", "menu"]),
-        (" ribs, ribs, #BBQ., slow braised\nPost: more", ["ribs", "BBQ", "slow braised"]),
-        ("星空、银河，长曝光", ["星空", "银河", "长曝光"]),
-        ("a; b | c, d, e, f, g", ["a", "b", "c", "d", "e"]),  # at most max_tags
-        ("x" * 41 + ", ok", ["ok"]),  # longer than a tag can be
-        ("   \n", []),
-        ("", []),
+        (" steak, beef, menu", ["steak", "beef", "menu"], 0),
+        (" ribs, ribs, #BBQ., slow braised\nPost: more", ["ribs", "BBQ", "slow braised"], 0),
+        ("星空、银河，长曝光", ["星空"], 2),  # two of the Chinese examples' tags, not named
+        ("a; b | c, d, e, f, g", ["a", "b", "c", "d", "e"], 0),  # at most max_tags
+        ("x" * 41 + ", ok", ["ok"], 1),  # longer than a tag can be
+        ("   \n", [], 0),
+        ("", [], 0),
     ],
 )
-def test_parse_line(raw: str, want: list[str]) -> None:
-    assert parse_line(raw, 5) == want
+def test_parse_line(raw: str, want: list[str], dropped: int) -> None:
+    assert parse_line(raw, 5) == (want, dropped)
+
+
+def test_an_example_tag_is_kept_only_where_the_item_names_it() -> None:
+    answer = " pastry, Metal Detecting, garden, 园艺, 考古, 银河"
+    # "garden" is the examples' "gardening" by its stem; the item names it, mixed with Chinese
+    item = "Gardening tips for pastry chefs 考古"
+    assert parse_line(answer, 9, item) == (["pastry", "garden", "考古"], 3)
+    assert parse_line(" metal detecting, law", 9, "Metal detecting and the LAW") == (
+        ["metal detecting", "law"],
+        0,
+    )
 
 
 def test_the_proposer_retries_an_empty_answer_and_never_raises(
@@ -150,7 +161,7 @@ def test_build_with_a_base_model_describes_by_sampling_and_reports_gold_coverage
     assert {"sourdough", "bread"} <= names and "food safety" not in names  # floor: 2 items
     assert all(t.descriptions == ("things about it, more things",) for t in ts.tags)
     assert rep.described == len(ts.tags)
-    assert ts.provenance["prompt"] == "propose-fewshot-1" and ts.provenance["llm_model"] == "fake"
+    assert ts.provenance["prompt"] == "propose-fewshot-2" and ts.provenance["llm_model"] == "fake"
     # gold: sourdough ×2, bread, knives (a built name or alias), sharpening, food-safety
     assert (rep.gold_labels, rep.gold_recovered) == (5, 3)
     assert rep.gold_coverage == round(4 / 6, 4)
@@ -254,7 +265,7 @@ def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
         )
     assert e.value.code in (0, None)
     ts = TagSystem.load(out)
-    assert ts.provenance["prompt"] == "propose-fewshot-1"
+    assert ts.provenance["prompt"] == "propose-fewshot-2"
     assert ts.provenance["llm_model"] == "gemma3-270m"
     # three chocolate-cake questions: the tags proposed for two of them name the topic
     assert any("chocolate" in t.name.lower() or "cake" in t.name.lower() for t in ts.tags)
