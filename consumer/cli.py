@@ -779,15 +779,16 @@ def build_tags_cmd(
         ),
     ] = "local",
     llm_model: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar=_env("llm_model"),
             help=(
-                "Model at the endpoint. With --llm local: smollm2 (SmolLM2-135M-Instruct, "
-                "chat) or gemma3-270m (Gemma 3 270M base: better proposals, docs/QUALITY.md)."
+                "Model at the endpoint (needed with a URL). With --llm local: gemma3-270m "
+                "(Gemma 3 270M base, the default: far better proposals, docs/QUALITY.md) or "
+                "smollm2 (SmolLM2-135M-Instruct, chat)."
             ),
         ),
-    ] = "smollm2",
+    ] = None,
     prompt: Annotated[
         PromptStyle,
         typer.Option(
@@ -852,7 +853,7 @@ def build_tags_cmd(
     from consumer.config import Settings
     from consumer.describe import Describer
     from consumer.evaluate import template_for
-    from consumer.llm_server import BASE_MODELS, MODELS, LocalLLM
+    from consumer.llm_server import BASE_MODELS, GEMMA, MODELS, LocalLLM
     from consumer.metrics import Metrics
     from consumer.propose import FewShotProposer
     from models_onnx import OnnxEncoder
@@ -860,6 +861,13 @@ def build_tags_cmd(
     logs.configure("warning")
     template = template_for(None, tag_template)  # checked before the LLM's hours
     local_llm = llm.strip().lower() == "local"
+    if llm_model is None:
+        if not local_llm:
+            raise typer.BadParameter(
+                "name the endpoint's model (--llm-model or TAGSTREAM_LLM_MODEL)",
+                param_hint="--llm-model",
+            )
+        llm_model = GEMMA
     if local_llm and llm_model not in MODELS:
         raise typer.BadParameter(
             f"{llm_model!r} is no bundled model; with --llm local use one of {', '.join(MODELS)}",

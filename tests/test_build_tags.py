@@ -152,7 +152,8 @@ def test_build_tags_counts_merges_resumes_and_reports_failures(
 
 @pytest.mark.llm
 def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
-    """A small real run: bundled SmolLM2 proposes, the pipeline builds a loadable artifact."""
+    """A small real run: bundled SmolLM2 proposes (chat, JSON schema), the pipeline builds a
+    loadable artifact. (The default local model, Gemma, is run in test_propose.py.)"""
     corpus = tmp_path / "c.jsonl"
     rows = [
         {"id": str(i), "title": t}
@@ -178,6 +179,8 @@ def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
                 "jsonl",
                 "--out",
                 str(out),
+                "--llm-model",
+                "smollm2",
                 "--samples",
                 "1",
                 "--min-items",
@@ -188,7 +191,8 @@ def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
         )
     assert e.value.code in (0, None)
     ts = TagSystem.load(out)
-    assert len(ts.tags) >= 1 and ts.provenance["llm_model"]
+    assert len(ts.tags) >= 1 and ts.provenance["llm_model"] == "smollm2"
+    assert ts.provenance["prompt"] == "generative-v1"  # auto: chat for an instruct model
     assert (tmp_path / "built.work" / PROPOSALS).is_file()
 
 

