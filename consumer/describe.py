@@ -60,6 +60,8 @@ Description:"""
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _SPLIT = re.compile(r"[，,、。；;.]+")
+# a special token the server printed as text (Gemma: `<start_of_image>`, `<end_of_turn>`)
+_SPECIAL = re.compile(r"<(?:start|end)_of_[a-z_]+>|<\|[a-z_]+\|>|</?s>|<eos>|<bos>|<pad>")
 
 Progress = Callable[[int, int], None]
 
@@ -69,7 +71,9 @@ def prompt_for(name: str) -> str:
 
 
 def clean(text: str, max_chars: int = 200) -> str | None:
-    """One line, repeated phrases dropped (small models loop), None when nothing is left."""
+    """One line, special tokens and repeated phrases dropped (small models loop), None when
+    nothing is left."""
+    text = _SPECIAL.sub(" ", text)
     line = text.strip().splitlines()[0].strip() if text.strip() else ""
     parts = dict.fromkeys(p.strip() for p in _SPLIT.split(line) if p.strip())
     sep = "、" if _CJK.search(line) else ", "

@@ -45,6 +45,8 @@ def test_chinese_names_get_the_chinese_prompt_and_the_rest_english() -> None:
         ),
         ("", None),
         ("  。，、 ", None),
+        ("recipes from scratch, <start_of_image>", "recipes from scratch"),
+        ("<|im_end|> cakes <eos>", "cakes"),
     ],
 )
 def test_clean_keeps_one_line_and_drops_repeated_phrases(raw: str, want: str | None) -> None:
