@@ -23,6 +23,7 @@ from consumer.evaluate import to_event
 from consumer.events import event_text
 from consumer.llm import LLMAnswer, SelectiveTagger
 from models_onnx import OnnxEncoder
+from models_onnx.registry import spec_for
 from tagsys import (
     DEFAULT_TEMPLATE,
     GateConfig,
@@ -72,6 +73,7 @@ class BuildReport:
     categorized: int = 0
     described: int = 0
     stale: int = 0  # cached proposals of another model or prompt: not used
+    unreadable: int = 0  # kept tags the encoder cannot read (unknown tokens): never merged
     gold_labels: int | None = None  # distinct gold labels of the items, when the data has any
     gold_recovered: int | None = None  # of them, named by a built tag (name or alias)
     gold_coverage: float | None = None  # share of the items' gold label occurrences
@@ -97,6 +99,7 @@ class BuildReport:
             "categorized": self.categorized,
             "described": self.described,
             **({"stale_cache": self.stale} if self.stale else {}),
+            **({"unreadable": self.unreadable} if self.unreadable else {}),
             **gold,
         }
 
@@ -208,7 +211,7 @@ def build_tags(
     concurrency: int = 4,
     limit: int | None = None,
     min_items: int = 2,
-    merge_threshold: float = 0.9,
+    merge_threshold: float | None = None,
     hierarchy: Path | None = None,
     llm_categories: bool = False,
     describe: bool = False,
@@ -247,8 +250,13 @@ def build_tags(
             "lower --min-items or use more items"
         )
     tag_enc = encoder.tag_encoder()  # fp32: tag vectors are built once (see its docstring)
-    emb = tag_enc.encode([c.name for c in cands])
-    groups = merge_synonyms(cands, emb, merge_threshold)
+    names = [c.name for c in cands]
+    emb = tag_enc.encode(names)
+    if merge_threshold is None:
+        merge_threshold = spec_for(encoder.name).synonym_cosine
+    unreadable = encoder.unreadable(names)
+    report.unreadable = len(unreadable)
+    groups = merge_synonyms(cands, emb, merge_threshold, alone=set(unreadable))
     texts = {it.id: event_text(to_event(it), max_chars=200) for it in ds.items}
     examples: dict[str, list[str]] = {}
     for item_id, tags in proposals.items():

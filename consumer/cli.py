@@ -811,8 +811,16 @@ def build_tags_cmd(
         int, typer.Option(min=1, help="Keep tags proposed for at least this many items.")
     ] = 2,
     merge_threshold: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Cosine above which tags merge (aliases).")
-    ] = 0.9,
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=(
+                "Cosine above which tags merge (aliases); default: the encoder's — 0.9 for "
+                "MiniLM, 0.97 for e5, whose cosines run high."
+            ),
+        ),
+    ] = None,
     hierarchy: Annotated[
         Path | None,
         typer.Option(help="Category hierarchy CSV: each tag gets its nearest category."),
@@ -838,7 +846,16 @@ def build_tags_cmd(
     ] = 5,
     name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
-    model: ModelOpt = "all-MiniLM-L6-v2",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("model"),
+            help=(
+                "Encoder for merging and the tag vectors (default: multilingual-e5-small for "
+                "kuairec, all-MiniLM-L6-v2 otherwise)."
+            ),
+        ),
+    ] = None,
     model_dir: ModelDirOpt = None,
     tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
@@ -852,7 +869,7 @@ def build_tags_cmd(
     from consumer.build_tags import Proposer, build_tags
     from consumer.config import Settings
     from consumer.describe import Describer
-    from consumer.evaluate import template_for
+    from consumer.evaluate import DEFAULT_MODEL, template_for
     from consumer.llm_server import BASE_MODELS, GEMMA, MODELS, LocalLLM
     from consumer.metrics import Metrics
     from consumer.propose import FewShotProposer
@@ -884,7 +901,7 @@ def build_tags_cmd(
         )
     settings = Settings()
     metrics = Metrics()
-    encoder = OnnxEncoder(model, model_dir=model_dir)
+    encoder = OnnxEncoder(model or DEFAULT_MODEL[fmt.value], model_dir=model_dir)
     with contextlib.ExitStack() as stack:
         if local_llm:
             local = stack.enter_context(
@@ -934,6 +951,13 @@ def build_tags_cmd(
     res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
     for k, v in res.items():
         err.print(f"{k:<14} {v}")
+    if rep.unreadable:
+        err.print(
+            f"[yellow]warning:[/] {encoder.name} cannot read {rep.unreadable} of the "
+            f"{rep.kept} kept tags (mostly unknown tokens: their vectors say nothing, so they "
+            "were not merged); use an encoder for their language, e.g. --model "
+            "multilingual-e5-small"
+        )
     if rep.failed:
         err.print(
             f"[yellow]warning:[/] {len(rep.failed)} items got no answer (e.g. "
@@ -1014,6 +1038,14 @@ def import_tags(
     if lexical_boost is not None:
         gate = replace(gate, lexical_boost=lexical_boost)
     enc = OnnxEncoder(model, model_dir=model_dir)
+    unreadable = enc.unreadable([t.name for t in vocab.tags])
+    if unreadable:
+        err.print(
+            f"[yellow]warning:[/] {enc.name} cannot read {len(unreadable)} of the "
+            f"{len(vocab.tags)} tag names (mostly unknown tokens, e.g. "
+            f"{vocab.tags[unreadable[0]].name!r}): such tags get near-identical vectors; use an "
+            "encoder for their language, e.g. --model multilingual-e5-small"
+        )
     tag_enc = enc.tag_encoder()
     emb = embed_tags(
         vocab.tags,

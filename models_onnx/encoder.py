@@ -231,6 +231,28 @@ class OnnxEncoder:
         self.session.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
+    def unreadable(self, texts: list[str]) -> list[int]:
+        """Indices of the texts this encoder cannot read: half or more of their tokens are
+        the unknown token. An English WordPiece vocabulary turns most Chinese characters into
+        `[UNK]`, so MiniLM gives "爱", "吃" and "雪" one and the same vector (cosine 1.0)."""
+        unk = next(
+            (
+                i
+                for t in ("[UNK]", "<unk>")
+                if (i := self._raw_tokenizer.token_to_id(t)) is not None
+            ),
+            None,
+        )
+        if unk is None:
+            return []
+        out = []
+        encs = self._raw_tokenizer.encode_batch(texts, add_special_tokens=False)
+        for n, enc in enumerate(encs):
+            ids = enc.ids
+            if ids and 2 * sum(1 for i in ids if i == unk) >= len(ids):
+                out.append(n)
+        return out
+
     def tag_encoder(self) -> OnnxEncoder:
         """The encoder for tag prompts: the fp32 variant when this one is quantised (int8,
         fp16). Tags are embedded once per tag system, so its cost does not matter; an int8

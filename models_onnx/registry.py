@@ -23,6 +23,10 @@ class EncoderSpec:
     max_length: int = 256
     query_prefix: str = ""
     passage_prefix: str = ""
+    # the cosine above which two short tag names count as synonyms (build-tags' merge). E5's
+    # cosines run high — the median pair of unrelated proposed tags is at 0.88-0.90, where
+    # MiniLM's is at 0.3-0.5 — so one threshold cannot serve both (docs/QUALITY.md)
+    synonym_cosine: float = 0.9
 
 
 KNOWN_ENCODERS: dict[str, EncoderSpec] = {
@@ -41,6 +45,7 @@ KNOWN_ENCODERS: dict[str, EncoderSpec] = {
         max_length=512,
         query_prefix="query: ",
         passage_prefix="passage: ",
+        synonym_cosine=0.97,
     ),
 }
 
@@ -72,7 +77,11 @@ def spec_for(name_or_path: str) -> EncoderSpec:
     if re.search(r"(^|[/_-])e5-", name.lower()):
         # the E5 family is trained with these prefixes; without them quality drops
         return EncoderSpec(
-            name=name, source=name_or_path, query_prefix="query: ", passage_prefix="passage: "
+            name=name,
+            source=name_or_path,
+            query_prefix="query: ",
+            passage_prefix="passage: ",
+            synonym_cosine=0.97,
         )
     return EncoderSpec(name=name, source=name_or_path)
 

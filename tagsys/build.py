@@ -1,8 +1,8 @@
 """Vocabulary construction from LLM proposals (TagGPT step 1), minus the LLM calls.
 
-Proposals -> normalised surface forms, grouped by English stems -> document frequency -> frequency floor -> synonym
-merge by embedding similarity (the merged forms become aliases) -> categories. Pure numpy so
-each step is testable with a fake encoder.
+Proposals -> normalised surface forms, grouped by English stems -> document frequency ->
+frequency floor -> synonym merge by embedding similarity (the merged forms become aliases) ->
+categories. Pure numpy so each step is testable with a fake encoder.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,29 +75,34 @@ def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
     for group, n in sorted(per_item.items(), key=lambda kv: (-kv[1], kv[0])):
         keys = sorted(members[group], key=lambda k: (-key_items[k], len(k), k))
         forms = [
-            f
-            for k in keys
-            for f, _ in sorted(surface[k].items(), key=lambda kv: (-kv[1], kv[0]))
+            f for k in keys for f, _ in sorted(surface[k].items(), key=lambda kv: (-kv[1], kv[0]))
         ]
         out.append(Candidate(keys[0], forms[0], n, tuple(forms[1:])))
     return out
 
 
 def merge_synonyms(
-    cands: Sequence[Candidate], emb: npt.NDArray[np.float32], threshold: float
+    cands: Sequence[Candidate],
+    emb: npt.NDArray[np.float32],
+    threshold: float,
+    alone: Collection[int] = (),
 ) -> list[tuple[Candidate, list[Candidate]]]:
     """Greedy by frequency: a candidate within `threshold` cosine of a kept, more frequent
-    one becomes its alias. Returns (kept, merged-into-it) pairs."""
+    one becomes its alias. Candidates in `alone` (their vectors say nothing: an encoder that
+    cannot read them) neither merge nor take others in. Returns (kept, merged-into-it) pairs."""
     kept: list[int] = []
+    mergeable: list[int] = []
     groups: dict[int, list[int]] = {}
     for i in range(len(cands)):
-        if kept:
-            sims = emb[kept] @ emb[i]
+        if i not in alone and mergeable:
+            sims = emb[mergeable] @ emb[i]
             j = int(np.argmax(sims))
             if sims[j] >= threshold:
-                groups[kept[j]].append(i)
+                groups[mergeable[j]].append(i)
                 continue
         kept.append(i)
+        if i not in alone:
+            mergeable.append(i)
         groups[i] = []
     return [(cands[k], [cands[m] for m in groups[k]]) for k in kept]
 

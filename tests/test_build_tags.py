@@ -95,6 +95,13 @@ def test_merge_synonyms_keeps_the_frequent_form() -> None:
         ("knives", ["knife"]),
         ("bread", []),
     ]
+    # a candidate whose vector says nothing neither merges nor takes others in
+    alone = merge_synonyms(cands, emb, 0.95, alone={0})
+    assert [(h.name, [m.name for m in ms]) for h, ms in alone] == [
+        ("knives", []),
+        ("knife", []),
+        ("bread", []),
+    ]
 
 
 def test_build_tags_counts_merges_resumes_and_reports_failures(

@@ -286,3 +286,51 @@ def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
     assert ts.provenance["llm_model"] == "gemma3-270m"
     # three chocolate-cake questions: the tags proposed for two of them name the topic
     assert any("chocolate" in t.name.lower() or "cake" in t.name.lower() for t in ts.tags)
+
+
+def test_an_encoder_says_which_texts_it_cannot_read(
+    encoder: OnnxEncoder, e5_encoder: OnnxEncoder
+) -> None:
+    texts = ["爱", "吃 雪", "bread", "美食 food", ""]
+    assert encoder.unreadable(texts) == [0, 1]  # MiniLM: [UNK] for most Chinese characters
+    v = encoder.encode(["爱", "雪"])
+    assert float(v[0] @ v[1]) > 0.999  # which is why: one vector for every unknown word
+    assert e5_encoder.unreadable(texts) == []
+
+
+def test_tags_the_encoder_cannot_read_are_not_merged_and_the_threshold_is_the_encoders(
+    tmp_path: Path,
+    encoder: OnnxEncoder,
+    e5_encoder: OnnxEncoder,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    rows = [{"id": str(i), "title": f"视频 {i}"} for i in range(4)]
+    data = tmp_path / "zh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = fake_llm(lambda r: (200, text_completion(" 爱、吃、雪、健身")))
+    chat = SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    proposer = FewShotProposer(server.base_url, "fake")
+    work = tmp_path / "w"
+    ts, rep = build_tags(
+        data, "jsonl", tmp_path / "mini", chat, encoder, work=work, samples=1, proposer=proposer
+    )
+    # MiniLM reads none of 爱 / 吃 / 雪 (one identical vector): kept apart, counted
+    assert {"爱", "吃", "雪"} <= {t.name for t in ts.tags} and rep.unreadable >= 3
+    assert rep.to_dict()["unreadable"] == rep.unreadable
+    assert ts.provenance["merge_threshold"] == 0.9
+    ts5, rep5 = build_tags(
+        data, "jsonl", tmp_path / "e5", chat, e5_encoder, work=work, samples=1, proposer=proposer
+    )
+    assert rep5.unreadable == 0 and ts5.provenance["merge_threshold"] == 0.97
+
+
+def test_import_tags_warns_when_the_encoder_cannot_read_the_names(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lst = tmp_path / "l.txt"
+    lst.write_text("爱\n雪\nbaking\n")
+    with pytest.raises(SystemExit) as e:
+        main(["import-tags", str(lst), "--format", "list", "--out", str(tmp_path / "o")])
+    assert e.value.code in (0, None)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot read 2 of the 3 tag names" in err and "multilingual-e5-small" in err
