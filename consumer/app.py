@@ -17,11 +17,12 @@ from consumer.config import Settings
 from consumer.core import TaggingCore
 from consumer.health import HealthServer, HealthState
 from consumer.llm import SelectiveTagger
-from consumer.llm_server import LocalLLM
+from consumer.llm_server import GEMMA, MODEL_NAME, LocalLLM
 from consumer.metrics import Metrics
 from consumer.resilience import CircuitBreaker, RateLimiter
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, build_tag_system, load_sample_tags
+from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,13 @@ class Stack:
 @contextlib.contextmanager
 def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -> Iterator[Stack]:
     """Everything but Kafka; stops the local LLM and the LLM thread pool on exit."""
+    if settings.llm.strip().lower() == "local" and settings.llm_model != MODEL_NAME:
+        # the service asks a chat model for JSON; the other bundled model is a base model
+        raise TagstreamError(
+            f"--llm local serves the bundled {MODEL_NAME} (the service needs a chat model), "
+            f"not {settings.llm_model!r}; {GEMMA} is a base model for build-tags and "
+            "describe-tags. Unset --llm-model / TAGSTREAM_LLM_MODEL or give an endpoint URL"
+        )
     metrics = Metrics(registry)
     encoder = OnnxEncoder(settings.model, model_dir=settings.model_dir, device=settings.device)
     log.info("encoder_loaded", encoder=encoder.id, device=encoder.device)

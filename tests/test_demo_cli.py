@@ -171,3 +171,19 @@ def test_import_tags_rejects_a_bad_file_with_a_clear_error(tmp_path: Path) -> No
     )
     assert out.returncode == 2 and "cannot read vocabulary" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_service_refuses_a_local_model_it_cannot_serve() -> None:
+    """`--llm local` serves the chat model; the base model would answer the JSON prompts with
+    prose, so it is refused up front instead of starting SmolLM2 behind the user's back."""
+    from prometheus_client import CollectorRegistry
+
+    from consumer.app import build_stack
+    from consumer.config import Settings
+
+    s = Settings(llm="local", llm_model="gemma3-270m")
+    with (
+        pytest.raises(TagstreamError, match="base model for build-tags"),
+        build_stack(s, CollectorRegistry()),
+    ):
+        pass
