@@ -161,3 +161,8 @@ def text_completion(text: str) -> dict[str, Any]:
         "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": 90, "completion_tokens": 12, "total_tokens": 102},
     }
+
+
+def build_tags_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    """`tagstream build-tags` over a JSONL corpus, for the CLI tests."""
+    return ["build-tags", "--data", str(data), "--format", "jsonl", "--out", str(out), *extra]

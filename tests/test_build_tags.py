@@ -18,7 +18,7 @@ from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.build import Candidate, count, merge_synonyms, normalise_tag
 from tagsys.vocab import read_taggpt, read_vocabulary
-from tests.conftest import SHARED_DATA, FakeOpenAI, Responder, completion
+from tests.conftest import SHARED_DATA, FakeOpenAI, Responder, build_tags_argv, completion
 
 # a tiny corpus; the fake LLM proposes tags from keywords, with noise in the surface form
 CORPUS = [
@@ -177,25 +177,8 @@ def test_build_tags_cli_with_the_local_llm(tmp_path: Path) -> None:
     corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "built"
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "build-tags",
-                "--data",
-                str(corpus),
-                "--format",
-                "jsonl",
-                "--out",
-                str(out),
-                "--llm-model",
-                "smollm2",
-                "--samples",
-                "1",
-                "--min-items",
-                "1",
-                "--concurrency",
-                "2",
-            ]
-        )
+        argv = build_tags_argv(corpus, out, "--llm-model", "smollm2", "--samples", "1")
+        main([*argv, "--min-items", "1", "--concurrency", "2"])
     assert e.value.code in (0, None)
     ts = TagSystem.load(out)
     assert len(ts.tags) >= 1 and ts.provenance["llm_model"] == "smollm2"

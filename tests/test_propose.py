@@ -19,7 +19,14 @@ from consumer.llm import SelectiveTagger
 from consumer.propose import PROMPT_EN, PROMPT_ZH, FewShotProposer, item_line, parse_line
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
-from tests.conftest import FakeOpenAI, Reply, Responder, completion, text_completion
+from tests.conftest import (
+    FakeOpenAI,
+    Reply,
+    Responder,
+    build_tags_argv,
+    completion,
+    text_completion,
+)
 
 CORPUS = [
     {"id": "1", "title": "Sourdough starter smells like acetone", "labels": ["sourdough"]},
@@ -230,18 +237,7 @@ def test_build_tags_refuses_what_cannot_work_before_starting_anything(
 ) -> None:
     monkeypatch.delenv("TAGSTREAM_LLM_MODEL", raising=False)
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "build-tags",
-                "--data",
-                str(corpus),
-                "--format",
-                "jsonl",
-                "--out",
-                str(tmp_path / "o"),
-                *args,
-            ]
-        )
+        main(build_tags_argv(corpus, tmp_path / "o", *args))
     assert e.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "o.work").exists()
@@ -262,24 +258,7 @@ def test_build_tags_with_the_bundled_gemma(tmp_path: Path) -> None:
     )
     out = tmp_path / "built"
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "build-tags",
-                "--data",
-                str(corpus),
-                "--format",
-                "jsonl",
-                "--out",
-                str(out),
-                "--samples",
-                "1",
-                "--min-items",
-                "2",
-                "--concurrency",
-                "2",
-                "--json",
-            ]
-        )
+        main(build_tags_argv(corpus, out, "--samples", "1", "--min-items", "2", "--json"))
     assert e.value.code in (0, None)
     ts = TagSystem.load(out)
     assert ts.provenance["prompt"] == "propose-fewshot-2"
