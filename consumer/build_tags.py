@@ -221,11 +221,12 @@ def build_tags(
     progress: Progress | None = None,
     proposer: Proposer | None = None,
     describer: Describer | None = None,
+    level: int = 1,
 ) -> tuple[TagSystem, BuildReport]:
     """`proposer` (default: `tagger`, chat) proposes the free tags; `tagger` categorises and
     describes. `describer` (a base model's sampled descriptions) replaces the tagger's one-line
-    description when given."""
-    ds = load(data, fmt, limit=limit, require_labels=False)
+    description when given. `level`: the KuaiRec category level the gold check reads."""
+    ds = load(data, fmt, level=level, limit=limit, require_labels=False)
     report = BuildReport(items=len(ds.items))
     if not ds.items:
         raise TagSystemError(f"{data}: no items with text ({dict(ds.skipped)})")

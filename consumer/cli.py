@@ -807,6 +807,14 @@ def build_tags_cmd(
     max_tags: Annotated[int, typer.Option(min=1, max=20, help="Tags asked per sample.")] = 5,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent LLM calls.")] = 4,
     limit: Annotated[int | None, typer.Option(help="Use the first N items.")] = None,
+    level: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=3,
+            help="KuaiRec category level the report's gold check reads (the LLM never sees it).",
+        ),
+    ] = 1,
     min_items: Annotated[
         int, typer.Option(min=1, help="Keep tags proposed for at least this many items.")
     ] = 2,
@@ -947,6 +955,7 @@ def build_tags_cmd(
                 progress=step,
                 proposer=proposer,
                 describer=describer,
+                level=level,
             )
     res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
     for k, v in res.items():

@@ -56,7 +56,8 @@ def _clean(v: str | None) -> str:
 
 
 def read_kuairec(path: Path, level: int = 1) -> Iterator[Item | str]:
-    """Text = cover text + caption; gold = the category name at `level`."""
+    """Text = cover text + caption; gold = the category name at `level` (none when it is
+    UNKNOWN there: `load` skips such rows where labels are required)."""
     if level not in _LEVELS:
         raise DatasetError(f"KuaiRec level must be 1, 2 or 3, not {level}")
     col = f"{_LEVELS[level]}_level_category_name"
@@ -70,11 +71,11 @@ def read_kuairec(path: Path, level: int = 1) -> Iterator[Item | str]:
             label = _clean(row[col])
             if not cover and not caption:
                 yield "no_text"
-            elif not label:
-                yield "no_label"
-            else:
+            else:  # unlabelled at this level: `load` skips it unless labels are optional
                 yield Item(
-                    str(row["video_id"]), {"cover_text": cover, "caption": caption}, (label,)
+                    str(row["video_id"]),
+                    {"cover_text": cover, "caption": caption},
+                    (label,) if label else (),
                 )
 
 
@@ -91,8 +92,6 @@ def read_stackexchange(path: Path) -> Iterator[Item | str]:
             tags = tuple(t for t in tags if t)
             if not title and not content:
                 yield "no_text"
-            elif not tags:
-                yield "no_label"
             else:
                 yield Item(str(row.get("id") or n), {"title": title, "caption": content}, tags)
 

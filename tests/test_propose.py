@@ -313,3 +313,37 @@ def test_import_tags_warns_when_the_encoder_cannot_read_the_names(
     assert e.value.code in (0, None)
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot read 2 of the 3 tag names" in err and "multilingual-e5-small" in err
+
+
+def test_the_gold_check_reads_the_asked_kuairec_level_and_the_items_stay_the_same(
+    tmp_path: Path, e5_encoder: OnnxEncoder, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    k = tmp_path / "k.csv"
+    k.write_text(
+        "video_id,manual_cover_text,caption,topic_tag,first_level_category_id,"
+        "first_level_category_name,second_level_category_id,second_level_category_name,"
+        "third_level_category_id,third_level_category_name\n"
+        "1,红烧肉,家常做法,[],1,美食,2,家常菜,-124,UNKNOWN\n"
+        "2,戚风蛋糕,烤箱,[],1,美食,3,烘焙,-124,UNKNOWN\n"
+        "3,街边小吃,夜市,[],1,美食,-124,UNKNOWN,-124,UNKNOWN\n",
+        encoding="utf-8",
+    )
+    server = fake_llm(lambda r: (200, text_completion(" 美食、家常菜")))
+    chat = SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    reps = {}
+    for level in (1, 2):
+        _, reps[level] = build_tags(
+            k,
+            "kuairec",
+            tmp_path / f"ts{level}",
+            chat,
+            e5_encoder,
+            work=tmp_path / "w",
+            samples=1,
+            min_items=1,
+            proposer=FewShotProposer(server.base_url, "fake"),
+            level=level,
+        )
+    assert reps[1].items == reps[2].items == 3  # the level changes the check, not the corpus
+    assert (reps[1].gold_labels, reps[1].gold_recovered, reps[1].gold_coverage) == (1, 1, 1.0)
+    assert (reps[2].gold_labels, reps[2].gold_recovered, reps[2].gold_coverage) == (2, 1, 0.5)
