@@ -19,7 +19,7 @@ import tenacity
 from pydantic import SecretStr
 
 from consumer.llm import MAX_FREE_TAG_CHARS, RETRYABLE, LLMAnswer, openai_client
-from tagsys.lexicon import normalise, stem_key
+from tagsys.lexicon import Lexicon
 
 PROMPT_VERSION = "propose-fewshot-2"
 
@@ -57,29 +57,18 @@ _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _SPLIT = re.compile(r"[,，、;；|]+")
 _SPACE = re.compile(r"\s+")
 _TAG_LINE = re.compile(r"^(?:Tags: |标签：)(.+)$", re.M)
-_LATIN = re.compile(r"[0-9a-z\u00c0-\u024f]+")
-
-
-def _key(text: str) -> str:
-    """A tag by its English stems ("gardening" is "garden"), a CJK one as it is."""
-    t = normalise(text)
-    return stem_key(t) or t
-
-
-def _named_in(text: str) -> str:
-    """What an item names, to look keys up in: its normal form, then its Latin words' stems
-    (a mixed Chinese / English text too)."""
-    t = normalise(text)
-    return f" {t} | {stem_key(' '.join(_LATIN.findall(t)))} "
-
 
 # the examples' own tags: a small model sometimes copies them ("metal detecting" for a
-# question about pastry); one is kept only where the item itself names it
-EXAMPLE_TAGS = frozenset(
-    _key(t)
-    for p in (PROMPT_EN, PROMPT_ZH)
-    for line in _TAG_LINE.findall(p)
-    for t in _SPLIT.split(line)
+# question about pastry); one is kept only where the item itself names it. Matched as the
+# lexical boost matches: by normal form, English stems ("garden" is "gardening"), CJK substrings
+EXAMPLES = Lexicon(
+    [
+        [t]
+        for p in (PROMPT_EN, PROMPT_ZH)
+        for line in _TAG_LINE.findall(p)
+        for t in _SPLIT.split(line)
+    ],
+    stem=True,
 )
 
 
@@ -99,17 +88,15 @@ def parse_line(text: str, max_tags: int, item_text: str = "") -> tuple[list[str]
     how many parts were dropped (too long, or an example's tag that `item_text` does not
     name)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    seen = _named_in(item_text)
+    named = EXAMPLES.match(item_text) if item_text else set()
     out: list[str] = []
     dropped = 0
     for part in _SPLIT.split(line):
         tag = part.strip().strip("#.。").strip()
         if not tag or tag in out:
             continue
-        key = _key(tag)
-        echo = key in EXAMPLE_TAGS and (
-            f" {key} " not in seen if key.isascii() else key not in seen
-        )
+        hits = EXAMPLES.lookup(tag)  # an example's tag, by normal form or stems
+        echo = bool(hits) and not named.intersection(hits)
         if len(tag) > MAX_FREE_TAG_CHARS or echo:
             dropped += 1
         else:

@@ -59,15 +59,18 @@ def count(proposals: Iterable[Sequence[str]]) -> list[Candidate]:
     members: dict[str, set[str]] = {}  # normal forms per group
     for tags in proposals:
         seen: set[str] = set()
+        groups: set[str] = set()
         for raw in tags:
             key = normalise_tag(raw)
             if not key or len(key) > 40:
                 continue
             shown = _EDGE.sub("", _SPACE.sub(" ", unicodedata.normalize("NFKC", raw)).strip())
             surface.setdefault(key, Counter())[shown] += 1
-            members.setdefault(_group(key), set()).add(key)
+            group = _group(key)
+            members.setdefault(group, set()).add(key)
             seen.add(key)
-        per_item.update({_group(k) for k in seen})
+            groups.add(group)
+        per_item.update(groups)
         key_items.update(seen)
     out = []
     # ties broken by length and text, so the result does not depend on the order answers
