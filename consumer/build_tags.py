@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from consumer.describe import Describer
+from consumer.describe import PROMPT_VERSIONS, Describer
 from consumer.evaluate import to_event
-from consumer.events import event_text
+from consumer.events import event_text, unmark_hashtags
 from consumer.llm import LLMAnswer, SelectiveTagger
 from models_onnx import OnnxEncoder
 from models_onnx.registry import spec_for
@@ -224,8 +224,9 @@ def build_tags(
     level: int = 1,
 ) -> tuple[TagSystem, BuildReport]:
     """`proposer` (default: `tagger`, chat) proposes the free tags; `tagger` categorises and
-    describes. `describer` (a base model's sampled descriptions) replaces the tagger's one-line
-    description when given. `level`: the KuaiRec category level the gold check reads."""
+    describes. `describer` (a base model's sampled descriptions or example posts) replaces the
+    tagger's one-line description when given. `level`: the KuaiRec category level the gold
+    check reads."""
     ds = load(data, fmt, level=level, limit=limit, require_labels=False)
     report = BuildReport(items=len(ds.items))
     if not ds.items:
@@ -308,7 +309,15 @@ def build_tags(
         report.described = drep.described
     report.tags = len(vocab)
     _gold_coverage(ds.items, vocab, report)
-    tag_emb = embed_tags(vocab, tag_enc.encode, template=tag_template)
+    tag_emb = embed_tags(
+        vocab,
+        tag_enc.encode,
+        template=tag_template,
+        # example posts (describer style "examples") are content: embedded as items are
+        encode_content=lambda texts: tag_enc.encode(
+            [unmark_hashtags(t) for t in texts], kind="query"
+        ),
+    )
     ts = TagSystem(
         name=name,
         version=version,
@@ -324,6 +333,7 @@ def build_tags(
             "samples": samples,
             "min_items": min_items,
             "merge_threshold": merge_threshold,
+            **({"describe_prompt": PROMPT_VERSIONS[describer.style]} if describer else {}),
             **template_provenance(tag_template),
             **report.to_dict(),
         },

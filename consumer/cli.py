@@ -473,6 +473,11 @@ def replay_dlq_cmd(
         )
 
 
+class DescribeStyle(StrEnum):
+    examples = "examples"
+    descriptions = "descriptions"
+
+
 class PromptStyle(StrEnum):
     auto = "auto"
     chat = "chat"
@@ -844,14 +849,22 @@ def build_tags_cmd(
         typer.Option(
             help=(
                 "Describe every tag: one line from a chat model, or --describe-samples "
-                "sampled lines from a base model (fewshot), as describe-tags does."
+                "sampled example posts or descriptions from a base model (fewshot), as "
+                "describe-tags does."
             )
         ),
     ] = False,
     describe_samples: Annotated[
         int,
-        typer.Option(min=1, max=50, help="Descriptions sampled per tag with --prompt fewshot."),
+        typer.Option(min=1, max=50, help="Texts sampled per tag with --prompt fewshot."),
     ] = 5,
+    describe_style: Annotated[
+        DescribeStyle,
+        typer.Option(
+            help="With --describe and --prompt fewshot: example posts (embedded as content) "
+            "or descriptions, as describe-tags --style."
+        ),
+    ] = DescribeStyle.examples,
     name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: Annotated[
@@ -925,7 +938,12 @@ def build_tags_cmd(
             proposer = FewShotProposer(url, llm_model, key)
             if describe:
                 describer = Describer(
-                    url, llm_model, key, samples=describe_samples, concurrency=concurrency
+                    url,
+                    llm_model,
+                    key,
+                    samples=describe_samples,
+                    concurrency=concurrency,
+                    style=describe_style.value,
                 )
         with _progress("building") as bar:
             task = bar.add_task("build", total=None)
@@ -983,14 +1001,14 @@ class VocabFormat(StrEnum):
     hierarchy = "hierarchy"
 
 
-def _encode_with_progress(enc: Any, texts: list[str], label: str) -> Any:
+def _encode_with_progress(enc: Any, texts: list[str], label: str, kind: str = "passage") -> Any:
     import numpy as np
 
     out = np.empty((len(texts), enc.dim), dtype=np.float32)
     with _progress(label) as bar:
         task = bar.add_task(label, total=len(texts))
         for s in range(0, len(texts), 512):
-            out[s : s + 512] = enc.encode(texts[s : s + 512])
+            out[s : s + 512] = enc.encode(texts[s : s + 512], kind=kind)
             bar.update(task, completed=min(len(texts), s + 512))
     return out
 
@@ -1004,8 +1022,9 @@ def import_tags(
         typer.Option(
             "--format",
             help="json ({name, version, gate?, tags: [{id?, name, aliases?, category?, "
-            "description?}]}), taggpt (`tag||['alias', ...]`, no header), list (one tag per "
-            "line) or hierarchy (CSV with a header, one top-down path per row).",
+            "description?, descriptions?, examples?}]}), taggpt (`tag||['alias', ...]`, no "
+            "header), list (one tag per line) or hierarchy (CSV with a header, one top-down "
+            "path per row).",
         ),
     ] = VocabFormat.json,
     name: Annotated[str | None, typer.Option(help="Tag-system name (default: from the file).")] = (
@@ -1031,6 +1050,7 @@ def import_tags(
     from dataclasses import replace
 
     from consumer.evaluate import template_for
+    from consumer.events import unmark_hashtags
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem, embed_tags, template_provenance
     from tagsys.gate import GateConfig
@@ -1060,6 +1080,10 @@ def import_tags(
         vocab.tags,
         lambda texts: _encode_with_progress(tag_enc, texts, "embedding"),
         template=template,
+        # example posts are content: the service's text treatment, the encoder's query side
+        encode_content=lambda texts: _encode_with_progress(
+            tag_enc, [unmark_hashtags(t) for t in texts], "embedding examples", kind="query"
+        ),
     )
     ts = TagSystem(
         name=name or vocab.name,
@@ -1091,8 +1115,8 @@ def describe_tags_cmd(
     out: Annotated[
         Path,
         typer.Option(
-            help="Vocabulary JSON to write: the tags with `descriptions`; embed it with "
-            "`import-tags OUT --format json`."
+            help="Vocabulary JSON to write: the tags with `descriptions` (or `examples`); "
+            "embed it with `import-tags OUT --format json`."
         ),
     ],
     vocab: Annotated[Path | None, typer.Option(help="Vocabulary file to describe.")] = None,
@@ -1117,19 +1141,27 @@ def describe_tags_cmd(
     ] = "local",
     llm_model: Annotated[str, typer.Option(envvar=_env("describe_llm_model"))] = "gemma3-270m",
     samples: Annotated[
-        int, typer.Option(min=1, max=50, help="Descriptions sampled per tag (fewer: noisier).")
+        int, typer.Option(min=1, max=50, help="Texts sampled per tag (fewer: noisier).")
     ] = 20,
+    style: Annotated[
+        DescribeStyle,
+        typer.Option(
+            help="examples: a post or video caption that would carry the tag, embedded as "
+            "content is (KuaiRec level 1 recall@10 0.649 → 0.716, docs/QUALITY.md); "
+            "descriptions: what the tag's items are about, embedded as tags are (0.681)."
+        ),
+    ] = DescribeStyle.examples,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent LLM calls.")] = 1,
     json: JsonOpt = False,
 ) -> None:
-    """Sample short descriptions of every tag from a base LLM, by name alone (RAM++ style);
-    `import-tags` then mixes their mean into each tag's vector."""
+    """Sample example posts (or short descriptions) of every tag from a base LLM, by name
+    alone; `import-tags` then mixes their mean into each tag's vector."""
     import contextlib
     import json as jsonlib
     import os
 
     from consumer.config import Settings
-    from consumer.describe import PROMPT_VERSION, Describer
+    from consumer.describe import PROMPT_VERSIONS, Describer
     from consumer.llm_server import GEMMA, LocalLLM
     from tagsys import Tag
     from tagsys.datasets import load
@@ -1159,7 +1191,9 @@ def describe_tags_cmd(
             url, model, key = local.base_url, local.model, SecretStr("")
         else:
             url, model, key = llm, llm_model, Settings().llm_api_key
-        describer = Describer(url, model, key, samples=samples, concurrency=concurrency)
+        describer = Describer(
+            url, model, key, samples=samples, concurrency=concurrency, style=style.value
+        )
         with _progress("describing") as bar:
             task = bar.add_task("describe", total=len(tags) * samples)
             described, rep = describer.describe(
@@ -1170,7 +1204,8 @@ def describe_tags_cmd(
         "version": version,
         "provenance": {
             "described_by": model,
-            "prompt": PROMPT_VERSION,
+            "prompt": PROMPT_VERSIONS[style.value],
+            "style": style.value,
             "samples": samples,
             "source": source,
         },

@@ -1,7 +1,9 @@
-"""Sampled tag descriptions from a base LLM (RAM++ style), from the tag's name alone.
+"""Sampled tag descriptions or example posts from a base LLM, from the tag's name alone.
 
-A base model continues a few-shot list of `tag → description` lines; several samples per
-tag are kept and `tagsys.embed_tags` mixes their mean into the tag's vector. The few-shot
+A base model continues a few-shot list of `tag → description` lines (RAM++ style) or of
+`tag → one post with that tag` (style "examples", HyDE-like); several samples per tag are
+kept and `tagsys.embed_tags` mixes their mean into the tag's vector — descriptions on the
+tag side, example posts on the content side, where the tag's items are. The few-shot
 examples are tags of no shipped dataset (astronomy, gardening, archaeology, knitting), so
 nothing about an evaluation's labels leaks in beyond their names. Chinese names get a
 Chinese prompt, everything else an English one.
@@ -13,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import openai
 import structlog
@@ -24,7 +27,13 @@ from tagsys import Tag
 
 log = structlog.get_logger(__name__)
 
-PROMPT_VERSION = "describe-fewshot-1"
+Style = Literal["descriptions", "examples"]
+STYLES: tuple[Style, ...] = ("descriptions", "examples")
+PROMPT_VERSIONS: dict[Style, str] = {
+    "descriptions": "describe-fewshot-1",
+    "examples": "examples-fewshot-1",
+}
+PROMPT_VERSION = PROMPT_VERSIONS["descriptions"]
 
 PROMPT_ZH = """以下是内容标签及其描述，描述列出该标签下的视频常见的内容和关键词。
 
@@ -58,6 +67,46 @@ and binding off.
 Tag: {tag}
 Description:"""
 
+EXAMPLES_ZH = """以下是短视频的类别，以及该类别下一条视频的封面文字和标题。
+
+类别：园艺
+视频：阳台种菜第30天，小番茄终于红了 #阳台种菜 #多肉植物
+
+类别：天文
+视频：在山顶等了三个小时，终于拍到了银河 #星空摄影 #天文
+
+类别：考古
+视频：这件文物出土于汉墓，你们知道它是做什么用的吗？#考古 #历史
+
+类别：编织
+视频：新手也能学会的围巾织法，一步一步教你 #手工编织 #毛线
+
+类别：{tag}
+视频："""
+
+EXAMPLES_EN = """Tags, each with one post that carries that tag.
+
+Tag: astronomy
+Post: Why does Mars look red through my telescope but not in photos? I have an 8 inch \
+reflector and ...
+
+Tag: gardening
+Post: My tomato leaves turn yellow from the bottom up. I water every morning; is it too much?
+
+Tag: archaeology
+Post: How do archaeologists date a site when there is no organic material for carbon dating?
+
+Tag: knitting
+Post: What is the easiest cast-on for a beginner knitting a scarf on circular needles?
+
+Tag: {tag}
+Post:"""
+
+_PROMPTS: dict[Style, tuple[str, str]] = {
+    "descriptions": (PROMPT_ZH, PROMPT_EN),
+    "examples": (EXAMPLES_ZH, EXAMPLES_EN),
+}
+
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _SPLIT = re.compile(r"[，,、。；;.]+")
 # a special token the server printed as text (Gemma: `<start_of_image>`, `<end_of_turn>`)
@@ -66,8 +115,9 @@ _SPECIAL = re.compile(r"<(?:start|end)_of_[a-z_]+>|<\|[a-z_]+\|>|</?s>|<eos>|<bo
 Progress = Callable[[int, int], None]
 
 
-def prompt_for(name: str) -> str:
-    return (PROMPT_ZH if _CJK.search(name) else PROMPT_EN).format(tag=name)
+def prompt_for(name: str, style: Style = "descriptions") -> str:
+    zh, en = _PROMPTS[style]
+    return (zh if _CJK.search(name) else en).format(tag=name)
 
 
 def clean(text: str, max_chars: int = 200) -> str | None:
@@ -78,6 +128,15 @@ def clean(text: str, max_chars: int = 200) -> str | None:
     parts = dict.fromkeys(p.strip() for p in _SPLIT.split(line) if p.strip())
     sep = "、" if _CJK.search(line) else ", "
     out = sep.join(parts)[:max_chars].strip()
+    return out or None
+
+
+def clean_post(text: str, max_chars: int = 300) -> str | None:
+    """An example post as written: its first line, special tokens and runs of spaces dropped
+    (punctuation kept: it is embedded as content is), None when nothing is left."""
+    text = _SPECIAL.sub(" ", text)
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    out = " ".join(line.split())[:max_chars].strip()
     return out or None
 
 
@@ -92,7 +151,8 @@ class DescribeReport:
 
 class Describer:
     """Asks an OpenAI-compatible *completions* endpoint (not chat: a base model has no chat
-    template) for `samples` descriptions per tag, `concurrency` requests at a time."""
+    template) for `samples` descriptions (or example posts) per tag, `concurrency` requests
+    at a time."""
 
     def __init__(
         self,
@@ -106,9 +166,13 @@ class Describer:
         timeout_s: float = 60.0,
         attempts: int = 3,
         concurrency: int = 1,
+        style: Style = "descriptions",
     ) -> None:
         if samples < 1:
             raise ValueError("samples must be at least 1")
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        self.style: Style = style
         self.model = model
         self.samples = samples
         self.temperature = temperature
@@ -120,7 +184,7 @@ class Describer:
     def _once(self, name: str, seed: int) -> str | None:
         r = self.client.completions.create(
             model=self.model,
-            prompt=prompt_for(name),
+            prompt=prompt_for(name, self.style),
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             seed=seed,
@@ -128,7 +192,10 @@ class Describer:
             frequency_penalty=0.5,
             extra_body={"repeat_penalty": 1.3},  # llama.cpp; other servers ignore it
         )
-        return clean(r.choices[0].text) if r.choices else None
+        if not r.choices:
+            return None
+        text = r.choices[0].text
+        return clean_post(text) if self.style == "examples" else clean(text)
 
     def _sample(self, name: str, seed: int) -> str | None:
         retrying = tenacity.Retrying(
@@ -142,8 +209,8 @@ class Describer:
     def describe(
         self, tags: Sequence[Tag], progress: Progress | None = None
     ) -> tuple[list[Tag], DescribeReport]:
-        """The tags with `descriptions` filled (existing ones replaced); a tag whose every
-        sample failed keeps none and is counted, never dropped."""
+        """The tags with `descriptions` (or `examples`) filled, existing ones replaced; a tag
+        whose every sample failed keeps none and is counted, never dropped."""
         report = DescribeReport(tags=len(tags))
         jobs = [(i, s) for i in range(len(tags)) for s in range(self.samples)]
         got: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(tags))}
@@ -173,5 +240,8 @@ class Describer:
         for i, t in enumerate(tags):
             texts = tuple(dict.fromkeys(text for _, text in sorted(got[i])))
             report.described += bool(texts)
-            out.append(replace(t, descriptions=texts))
+            if self.style == "examples":
+                out.append(replace(t, examples=texts))
+            else:
+                out.append(replace(t, descriptions=texts))
         return out, report

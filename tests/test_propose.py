@@ -9,16 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
 from consumer.build_tags import PROPOSALS, build_tags
 from consumer.cli import main
 from consumer.describe import Describer
+from consumer.events import unmark_hashtags
 from consumer.llm import SelectiveTagger
 from consumer.propose import PROMPT_EN, PROMPT_ZH, FewShotProposer, item_line, parse_line
 from models_onnx import OnnxEncoder
-from tagsys import TagSystem
+from tagsys import TagSystem, tag_prompt
 from tests.conftest import (
     FakeOpenAI,
     Reply,
@@ -169,6 +171,7 @@ def test_build_with_a_base_model_describes_by_sampling_and_reports_gold_coverage
     assert all(t.descriptions == ("things about it, more things",) for t in ts.tags)
     assert rep.described == len(ts.tags)
     assert ts.provenance["prompt"] == "propose-fewshot-2" and ts.provenance["llm_model"] == "fake"
+    assert ts.provenance["describe_prompt"] == "describe-fewshot-1"
     # gold: sourdough ×2, bread, knives (a built name or alias), sharpening, food-safety
     assert (rep.gold_labels, rep.gold_recovered) == (5, 3)
     assert rep.gold_coverage == round(4 / 6, 4)
@@ -347,3 +350,41 @@ def test_the_gold_check_reads_the_asked_kuairec_level_and_the_items_stay_the_sam
     assert reps[1].items == reps[2].items == 3  # the level changes the check, not the corpus
     assert (reps[1].gold_labels, reps[1].gold_recovered, reps[1].gold_coverage) == (1, 1, 1.0)
     assert (reps[2].gold_labels, reps[2].gold_recovered, reps[2].gold_coverage) == (2, 1, 0.5)
+
+
+def test_build_with_example_posts_embeds_them_as_content(
+    corpus: Path, tmp_path: Path, encoder: OnnxEncoder, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    def reply(req: dict[str, Any]) -> Reply:
+        if req["prompt"].endswith("Post:"):  # the examples style of describe-tags
+            return 200, text_completion(" My #loaf came out flat again, what went wrong?")
+        return keyword_tags(req)
+
+    server = fake_llm(reply)
+    chat = SelectiveTagger(server.base_url, "fake", SecretStr(""), timeout_s=5, attempts=1)
+    describer = Describer(server.base_url, "fake", samples=2, style="examples")
+    ts, rep = build_tags(
+        corpus,
+        "jsonl",
+        tmp_path / "ts",
+        chat,
+        encoder,
+        work=tmp_path / "work",
+        samples=2,
+        min_items=2,
+        merge_threshold=0.8,
+        describe=True,
+        proposer=FewShotProposer(server.base_url, "fake"),
+        describer=describer,
+    )
+    post = "My #loaf came out flat again, what went wrong?"
+    assert ts.tags and all(t.examples == (post,) and not t.descriptions for t in ts.tags)
+    assert rep.described == len(ts.tags)
+    assert ts.provenance["describe_prompt"] == "examples-fewshot-1"
+    enc = encoder.tag_encoder()
+    v = enc.encode([unmark_hashtags(post)], kind="query")[0]
+    v /= np.linalg.norm(v)
+    for i, t in enumerate(ts.tags):
+        name = enc.encode([tag_prompt(t)])[0]
+        want = 0.5 * name / np.linalg.norm(name) + 0.5 * v
+        assert np.allclose(ts.embeddings[i], want / np.linalg.norm(want), atol=1e-5)

@@ -208,6 +208,34 @@ def test_embed_tags_mixes_the_mean_of_the_descriptions_into_described_tags_only(
         embed_tags(tags, _fake_encode, 1.5)
 
 
+def test_example_posts_are_embedded_on_the_content_side_with_the_descriptions() -> None:
+    """Examples go through `encode_content` (the query side), descriptions through `encode`
+    as `name: description`; a tag's samples of both kinds share one mean."""
+    tags = [
+        Tag("a", "dogs", examples=("my puppy learned to sit",)),
+        Tag("b", "cats", descriptions=("small felines",), examples=("the cat sleeps all day",)),
+        Tag("c", "birds"),
+    ]
+
+    def content(texts: list[str]) -> np.ndarray:
+        return _fake_encode([f"query: {t}" for t in texts])
+
+    got = embed_tags(tags, _fake_encode, name_weight=0.4, encode_content=content)
+    plain = _unit(_fake_encode([tag_prompt(t) for t in tags]))
+    ex_a = _unit(content(["my puppy learned to sit"]))[0]
+    want_a = 0.4 * plain[0] + 0.6 * ex_a
+    assert np.allclose(got[0], want_a / np.linalg.norm(want_a), atol=1e-5)
+    desc_b = _unit(_fake_encode(["cats: small felines"]))[0]
+    both = np.stack([desc_b, _unit(content(["the cat sleeps all day"]))[0]]).mean(0)
+    want_b = 0.4 * plain[1] + 0.6 * both / np.linalg.norm(both)
+    assert np.allclose(got[1], want_b / np.linalg.norm(want_b), atol=1e-5)
+    assert np.allclose(got[2], plain[2], atol=1e-6)
+    with pytest.raises(TagSystemError, match="encode_content"):
+        embed_tags(tags, _fake_encode)
+    assert Tag.from_dict(tags[1].to_dict()) == tags[1]
+    assert "examples" not in Tag("c", "birds").to_dict()
+
+
 def test_descriptions_round_trip_and_change_the_hash(tmp_path: Path) -> None:
     tags = [Tag("b", "cats", descriptions=("small felines", "purring pets"))]
     assert Tag.from_dict(tags[0].to_dict()) == tags[0]
