@@ -1147,11 +1147,19 @@ def describe_tags_cmd(
         DescribeStyle,
         typer.Option(
             help="examples: a post or video caption that would carry the tag, embedded as "
-            "content is (KuaiRec level 1 recall@10 0.649 → 0.716, docs/QUALITY.md); "
+            "content is (KuaiRec level 1 recall@10 0.649 → 0.714, docs/QUALITY.md); "
             "descriptions: what the tag's items are about, embedded as tags are (0.681)."
         ),
     ] = DescribeStyle.examples,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent LLM calls.")] = 1,
+    tag_template: Annotated[
+        str | None,
+        typer.Option(
+            help="How the prompt names a tag, with {name} for it: put the tags in their "
+            "domain, e.g. '{name} (cooking)'. Only the prompt: the tag keeps its name. "
+            "Default: the name alone.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Sample example posts (or short descriptions) of every tag from a base LLM, by name
@@ -1163,11 +1171,12 @@ def describe_tags_cmd(
     from consumer.config import Settings
     from consumer.describe import PROMPT_VERSIONS, Describer
     from consumer.llm_server import GEMMA, LocalLLM
-    from tagsys import Tag
+    from tagsys import DEFAULT_TEMPLATE, Tag, check_template
     from tagsys.datasets import load
     from tagsys.vocab import read_vocabulary
 
     logs.configure("warning")
+    template = check_template(tag_template) if tag_template else DEFAULT_TEMPLATE
     if (vocab is None) == (data is None):
         raise TagstreamError("give either --vocab FILE or --data FILE --format F")
     if data is not None:
@@ -1192,7 +1201,13 @@ def describe_tags_cmd(
         else:
             url, model, key = llm, llm_model, Settings().llm_api_key
         describer = Describer(
-            url, model, key, samples=samples, concurrency=concurrency, style=style.value
+            url,
+            model,
+            key,
+            samples=samples,
+            concurrency=concurrency,
+            style=style.value,
+            template=template,
         )
         with _progress("describing") as bar:
             task = bar.add_task("describe", total=len(tags) * samples)
@@ -1207,6 +1222,7 @@ def describe_tags_cmd(
             "prompt": PROMPT_VERSIONS[style.value],
             "style": style.value,
             "samples": samples,
+            **({"prompt_template": template} if template != DEFAULT_TEMPLATE else {}),
             "source": source,
         },
         "tags": [t.to_dict() for t in described],

@@ -167,12 +167,14 @@ class Describer:
         attempts: int = 3,
         concurrency: int = 1,
         style: Style = "descriptions",
+        template: str = "{name}",
     ) -> None:
         if samples < 1:
             raise ValueError("samples must be at least 1")
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
         self.style: Style = style
+        self.template = template  # how the prompt names the tag, e.g. "{name} (cooking)"
         self.model = model
         self.samples = samples
         self.temperature = temperature
@@ -219,7 +221,8 @@ class Describer:
         def run(job: tuple[int, int]) -> tuple[int, int, str | None, str | None]:
             i, s = job
             try:
-                return i, s, self._sample(tags[i].name, seed=s + 1), None
+                name = self.template.format(name=tags[i].name)
+                return i, s, self._sample(name, seed=s + 1), None
             except openai.OpenAIError as e:
                 return i, s, None, f"{tags[i].name}: {type(e).__name__}: {e}"
 

@@ -50,7 +50,7 @@ class Tag:
     descriptions: tuple[str, ...] = ()
     # Sampled example posts (written by an LLM from the name alone): embedded as content is,
     # on the encoder's query side, so their mean lands where the tag's items are
-    # (docs/QUALITY.md: KuaiRec level 1 recall@10 0.649 -> 0.716).
+    # (docs/QUALITY.md: KuaiRec level 1 recall@10 0.649 -> 0.714).
     examples: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:

@@ -227,6 +227,28 @@ def test_example_posts_by_default_and_embedded_as_content_by_import_tags(
         )
 
 
+def test_the_tag_template_shapes_the_prompt_not_the_tag(
+    tmp_path: Path, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "1", "title": "pans", "labels": ["equipment"]}) + "\n")
+    server = fake_llm(lambda req: (200, text_completion(f" about {tag_of(req)}")))
+    vocab = tmp_path / "v.json"
+    argv = ["describe-tags", "--data", str(data), "--format", "jsonl", "--out", str(vocab),
+            "--llm", server.base_url, "--llm-model", "fake", "--samples", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--tag-template", "{name} (cooking)"])
+    assert e.value.code in (0, None)
+    assert server.requests[0]["prompt"].endswith("Tag: equipment (cooking)\nPost:")
+    doc = json.loads(vocab.read_text())
+    assert doc["tags"][0]["name"] == "equipment"
+    assert doc["tags"][0]["examples"] == ["about equipment (cooking)"]
+    assert doc["provenance"]["prompt_template"] == "{name} (cooking)"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--tag-template", "{tag} (cooking)"])
+    assert e.value.code == 2
+
+
 def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["describe-tags", "--out", str(tmp_path / "v.json"), "--llm", "http://x/v1"])
