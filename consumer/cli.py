@@ -944,6 +944,7 @@ def build_tags_cmd(
                     samples=describe_samples,
                     concurrency=concurrency,
                     style=describe_style.value,
+                    template=template,  # the prompt names the tag as its vector does
                 )
         with _progress("building") as bar:
             task = bar.add_task("build", total=None)

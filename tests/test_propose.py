@@ -388,3 +388,31 @@ def test_build_with_example_posts_embeds_them_as_content(
         name = enc.encode([tag_prompt(t)])[0]
         want = 0.5 * name / np.linalg.norm(name) + 0.5 * v
         assert np.allclose(ts.embeddings[i], want / np.linalg.norm(want), atol=1e-5)
+
+
+def test_build_tags_cli_describes_with_examples_named_by_the_template(
+    corpus: Path, tmp_path: Path, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    prompts: list[str] = []
+
+    def reply(req: dict[str, Any]) -> Reply:
+        if req["prompt"].endswith("Post:"):
+            prompts.append(req["prompt"])
+            return 200, text_completion(" Why did my loaf collapse?")
+        return keyword_tags(req)
+
+    server = fake_llm(reply)
+    out = tmp_path / "ts"
+    argv = build_tags_argv(
+        corpus, out, "--llm", server.base_url, "--llm-model", "fake", "--prompt", "fewshot",
+        "--samples", "2", "--min-items", "2", "--describe", "--describe-samples", "2",
+        "--tag-template", "{name} (cooking)",
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code in (0, None)
+    ts = TagSystem.load(out)
+    assert ts.tags and all(t.examples == ("Why did my loaf collapse?",) for t in ts.tags)
+    assert len(prompts) == 2 * len(ts.tags)
+    assert all(p.rstrip().splitlines()[-2].endswith(" (cooking)") for p in prompts)
+    assert ts.provenance["describe_prompt"] == "examples-fewshot-1"
