@@ -33,7 +33,6 @@ PROMPT_VERSIONS: dict[Style, str] = {
     "descriptions": "describe-fewshot-1",
     "examples": "examples-fewshot-1",
 }
-PROMPT_VERSION = PROMPT_VERSIONS["descriptions"]
 
 PROMPT_ZH = """以下是内容标签及其描述，描述列出该标签下的视频常见的内容和关键词。
 

@@ -131,18 +131,15 @@ def embed_tags(
     posts = [x for t in tags for x in t.examples]
     if not texts and not posts:
         return base
-    if posts and encode_content is None:
-        raise TagSystemError(
-            "these tags carry example posts, which are embedded as content is: "
-            "embed_tags needs encode_content"
-        )
-    dim = base.shape[1]
     desc = _normalise(np.asarray(encode(texts), dtype=np.float32)) if texts else base[:0]
-    exam = (
-        _normalise(np.asarray(encode_content(posts), dtype=np.float32))
-        if posts and encode_content is not None
-        else np.zeros((0, dim), np.float32)
-    )
+    exam = base[:0]
+    if posts:
+        if encode_content is None:
+            raise TagSystemError(
+                "these tags carry example posts, which are embedded as content is: "
+                "embed_tags needs encode_content"
+            )
+        exam = _normalise(np.asarray(encode_content(posts), dtype=np.float32))
     out = _normalise(base.copy())
     row = ex_row = 0
     for i, t in enumerate(tags):
