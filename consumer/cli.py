@@ -15,6 +15,7 @@ from rich.console import Console
 from consumer import logs
 from tagsys.bank import BANK_K, BANK_WEIGHT
 from tagsys.errors import TagstreamError
+from tagsys.tree import TREE_WEIGHT
 
 app = typer.Typer(
     help="Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, "
@@ -538,6 +539,18 @@ TagTemplateOpt = Annotated[
 BankWeightOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Share of the tag's own vector in the mix.")
 ]
+TreeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A category tree of the same encoder (a hierarchy CSV imported with import-tags "
+        "--format hierarchy): a tag with children there is mixed with their names' mean. "
+        "A taxonomy, no item labels.",
+    ),
+]
+TreeWeightOpt = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Share of the tag's own vector in the --tree mix."),
+]
 
 
 def _progress(label: str) -> Any:
@@ -583,6 +596,8 @@ def eval_cmd(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tree: TreeOpt = None,
+    tree_weight: TreeWeightOpt = TREE_WEIGHT,
     tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -606,6 +621,8 @@ def eval_cmd(
         bank=bank,
         bank_k=bank_k,
         bank_weight=bank_weight,
+        tree=tree,
+        tree_weight=tree_weight,
         tag_template=tag_template,
     )
     out = report(run_)
@@ -635,6 +652,8 @@ def calibrate_cmd(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tree: TreeOpt = None,
+    tree_weight: TreeWeightOpt = TREE_WEIGHT,
     tag_template: TagTemplateOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -655,6 +674,8 @@ def calibrate_cmd(
         bank=bank,
         bank_k=bank_k,
         bank_weight=bank_weight,
+        tree=tree,
+        tree_weight=tree_weight,
         tag_template=tag_template,
     )
     ts, cal, before, after = run_calibrate(
@@ -1025,9 +1046,16 @@ def import_tags(
             help="json ({name, version, gate?, tags: [{id?, name, aliases?, category?, "
             "description?, descriptions?, examples?}]}), taggpt (`tag||['alias', ...]`, no "
             "header), list (one tag per line) or hierarchy (CSV with a header, one top-down "
-            "path per row).",
+            "path per row; a KuaiRec data file is read by its category-name columns).",
         ),
     ] = VocabFormat.json,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            help="With --format hierarchy: the path's columns, top level first, comma "
+            "separated (default: every column).",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Tag-system name (default: from the file).")] = (
         None
     ),
@@ -1045,6 +1073,8 @@ def import_tags(
     bank: BankOpt = None,
     bank_k: BankKOpt = BANK_K,
     bank_weight: BankWeightOpt = BANK_WEIGHT,
+    tree: TreeOpt = None,
+    tree_weight: TreeWeightOpt = TREE_WEIGHT,
     tag_template: TagTemplateOpt = None,
 ) -> None:
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
@@ -1059,7 +1089,8 @@ def import_tags(
 
     logs.configure("warning")
     template = template_for(None, tag_template)
-    vocab = read_vocabulary(file, fmt.value)
+    cols = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None
+    vocab = read_vocabulary(file, fmt.value, columns=cols)
     for p in vocab.problems[:10]:
         err.print(f"[yellow]warning:[/] {p}")
     if len(vocab.problems) > 10:
@@ -1099,6 +1130,10 @@ def import_tags(
             **template_provenance(template),
         },
     )
+    if tree is not None:
+        from tagsys.tree import expand_with_tree
+
+        ts = expand_with_tree(ts, TagSystem.load(tree), weight=tree_weight)
     if bank is not None:
         from tagsys.bank import expand_with_bank
 

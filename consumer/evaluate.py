@@ -39,6 +39,7 @@ from tagsys.adapt import adapt, label_free_gate
 from tagsys.bank import BANK_K, BANK_WEIGHT, expand_with_bank
 from tagsys.datasets import Dataset, DatasetError, Item, load
 from tagsys.evaluation import Calibration, Outcome, calibrated, compute, gate_outcomes
+from tagsys.tree import TREE_WEIGHT, expand_with_tree
 
 Progress = Callable[[int, int], None]
 DEFAULT_MODEL = {
@@ -145,6 +146,8 @@ def run_eval(
     bank: Path | None = None,
     bank_k: int = BANK_K,
     bank_weight: float = BANK_WEIGHT,
+    tree: Path | None = None,
+    tree_weight: float = TREE_WEIGHT,
     tag_template: str | None = None,
     progress: Progress | None = None,
 ) -> EvalRun:
@@ -156,6 +159,8 @@ def run_eval(
     name = model or (loaded.encoder if loaded else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
     ts = loaded or zero_shot(ds.labels, encoder, template=template)
+    if tree is not None:  # a taxonomy: which category is under which, no item's label
+        ts = expand_with_tree(ts, TagSystem.load(tree), weight=tree_weight)
     if bank is not None:  # an external vocabulary, no labels: zero-shot stays zero-shot
         ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
     metrics = Metrics()

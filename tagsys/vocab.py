@@ -101,9 +101,19 @@ def read_list(path: Path) -> Vocabulary:
     return Vocabulary(_merge(tags, problems), name=path.stem, problems=problems)
 
 
-def read_hierarchy(path: Path) -> Vocabulary:
+# KuaiRec's category columns, top level first: its data file is its own category tree
+KUAIREC_TREE = (
+    "first_level_category_name",
+    "second_level_category_name",
+    "third_level_category_name",
+)
+
+
+def read_hierarchy(path: Path, columns: tuple[str, ...] | None = None) -> Vocabulary:
     """CSV with a header, one path per row from the top level down (e.g. KuaiRec's
-    level1,level2,level3). Every node becomes a tag whose category is its parent path."""
+    level1,level2,level3). Every node becomes a tag whose category is its parent path.
+    `columns` names the path's columns when the file has others; a KuaiRec data file is
+    read by its category-name columns without being told."""
     tags: list[Tag] = []
     problems: list[str] = []
     with path.open(newline="", encoding="utf-8") as f:
@@ -111,8 +121,27 @@ def read_hierarchy(path: Path) -> Vocabulary:
         header = next(rows, None)
         if not header:
             raise TagSystemError(f"{path}: empty hierarchy file")
+        header = [h.strip() for h in header]
+        if columns is None and set(KUAIREC_TREE) <= set(header):
+            columns = KUAIREC_TREE
+        if columns is not None:
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise TagSystemError(
+                    f"{path}: no column {', '.join(map(repr, missing))} "
+                    f"(the header has {', '.join(header)})"
+                )
+            pick = [header.index(c) for c in columns]
+        else:
+            pick = list(range(len(header)))
         for n, row in enumerate(rows, 2):
-            parts = [c.strip() for c in row if c.strip() and c.strip() != "UNKNOWN"]
+            cells = [row[i].strip() if i < len(row) else "" for i in pick]
+            # a path stops at its first unknown level: what sits below has no known parent
+            known = [not c or c == "UNKNOWN" for c in cells]
+            parts = cells[: known.index(True)] if True in known else cells
+            lost = [c for c in cells[len(parts) :] if c and c != "UNKNOWN"]
+            if lost:
+                problems.append(f"line {n}: {', '.join(lost)} below an unknown level, left out")
             if not parts:
                 problems.append(f"line {n}: empty row")
                 continue
@@ -140,7 +169,8 @@ def read_json(path: Path) -> Vocabulary:
         raise TagSystemError(f"cannot read vocabulary {path}: {e}") from e
 
 
-def read_vocabulary(path: Path, fmt: str) -> Vocabulary:
+def read_vocabulary(path: Path, fmt: str, *, columns: tuple[str, ...] | None = None) -> Vocabulary:
+    """`columns`: a hierarchy's path columns, top level first (other formats refuse them)."""
     if not path.is_file():
         raise TagSystemError(f"no such vocabulary file: {path}")
     readers = {
@@ -151,7 +181,9 @@ def read_vocabulary(path: Path, fmt: str) -> Vocabulary:
     }
     if fmt not in readers:
         raise TagSystemError(f"unknown vocabulary format {fmt!r}; one of {VOCAB_FORMATS}")
-    vocab = readers[fmt](path)
+    if columns is not None and fmt != "hierarchy":
+        raise TagSystemError(f"columns are read from a hierarchy CSV, not from format {fmt!r}")
+    vocab = read_hierarchy(path, columns) if fmt == "hierarchy" else readers[fmt](path)
     if not vocab.tags:
         raise TagSystemError(f"{path}: no tags found (format {fmt})")
     return vocab
