@@ -1,11 +1,12 @@
 """Mix into a category's vector the mean of its children's names in a category tree.
 
 A category name such as 人文 or 读书 says little to a small encoder; the names of the
-categories directly below it (人文历史, 好书推荐…) say what its items are about. The tree is
-a tag system imported from a hierarchy (`import-tags tree.csv --format hierarchy`, where a
-tag's category is its parent's path), matched to the tags by name. It is a taxonomy, not
-item labels: it tells which category sits under which, never which item is in which. Unlike
-the bank, nothing is searched: a category's children are given. Measured in docs/QUALITY.md.
+categories directly below it (宗教 and 历史, 文学赏析 and 小说) say what its items are
+about. The tree is a tag system imported from a hierarchy (`import-tags tree.csv --format
+hierarchy`, where a tag's category is its parent's path), matched to the tags by name. It is
+a taxonomy, not item labels: it tells which category sits under which, never which item is
+in which. Unlike the bank, nothing is searched: a category's children are given. Measured in
+docs/QUALITY.md.
 """
 
 from __future__ import annotations
