@@ -160,6 +160,22 @@ def test_tree_in_import_tags_and_eval(
     assert expanded > plain, (plain, expanded)
     assert expanded == 1.0
 
+    cal = tmp_path / "cal"
+    _ok(
+        "calibrate",
+        "--data",
+        str(data),
+        "--format",
+        "jsonl",
+        "--tree",
+        str(tree),
+        "--out",
+        str(cal),
+        *base,
+    )
+    assert TagSystem.load(cal).provenance["tree"]["expanded"] == 3
+    capsys.readouterr()
+
     names = tmp_path / "names.txt"
     names.write_text("zorvex\nquillon\nplimsa\n")
     out = tmp_path / "ts"
