@@ -131,14 +131,16 @@ def read_hierarchy(path: Path, columns: tuple[str, ...] | None = None) -> Vocabu
                     f"{path}: no column {', '.join(map(repr, missing))} "
                     f"(the header has {', '.join(header)})"
                 )
-            pick = [header.index(c) for c in columns]
-        else:
-            pick = list(range(len(header)))
+        pick = [header.index(c) for c in columns] if columns is not None else None
         for n, row in enumerate(rows, 2):
-            cells = [row[i].strip() if i < len(row) else "" for i in pick]
+            cells = (
+                [c.strip() for c in row]
+                if pick is None
+                else [row[i].strip() if i < len(row) else "" for i in pick]
+            )
             # a path stops at its first unknown level: what sits below has no known parent
-            known = [not c or c == "UNKNOWN" for c in cells]
-            parts = cells[: known.index(True)] if True in known else cells
+            unknown = [not c or c == "UNKNOWN" for c in cells]
+            parts = cells[: unknown.index(True)] if True in unknown else cells
             lost = [c for c in cells[len(parts) :] if c and c != "UNKNOWN"]
             if lost:
                 problems.append(f"line {n}: {', '.join(lost)} below an unknown level, left out")
