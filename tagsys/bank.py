@@ -32,6 +32,22 @@ def bank_neighbours(embeddings: F32, bank: F32, k: int, chunk: int = 1024) -> np
     return np.concatenate(rows) if rows else np.zeros((0, min(k, len(bank))), np.int64)
 
 
+def check_mixable(ts: TagSystem, other: TagSystem, role: str) -> None:
+    """`other` (a bank, a tree) can be mixed into `ts`'s vectors: same encoder, and vectors
+    that still score (a distilled head does not read them)."""
+    if other.encoder != ts.encoder or other.dim != ts.dim:
+        raise EncoderMismatchError(
+            f"{role} {other.version_id} was embedded with {other.encoder!r} ({other.dim} "
+            f"dims), the tag system with {ts.encoder!r} ({ts.dim} dims); import the {role} "
+            f"with --model {ts.encoder}"
+        )
+    if ts.head is not None:
+        raise TagSystemError(
+            f"tag system {ts.version_id} scores with a distilled head, which does not read "
+            "the tag vectors; expand the tag system before distilling it"
+        )
+
+
 def expand_with_bank(
     ts: TagSystem, bank: TagSystem, *, k: int = BANK_K, weight: float = BANK_WEIGHT
 ) -> TagSystem:
@@ -40,17 +56,7 @@ def expand_with_bank(
         raise ValueError("k must be at least 1")
     if not 0.0 <= weight <= 1.0:
         raise ValueError("weight must be in [0, 1]")
-    if bank.encoder != ts.encoder or bank.dim != ts.dim:
-        raise EncoderMismatchError(
-            f"bank {bank.version_id} was embedded with {bank.encoder!r} ({bank.dim} dims), "
-            f"the tag system with {ts.encoder!r} ({ts.dim} dims); import the bank with "
-            f"--model {ts.encoder}"
-        )
-    if ts.head is not None:
-        raise TagSystemError(
-            f"tag system {ts.version_id} scores with a distilled head, which does not read "
-            "the tag vectors; expand the tag system before distilling it"
-        )
+    check_mixable(ts, bank, "bank")
     if not bank.tags:
         raise TagSystemError(f"bank {bank.version_id} has no tags")
     nb = bank_neighbours(ts.embeddings, bank.embeddings, k)

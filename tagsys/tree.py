@@ -14,7 +14,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import replace
 
-from tagsys.errors import EncoderMismatchError, TagSystemError
+from tagsys.bank import check_mixable
+from tagsys.errors import TagSystemError
 from tagsys.shortlist import unit
 from tagsys.tagsystem import Tag, TagSystem
 
@@ -45,17 +46,7 @@ def expand_with_tree(ts: TagSystem, tree: TagSystem, *, weight: float = TREE_WEI
     Refuses a tree that expands no tag: a tree of other names would silently do nothing."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError("weight must be in [0, 1]")
-    if tree.encoder != ts.encoder or tree.dim != ts.dim:
-        raise EncoderMismatchError(
-            f"tree {tree.version_id} was embedded with {tree.encoder!r} ({tree.dim} dims), "
-            f"the tag system with {ts.encoder!r} ({ts.dim} dims); import the tree with "
-            f"--model {ts.encoder}"
-        )
-    if ts.head is not None:
-        raise TagSystemError(
-            f"tag system {ts.version_id} scores with a distilled head, which does not read "
-            "the tag vectors; expand the tag system before distilling it"
-        )
+    check_mixable(ts, tree, "tree")
     below = children(tree)
     paths: dict[str, str] = {}
     for t in tree.tags:

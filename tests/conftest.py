@@ -166,3 +166,40 @@ def text_completion(text: str) -> dict[str, Any]:
 def build_tags_argv(data: Path, out: Path, *extra: str) -> list[str]:
     """`tagstream build-tags` over a JSONL corpus, for the CLI tests."""
     return ["build-tags", "--data", str(data), "--format", "jsonl", "--out", str(out), *extra]
+
+
+def cli_exit(argv: list[str]) -> int | None:
+    """Run `tagstream ARGV` in-process and return its exit code (2: a clear user error)."""
+    from consumer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code = e.value.code
+    return code if isinstance(code, int) or code is None else 1
+
+
+def cli_ok(*argv: str) -> None:
+    assert cli_exit(list(argv)) in (0, None)
+
+
+# toy items labelled with code words: a tag's name says nothing, so only what is mixed into
+# its vector (a bank's neighbours, a tree's children) can rank it
+OPAQUE_ROWS = [
+    ("Sourdough starter feeding schedule", ["zorvex"]),
+    ("Why did my baguette not rise in the oven", ["zorvex"]),
+    ("Knife sharpening with a whetstone", ["quillon"]),
+    ("Which chef knife steel holds an edge", ["quillon"]),
+    ("Is chicken left out overnight safe to eat", ["plimsa"]),
+    ("How long can cooked rice sit out before bacteria grow", ["plimsa"]),
+]
+
+
+def write_labelled_jsonl(path: Path, rows: list[tuple[str, list[str]]]) -> Path:
+    """Labelled items as `eval --format jsonl` reads them: id, title, labels."""
+    path.write_text(
+        "".join(
+            json.dumps({"id": str(i), "title": t, "labels": g}) + "\n"
+            for i, (t, g) in enumerate(rows)
+        )
+    )
+    return path

@@ -11,6 +11,7 @@ import pytest
 from tagsys import EncoderMismatchError, Tag, TagSystem, TagSystemError
 from tagsys.bank import bank_neighbours, expand_with_bank
 from tagsys.distill import Head
+from tests.conftest import OPAQUE_ROWS, cli_exit, cli_ok, write_labelled_jsonl
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -62,49 +63,24 @@ def test_refuses_another_encoder_a_distilled_head_and_bad_arguments() -> None:
         expand_with_bank(ts, ts, weight=1.5)
 
 
-def _run(argv: list[str]) -> int | None:
-    from consumer.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    code = e.value.code
-    return code if isinstance(code, int) or code is None else 1
-
-
-def _ok(*argv: str) -> None:
-    assert _run(list(argv)) in (0, None)
-
-
 def test_bank_in_eval_and_import_tags(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Tags with opaque names (a code word each) gain what the bank says about the code word;
     zero-shot ranking of toy items improves, and import-tags records the bank."""
-    rows = [
-        ("Sourdough starter feeding schedule", ["zorvex"]),
-        ("Why did my baguette not rise in the oven", ["zorvex"]),
-        ("Knife sharpening with a whetstone", ["quillon"]),
-        ("Which chef knife steel holds an edge", ["quillon"]),
-        ("Is chicken left out overnight safe to eat", ["plimsa"]),
-        ("How long can cooked rice sit out before bacteria grow", ["plimsa"]),
-    ]
-    data = tmp_path / "toy.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"id": str(i), "title": t, "labels": g}) + "\n"
-            for i, (t, g) in enumerate(rows)
-        )
-    )
+    data = write_labelled_jsonl(tmp_path / "toy.jsonl", OPAQUE_ROWS)
     bank_vocab = tmp_path / "bank.txt"
     bank_vocab.write_text(
         "zorvex bread baking\nzorvex sourdough loaf\nquillon kitchen knives\n"
         "quillon blade sharpening\nplimsa food safety\nplimsa bacteria spoilage\n"
     )
     base = ["--model-dir", str(model_dir)]  # jsonl data and import-tags default to MiniLM
-    _ok("import-tags", str(bank_vocab), "--format", "list", "--out", str(tmp_path / "bank"), *base)
+    cli_ok(
+        "import-tags", str(bank_vocab), "--format", "list", "--out", str(tmp_path / "bank"), *base
+    )
 
     def r1(*extra: str) -> float:
-        _ok("eval", "--data", str(data), "--format", "jsonl", "--json", *base, *extra)
+        cli_ok("eval", "--data", str(data), "--format", "jsonl", "--json", *base, *extra)
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         return float(out["recall_at_1"])
 
@@ -116,15 +92,15 @@ def test_bank_in_eval_and_import_tags(
     names = tmp_path / "names.txt"
     names.write_text("zorvex\nquillon\nplimsa\n")
     bank_args = ["--bank", str(tmp_path / "bank"), "--bank-k", "2"]
-    _ok("import-tags", str(names), "--format", "list", "--out", str(tmp_path / "ts"), *bank_args)
+    cli_ok("import-tags", str(names), "--format", "list", "--out", str(tmp_path / "ts"), *bank_args)
     ts = TagSystem.load(tmp_path / "ts")
     assert ts.provenance["bank"]["k"] == 2 and ts.provenance["bank"]["weight"] == 0.7
 
     # a bank from another encoder is refused with a clear error, exit 2
     e5 = ["--model", "multilingual-e5-small", *base]
-    _ok("import-tags", str(bank_vocab), "--format", "list", "--out", str(tmp_path / "e5"), *e5)
+    cli_ok("import-tags", str(bank_vocab), "--format", "list", "--out", str(tmp_path / "e5"), *e5)
     capsys.readouterr()
     bad = ["--bank", str(tmp_path / "e5"), *base]
-    assert _run(["eval", "--data", str(data), "--format", "jsonl", *bad]) == 2
+    assert cli_exit(["eval", "--data", str(data), "--format", "jsonl", *bad]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "import the bank with --model all-MiniLM-L6-v2" in said

@@ -13,6 +13,7 @@ from tagsys import GateConfig, decide
 from tagsys.datasets import DatasetError, load, strip_hashtags
 from tagsys.evaluation import Outcome, calibrate, compute
 from tagsys.lexicon import Lexicon
+from tests.conftest import write_labelled_jsonl
 
 
 def _o(gold: set[int], ranked: list[int], auto: bool, final: list[int]) -> Outcome:
@@ -195,13 +196,7 @@ def test_eval_and_calibrate_cli_on_toy_data(
         ("Is chicken left out overnight safe", ["food safety"]),
         ("How long can cooked rice sit out", ["food safety"]),
     ] * 3
-    data = tmp_path / "toy.jsonl"
-    data.write_text(
-        "\n".join(
-            json.dumps({"id": str(i), "title": t, "labels": g}) for i, (t, g) in enumerate(rows)
-        )
-        + "\n"
-    )
+    data = write_labelled_jsonl(tmp_path / "toy.jsonl", rows)
     with pytest.raises(SystemExit) as e:
         main(
             [
@@ -313,13 +308,7 @@ def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fak
         ("Honing steel or sharpening stone", ["knives"]),
         ("Keeping a carbon steel blade from rusting", ["knives"]),
     ]
-    data = tmp_path / "toy.jsonl"
-    data.write_text(
-        "\n".join(
-            json.dumps({"id": str(i), "title": t, "labels": g}) for i, (t, g) in enumerate(rows)
-        )
-        + "\n"
-    )
+    data = write_labelled_jsonl(tmp_path / "toy.jsonl", rows)
     from consumer.evaluate import run_eval
 
     run = run_eval(data, "jsonl", model_dir=model_dir, llm=server.base_url)

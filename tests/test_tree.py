@@ -14,6 +14,7 @@ from tagsys import EncoderMismatchError, Tag, TagSystem, TagSystemError
 from tagsys.distill import Head
 from tagsys.tree import children, expand_with_tree, node_path
 from tagsys.vocab import read_vocabulary
+from tests.conftest import OPAQUE_ROWS, cli_exit, cli_ok, write_labelled_jsonl
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -106,39 +107,12 @@ def test_hierarchy_columns_kuairec_detected_and_a_path_stops_at_an_unknown_level
         read_vocabulary(g, "list", columns=("top",))
 
 
-def _run(argv: list[str]) -> int | None:
-    from consumer.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    code = e.value.code
-    return code if isinstance(code, int) or code is None else 1
-
-
-def _ok(*argv: str) -> None:
-    assert _run(list(argv)) in (0, None)
-
-
 def test_tree_in_import_tags_and_eval(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Categories with opaque names gain what their children's names say; zero-shot ranking of
     toy items improves, and import-tags records the tree."""
-    rows = [
-        ("Sourdough starter feeding schedule", ["zorvex"]),
-        ("Why did my baguette not rise in the oven", ["zorvex"]),
-        ("Knife sharpening with a whetstone", ["quillon"]),
-        ("Which chef knife steel holds an edge", ["quillon"]),
-        ("Is chicken left out overnight safe to eat", ["plimsa"]),
-        ("How long can cooked rice sit out before bacteria grow", ["plimsa"]),
-    ]
-    data = tmp_path / "toy.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"id": str(i), "title": t, "labels": g}) + "\n"
-            for i, (t, g) in enumerate(rows)
-        )
-    )
+    data = write_labelled_jsonl(tmp_path / "toy.jsonl", OPAQUE_ROWS)
     tree_csv = tmp_path / "tree.csv"
     tree_csv.write_text(  # with a column that is not part of the path
         "note,top,sub\nx,zorvex,bread baking\nx,zorvex,sourdough loaf\nx,quillon,kitchen knives\n"
@@ -147,11 +121,11 @@ def test_tree_in_import_tags_and_eval(
     base = ["--model-dir", str(model_dir)]  # jsonl data and import-tags default to MiniLM
     tree = tmp_path / "tree"
     hier = ["--format", "hierarchy", "--columns", "top, sub"]
-    _ok("import-tags", str(tree_csv), *hier, "--out", str(tree), *base)
+    cli_ok("import-tags", str(tree_csv), *hier, "--out", str(tree), *base)
     assert {t.name: t.category for t in TagSystem.load(tree).tags}["bread baking"] == "zorvex"
 
     def r1(*extra: str) -> float:
-        _ok("eval", "--data", str(data), "--format", "jsonl", "--json", *base, *extra)
+        cli_ok("eval", "--data", str(data), "--format", "jsonl", "--json", *base, *extra)
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         return float(out["recall_at_1"])
 
@@ -161,7 +135,7 @@ def test_tree_in_import_tags_and_eval(
     assert expanded == 1.0
 
     cal = tmp_path / "cal"
-    _ok(
+    cli_ok(
         "calibrate",
         "--data",
         str(data),
@@ -179,7 +153,7 @@ def test_tree_in_import_tags_and_eval(
     names = tmp_path / "names.txt"
     names.write_text("zorvex\nquillon\nplimsa\n")
     out = tmp_path / "ts"
-    _ok(
+    cli_ok(
         "import-tags",
         str(names),
         "--format",
@@ -201,10 +175,10 @@ def test_tree_in_import_tags_and_eval(
     # a tree that names none of the tags is refused with a clear error, exit 2
     other = tmp_path / "other.csv"
     other.write_text("top,sub\nanimals,cats\n")
-    _ok("import-tags", str(other), "--format", "hierarchy", "--out", str(tmp_path / "o"), *base)
+    cli_ok("import-tags", str(other), "--format", "hierarchy", "--out", str(tmp_path / "o"), *base)
     capsys.readouterr()
     assert (
-        _run(
+        cli_exit(
             ["eval", "--data", str(data), "--format", "jsonl", "--tree", str(tmp_path / "o"), *base]
         )
         == 2
