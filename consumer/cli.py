@@ -1080,7 +1080,7 @@ def import_tags(
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
     from dataclasses import replace
 
-    from consumer.evaluate import template_for
+    from consumer.evaluate import expand, template_for
     from consumer.events import unmark_hashtags
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem, embed_tags, template_provenance
@@ -1130,14 +1130,9 @@ def import_tags(
             **template_provenance(template),
         },
     )
-    if tree is not None:
-        from tagsys.tree import expand_with_tree
-
-        ts = expand_with_tree(ts, TagSystem.load(tree), weight=tree_weight)
-    if bank is not None:
-        from tagsys.bank import expand_with_bank
-
-        ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
+    ts = expand(
+        ts, tree=tree, tree_weight=tree_weight, bank=bank, bank_k=bank_k, bank_weight=bank_weight
+    )
     ts.save(out)
     n_alias = sum(len(t.aliases) for t in ts.tags)
     err.print(

@@ -23,7 +23,7 @@ import tenacity
 from pydantic import SecretStr
 
 from consumer.llm import RETRYABLE, openai_client
-from tagsys import Tag
+from tagsys import DEFAULT_TEMPLATE, Tag
 
 log = structlog.get_logger(__name__)
 
@@ -166,7 +166,7 @@ class Describer:
         attempts: int = 3,
         concurrency: int = 1,
         style: Style = "descriptions",
-        template: str = "{name}",
+        template: str = DEFAULT_TEMPLATE,
     ) -> None:
         if samples < 1:
             raise ValueError("samples must be at least 1")

@@ -130,6 +130,25 @@ def embed_items(
     return np.concatenate(embs) if embs else np.zeros((0, core.encoder.dim), np.float32), texts
 
 
+def expand(
+    ts: TagSystem,
+    *,
+    tree: Path | None = None,
+    tree_weight: float = TREE_WEIGHT,
+    bank: Path | None = None,
+    bank_k: int = BANK_K,
+    bank_weight: float = BANK_WEIGHT,
+) -> TagSystem:
+    """The tag vectors mixed with a category tree's children, then a bank's neighbours — the
+    one order `eval`, `calibrate` and `import-tags` share. Neither reads item labels: the tree
+    is a taxonomy, the bank an external vocabulary, so zero-shot stays label-free."""
+    if tree is not None:
+        ts = expand_with_tree(ts, TagSystem.load(tree), weight=tree_weight)
+    if bank is not None:
+        ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
+    return ts
+
+
 def run_eval(
     data: Path,
     fmt: str,
@@ -159,10 +178,9 @@ def run_eval(
     name = model or (loaded.encoder if loaded else DEFAULT_MODEL[fmt])
     encoder = OnnxEncoder(name, model_dir=model_dir, device="auto")
     ts = loaded or zero_shot(ds.labels, encoder, template=template)
-    if tree is not None:  # a taxonomy: which category is under which, no item's label
-        ts = expand_with_tree(ts, TagSystem.load(tree), weight=tree_weight)
-    if bank is not None:  # an external vocabulary, no labels: zero-shot stays zero-shot
-        ts = expand_with_bank(ts, TagSystem.load(bank), k=bank_k, weight=bank_weight)
+    ts = expand(
+        ts, tree=tree, tree_weight=tree_weight, bank=bank, bank_k=bank_k, bank_weight=bank_weight
+    )
     metrics = Metrics()
     outcomes: list[Outcome] = []
     with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:

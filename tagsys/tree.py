@@ -11,19 +11,15 @@ docs/QUALITY.md.
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import replace
 
 from tagsys.bank import check_mixable
 from tagsys.errors import TagSystemError
 from tagsys.shortlist import unit
 from tagsys.tagsystem import Tag, TagSystem
+from tagsys.vocab import name_key
 
 TREE_WEIGHT = 0.5  # share of the tag's own vector; the rest is its children's mean
-
-
-def _key(name: str) -> str:
-    return unicodedata.normalize("NFKC", name).strip().casefold()
 
 
 def node_path(tag: Tag) -> str:
@@ -50,11 +46,11 @@ def expand_with_tree(ts: TagSystem, tree: TagSystem, *, weight: float = TREE_WEI
     below = children(tree)
     paths: dict[str, str] = {}
     for t in tree.tags:
-        paths.setdefault(_key(t.name), node_path(t))
+        paths.setdefault(name_key(t.name), node_path(t))
     emb = ts.embeddings.copy()
     expanded = 0
     for i, t in enumerate(ts.tags):
-        path = paths.get(_key(t.name))
+        path = paths.get(name_key(t.name))
         kids = below.get(path, []) if path is not None else []
         if kids:
             mean = unit(tree.embeddings[kids].mean(axis=0, keepdims=True))[0]

@@ -30,7 +30,8 @@ class Vocabulary:
     problems: list[str] = field(default_factory=list)
 
 
-def _key(s: str) -> str:
+def name_key(s: str) -> str:
+    """How two tag names are told apart: NFKC, trimmed, case-blind."""
     return unicodedata.normalize("NFKC", s).strip().casefold()
 
 
@@ -39,7 +40,7 @@ def _merge(tags: list[Tag], problems: list[str]) -> list[Tag]:
     by_key: dict[str, int] = {}
     out: list[Tag] = []
     for t in tags:
-        k = _key(t.name)
+        k = name_key(t.name)
         if not k:
             continue
         if k in by_key:
@@ -54,12 +55,12 @@ def _merge(tags: list[Tag], problems: list[str]) -> list[Tag]:
 
 
 def _clean_aliases(name: str, aliases: list[Any]) -> tuple[str, ...]:
-    seen = {_key(name)}
+    seen = {name_key(name)}
     out = []
     for a in aliases:
         a = str(a).strip().strip("“”\"'#")
-        if a and _key(a) not in seen:
-            seen.add(_key(a))
+        if a and name_key(a) not in seen:
+            seen.add(name_key(a))
             out.append(a)
     return tuple(out)
 
