@@ -43,7 +43,7 @@ from consumer.events import decode, event_text
 from consumer.metrics import Metrics
 from consumer.runner import KafkaService
 from models_onnx import OnnxEncoder
-from tagsys import shortlist
+from tagsys import TagSystem, shortlist
 
 TAGGPT_TAGS = 40238  # lines in TagGPT's final_tags.csv
 
@@ -101,6 +101,8 @@ class BenchResult:
     e2e_no_pipeline_items_per_s: float | None = None
     e2e_ceiling_items_per_s: float | None = None
     batch_tokens_sweep: dict[int, float] | None = None
+    tag_system: str = ""
+    scoring_ms_per_item: float | None = None
 
     @property
     def encoder_items_per_s(self) -> float:
@@ -141,6 +143,14 @@ class BenchResult:
             c / t for c, t in zip(self.encoder_runs, self.torch_runs, strict=True)
         )
 
+    @property
+    def scoring_to_encoder_time(self) -> float | None:
+        """The tag system's scoring time per item over the bare encoder's: what a distilled
+        head (and its n-grams) adds to the encoder's work."""
+        if self.scoring_ms_per_item is None or not self.encoder_items_per_s:
+            return None
+        return self.scoring_ms_per_item / (1000.0 / self.encoder_items_per_s)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "encoder_items_per_s": round(self.encoder_items_per_s, 1),
@@ -175,6 +185,16 @@ class BenchResult:
                 None
                 if self.shortlist_numpy_ms_per_item_40k is None
                 else round(self.shortlist_numpy_ms_per_item_40k, 4)
+            ),
+            # shortlist (head or cosine, lexical boost) of the tag system the e2e runs used
+            "tag_system": self.tag_system,
+            "scoring_ms_per_item": (
+                None if self.scoring_ms_per_item is None else round(self.scoring_ms_per_item, 4)
+            ),
+            "scoring_to_encoder_time": (
+                None
+                if self.scoring_to_encoder_time is None
+                else round(self.scoring_to_encoder_time, 3)
             ),
             "rounds": len(self.encoder_runs),
             "encoder_runs": [round(v, 1) for v in self.encoder_runs],
@@ -289,6 +309,25 @@ def bench_shortlist(
             step("shortlist", len(q))
         out.append((time.perf_counter() - t0) * 1000 / (rounds * batch_size))
     return out[0], out[1]
+
+
+def bench_scoring(
+    core: TaggingCore, payloads: list[bytes], batch_size: int, rounds: int, step: Step
+) -> float:
+    """ms per item of the tag system's scoring alone, on embeddings made once: the median
+    of `rounds` passes."""
+    events = [decode(p) for p in payloads]
+    texts = core.texts(events)
+    emb = core.embed(events, texts)
+    ts = core.tag_system
+    runs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for s in range(0, len(events), batch_size):
+            ts.shortlist(emb[s : s + batch_size], texts[s : s + batch_size])
+            step("scoring", min(batch_size, len(events) - s))
+        runs.append((time.perf_counter() - t0) * 1000.0 / max(1, len(events)))
+    return statistics.median(runs)
 
 
 @contextmanager
@@ -446,7 +485,8 @@ def run_bench(
     *,
     items: int = 1000,
     batch_size: int = 64,
-    model: str = "all-MiniLM-L6-v2",
+    model: str | None = None,
+    tag_system: Path | None = None,
     model_dir: Path | None = None,
     device: str = "auto",
     data: Path | None = None,
@@ -461,9 +501,13 @@ def run_bench(
 
     rows, source = load_items(items, data)
     payloads = [orjson.dumps(r) for r in rows]
+    loaded = TagSystem.load(tag_system) if tag_system else None
+    model = model or (loaded.encoder if loaded else "all-MiniLM-L6-v2")
     encoder = OnnxEncoder(model, model_dir=model_dir, device=device)  # type: ignore[arg-type]
+    if loaded:
+        loaded.check_encoder(encoder.name, encoder.dim)  # before minutes of runs, not after
     texts = [event_text(decode(p)) for p in payloads]
-    ts = sample_tag_system(encoder)
+    ts = loaded or sample_tag_system(encoder)
     progress = Progress(
         TextColumn("{task.description:<10}"),
         BarColumn(),
@@ -484,6 +528,7 @@ def run_bench(
         tasks["torch"] = progress.add_task("torch", total=rounds * len(texts) if torch else 0)
         tasks["shortlist"] = progress.add_task("shortlist", total=2 * 20 * batch_size)
         tasks["sweep"] = progress.add_task("sweep", total=len(texts) * len(sweep or []))
+        tasks["scoring"] = progress.add_task("scoring", total=rounds * len(payloads))
         torch_pass: TorchRun | None = None
         if torch:
             from models_onnx.registry import resolve_source, spec_for
@@ -514,6 +559,7 @@ def run_bench(
             offered = rate or max(1.0, round(statistics.median(e2e_runs) * 0.5))
             lat_payloads = (payloads * (latency_items // len(payloads) + 1))[:latency_items]
             p50, p95, p99 = bench_latency(broker, core, lat_payloads, batch_size, offered, step)
+            scoring_ms = bench_scoring(core, payloads, batch_size, rounds, step)
             core.close()
         sl, sl_numpy = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
         swept = {
@@ -540,4 +586,6 @@ def run_bench(
         shortlist_ms_per_item_40k=sl,
         shortlist_numpy_ms_per_item_40k=sl_numpy,
         batch_tokens_sweep=swept or None,
+        tag_system=ts.version_id,
+        scoring_ms_per_item=scoring_ms,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,16 @@ from consumer.core import TaggingCore
 from consumer.evaluate import DEFAULT_MODEL, embed_items, template_for, zero_shot
 from consumer.metrics import Metrics
 from models_onnx import OnnxEncoder
-from tagsys import TagSystem
+from tagsys import TagSystem, TagSystemError
 from tagsys.datasets import DatasetError, Item, load
 from tagsys.distill import fit_head
 from tagsys.evaluation import Outcome, calibrated, compute, gate_outcomes
+from tagsys.textfeat import TextFeatures
 
 Progress = Callable[[int, int], None]
+# n-gram weights of a head (tags x buckets x 4 bytes): 603 cooking tags x 16,384 = 40 MB;
+# a 40k-tag vocabulary would need 2.6 GB at that width
+MAX_TEXT_WEIGHTS = 256 * 2**20
 F32 = npt.NDArray[np.float32]
 
 
@@ -68,9 +72,18 @@ def distill(
     holdout: float,
     target_precision: float,
     version: str | None = None,
+    text: TextFeatures | None = None,
+    progress: Progress | None = None,
 ) -> tuple[TagSystem, dict[str, Any]]:
     """Fit the head on the train part (80% fit, 20% gate calibration), compare with the base
-    (its gate calibrated on the same 20%) on the held-out part."""
+    (its gate calibrated on the same 20%) on the held-out part. With `text`, the head also
+    reads the items' hashed character n-grams."""
+    if text is not None and (size := len(base.tags) * text.buckets * 4) > MAX_TEXT_WEIGHTS:
+        raise TagSystemError(
+            f"--text-features: {len(base.tags):,} tags x {text.buckets:,} buckets is "
+            f"{size / 2**20:,.0f} MiB of n-gram weights (fitting needs about 4x that; limit "
+            f"{MAX_TEXT_WEIGHTS // 2**20} MiB): use fewer --text-buckets"
+        )
     train = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "train"]
     held = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "heldout"]
     if len(train) < 10 or not held:
@@ -78,13 +91,21 @@ def distill(
     fit_rows = [i for i in train if split_of(data.ids[i] + "#cal", 0.2) == "train"]
     cal_rows = [i for i in train if i not in set(fit_rows)]
     fit, cal, test = _subset(data, fit_rows), _subset(data, cal_rows), _subset(data, held)
-    head = fit_head(fit.emb, [sorted(g) for g in fit.gold], base.embeddings)
+    head = fit_head(
+        fit.emb,
+        [sorted(g) for g in fit.gold],
+        base.embeddings,
+        texts=fit.texts,
+        text=text,
+        progress=progress,
+    )
     prov = dict(base.provenance)
     prov["distilled"] = {
         "from": base.version_id,
         "fit_items": len(fit_rows),
         "head": head.kind,
         "holdout": holdout,
+        "text_features": asdict(text) if text else None,
     }
     new = replace(
         base,

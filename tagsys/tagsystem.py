@@ -25,6 +25,7 @@ from tagsys.errors import EncoderMismatchError, TagSystemError
 from tagsys.gate import GateConfig
 from tagsys.lexicon import Lexicon
 from tagsys.shortlist import shortlist, top_k
+from tagsys.textfeat import TextFeatures
 
 FORMAT_VERSION = 1
 META_FILE = "tagsystem.json"
@@ -238,7 +239,7 @@ class TagSystem:
         when there is one, else cosine - bias; plus the lexical boost."""
         if self.head is not None:
             return top_k(
-                self.head.scores(emb),
+                self.head.scores(emb, texts),
                 k or self.gate.top_k,
                 mentions=self.mentions(texts),
                 boost=self.gate.lexical_boost,
@@ -291,6 +292,9 @@ class TagSystem:
             h.update(b"head" + self.head.kind.encode())
             h.update(self.head.weights.tobytes())
             h.update(self.head.bias.tobytes())
+            if self.head.text_weights is not None and self.head.text is not None:
+                h.update(b"text" + self.head.text.to_array().tobytes())
+                h.update(self.head.text_weights.tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -302,11 +306,18 @@ class TagSystem:
         elif (out / BIAS_FILE).exists():
             (out / BIAS_FILE).unlink()
         if self.head is not None:
+            text: dict[str, Any] = {}
+            if self.head.text_weights is not None and self.head.text is not None:
+                text = {
+                    "text_weights": self.head.text_weights,
+                    "text_features": self.head.text.to_array(),
+                }
             np.savez(
                 out / HEAD_FILE,
                 weights=self.head.weights,
                 bias=self.head.bias,
                 kind=np.array(self.head.kind),
+                **text,
             )
         elif (out / HEAD_FILE).exists():
             (out / HEAD_FILE).unlink()
@@ -328,12 +339,15 @@ class TagSystem:
             head = None
             if (folder / HEAD_FILE).is_file():
                 with np.load(folder / HEAD_FILE, allow_pickle=False) as z:
+                    has_text = "text_weights" in z.files
                     head = Head(
                         z["weights"].astype(np.float32),
                         z["bias"].astype(np.float32),
                         str(z["kind"]),
+                        text_weights=z["text_weights"].astype(np.float32) if has_text else None,
+                        text=TextFeatures.from_array(z["text_features"]) if has_text else None,
                     )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
             raise TagSystemError(f"cannot read tag system {folder}: {e}") from e
         if meta.get("format") != FORMAT_VERSION:
             raise TagSystemError(f"{folder}: unsupported tag-system format {meta.get('format')}")

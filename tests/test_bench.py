@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,11 @@ import orjson
 import pytest
 
 from consumer.bench import load_items, shared_data_dir
+from models_onnx import OnnxEncoder
+from tagsys import TagSystem
+from tagsys.distill import fit_head
+from tagsys.textfeat import TextFeatures
+from tests.conftest import OPAQUE_ROWS
 
 KEYS = {
     "encoder_items_per_s",
@@ -23,7 +29,25 @@ KEYS = {
     "latency_p99_ms",
     "torch_items_per_s",
     "shortlist_ms_per_item_40k",
+    "tag_system",
+    "scoring_ms_per_item",
+    "scoring_to_encoder_time",
 }
+
+
+def _text_head_tag_system(encoder: OnnxEncoder, out: Path) -> TagSystem:
+    """A distilled head that reads n-grams: the costliest scoring the service runs."""
+    from consumer.evaluate import zero_shot
+
+    names = {"zorvex": "baking", "quillon": "knives", "plimsa": "food safety"}
+    ts = zero_shot(sorted(names.values()), encoder)
+    texts = [t for t, _ in OPAQUE_ROWS] * 5
+    labels = [[ts.names.index(names[g[0]])] for _, g in OPAQUE_ROWS] * 5
+    emb = encoder.encode(texts, kind="query")
+    head = fit_head(emb, labels, ts.embeddings, texts=texts, text=TextFeatures(1024), epochs=20)
+    ts = replace(ts, version="text-head", head=head)
+    ts.save(out)
+    return ts
 
 
 def test_items_come_from_the_shared_data_when_present() -> None:
@@ -36,7 +60,8 @@ def test_items_come_from_the_shared_data_when_present() -> None:
 
 
 @pytest.mark.broker
-def test_bench_json(model_dir: Path) -> None:
+def test_bench_json(model_dir: Path, encoder: OnnxEncoder, tmp_path: Path) -> None:
+    ts = _text_head_tag_system(encoder, tmp_path / "ts")
     env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
     out = subprocess.run(
         [
@@ -56,6 +81,8 @@ def test_bench_json(model_dir: Path) -> None:
             "--torch",
             "--sweep-batch-tokens",
             "512,4096",
+            "--tag-system",
+            str(tmp_path / "ts"),
         ],
         capture_output=True,
         text=True,
@@ -103,6 +130,43 @@ def test_bench_json(model_dir: Path) -> None:
     assert res["torch_items_per_s"] is not None and res["torch_items_per_s"] > 0
     assert set(res["batch_tokens_sweep"]) == {"512", "4096"}
     assert all(v > 0 for v in res["batch_tokens_sweep"].values())
+    # the tag system asked for tagged the runs, and its scoring was timed against the encoder
+    assert res["tag_system"] == ts.version_id
+    assert res["scoring_ms_per_item"] > 0
+    per_item_encoder_ms = 1000.0 / res["encoder_items_per_s"]
+    assert res["scoring_to_encoder_time"] == pytest.approx(
+        res["scoring_ms_per_item"] / per_item_encoder_ms, rel=0.01, abs=0.001
+    )
+
+
+def test_bench_refuses_a_tag_system_of_another_encoder(
+    encoder: OnnxEncoder, model_dir: Path, tmp_path: Path
+) -> None:
+    _text_head_tag_system(encoder, tmp_path / "ts")
+    meta = json.loads((tmp_path / "ts" / "tagsystem.json").read_text())
+    meta["encoder"] = "multilingual-e5-small"
+    meta.pop("content_hash")
+    (tmp_path / "ts" / "tagsystem.json").write_text(json.dumps(meta))
+    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "bench",
+            "--tag-system",
+            str(tmp_path / "ts"),
+            "--model",
+            "all-MiniLM-L6-v2",
+            "--no-torch",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "multilingual-e5-small" in out.stderr and "all-MiniLM-L6-v2" in out.stderr
 
 
 def test_a_run_without_encoder_time_reports_null_not_a_crash() -> None:
