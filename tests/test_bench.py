@@ -59,35 +59,36 @@ def test_items_come_from_the_shared_data_when_present() -> None:
         assert source.endswith("cooking.csv") and items[0]["id"] == "se-0"
 
 
-@pytest.mark.broker
-def test_bench_json(model_dir: Path, encoder: OnnxEncoder, tmp_path: Path) -> None:
-    ts = _text_head_tag_system(encoder, tmp_path / "ts")
+def _bench(model_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "bench",
-            "--json",
-            "--items",
-            "96",
-            "--latency-items",
-            "40",
-            "--batch-size",
-            "32",
-            "--rounds",
-            "2",
-            "--torch",
-            "--sweep-batch-tokens",
-            "512,4096",
-            "--tag-system",
-            str(tmp_path / "ts"),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "bench", *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.broker
+def test_bench_json(model_dir: Path, encoder: OnnxEncoder, tmp_path: Path) -> None:
+    ts = _text_head_tag_system(encoder, tmp_path / "ts")
+    out = _bench(
+        model_dir,
+        "--json",
+        "--items",
+        "96",
+        "--latency-items",
+        "40",
+        "--batch-size",
+        "32",
+        "--rounds",
+        "2",
+        "--torch",
+        "--sweep-batch-tokens",
+        "512,4096",
+        "--tag-system",
+        str(tmp_path / "ts"),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,22 +148,13 @@ def test_bench_refuses_a_tag_system_of_another_encoder(
     meta["encoder"] = "multilingual-e5-small"
     meta.pop("content_hash")
     (tmp_path / "ts" / "tagsystem.json").write_text(json.dumps(meta))
-    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "bench",
-            "--tag-system",
-            str(tmp_path / "ts"),
-            "--model",
-            "all-MiniLM-L6-v2",
-            "--no-torch",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    out = _bench(
+        model_dir,
+        "--tag-system",
+        str(tmp_path / "ts"),
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--no-torch",
         timeout=300,
     )
     assert out.returncode == 2, out.stderr[-2000:]
