@@ -3,8 +3,8 @@
 A small encoder reads a caption as one vector; the words that decide a category (a hashtag,
 a brand, a dish) can drown in it. A linear head over the text's own character n-grams,
 trained on the same labels next to the embedding head, keeps them (docs/QUALITY.md:
-KuaiRec level 1 held-out items auto-accepted 12% → 16% at precision 0.9, F1 0.39 → 0.46). Character n-grams
-need no word segmentation, so Chinese and English take the same path.
+KuaiRec level 1 held-out items auto-accepted 12% → 16% at precision 0.9, F1 0.39 → 0.46).
+Character n-grams need no word segmentation, so Chinese and English take the same path.
 
 Stateless: n-grams are hashed with CRC-32 (`zlib`, not Python's per-process salted `hash`),
 so a head trained today scores the same text the same way in the service tomorrow; only the
