@@ -14,7 +14,6 @@ rows are multiplied in dense chunks, which BLAS does faster than a scatter would
 
 from __future__ import annotations
 
-import re
 import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,6 @@ import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
-_SPACE = re.compile(r"\s+")
 # dense chunks of at most this many cells (32 MB of float32) when multiplying
 _CHUNK_CELLS = 1 << 23
 
@@ -104,9 +102,8 @@ class TextFeatures:
         for text in texts:
             t = unicodedata.normalize("NFKC", text[: self.max_chars]).lower()
             grams: list[int] = []
-            for word in _SPACE.split(t):
-                if word:
-                    grams.extend(_word_buckets(word, self.max_n, self.buckets))
+            for word in t.split():
+                grams.extend(_word_buckets(word, self.max_n, self.buckets))
             b, counts = np.unique(np.asarray(grams, dtype=np.int64), return_counts=True)
             v = (1.0 + np.log(counts)).astype(np.float32)
             if len(v):
