@@ -544,6 +544,14 @@ BankOpt = Annotated[
     ),
 ]
 BankKOpt = Annotated[int, typer.Option(min=1, help="Bank neighbours per tag.")]
+EmbeddingCacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar=_env("embedding_cache"),
+        help="Folder for the items' vectors, keyed by encoder weights and texts: a rerun on "
+        "the same items with another tag system skips the encoder.",
+    ),
+]
 TagTemplateOpt = Annotated[
     str | None,
     typer.Option(
@@ -615,6 +623,7 @@ def eval_cmd(
     tree: TreeOpt = None,
     tree_weight: TreeWeightOpt = TREE_WEIGHT,
     tag_template: TagTemplateOpt = None,
+    embedding_cache: EmbeddingCacheOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -640,6 +649,7 @@ def eval_cmd(
         tree=tree,
         tree_weight=tree_weight,
         tag_template=tag_template,
+        embedding_cache=embedding_cache,
     )
     out = report(run_)
     _print_metrics(out)
@@ -671,6 +681,7 @@ def calibrate_cmd(
     tree: TreeOpt = None,
     tree_weight: TreeWeightOpt = TREE_WEIGHT,
     tag_template: TagTemplateOpt = None,
+    embedding_cache: EmbeddingCacheOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
@@ -693,6 +704,7 @@ def calibrate_cmd(
         tree=tree,
         tree_weight=tree_weight,
         tag_template=tag_template,
+        embedding_cache=embedding_cache,
     )
     ts, cal, before, after = run_calibrate(
         run_, target_precision=target_precision, fit_fraction=fit_fraction

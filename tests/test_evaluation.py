@@ -316,3 +316,37 @@ def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fak
     assert routed and len(server.requests) == len(routed)
     for o in routed:  # exactly the LLM's single pick, which is the gold tag
         assert list(o.final) == sorted(o.gold)
+
+
+def test_embedding_cache_skips_the_encoder_on_the_same_texts(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.core import TaggingCore
+    from consumer.evaluate import report, run_eval
+
+    rows = [
+        ("Sourdough starter smells like acetone", ["bread"]),
+        ("Proofing dough overnight in the fridge", ["bread"]),
+        ("Searing a steak in cast iron", ["meat"]),
+        ("Resting brisket after smoking", ["meat"]),
+    ]
+    data = write_labelled_jsonl(tmp_path / "toy.jsonl", rows)
+    cache = tmp_path / "cache"
+    first = report(run_eval(data, "jsonl", model_dir=model_dir, embedding_cache=cache))
+    files = sorted(cache.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("all-MiniLM-L6-v2-")
+
+    def no_encoder(*_a: object, **_k: object) -> None:
+        raise AssertionError("the encoder ran although the vectors were cached")
+
+    monkeypatch.setattr(TaggingCore, "embed", no_encoder)
+    again = report(run_eval(data, "jsonl", model_dir=model_dir, embedding_cache=cache))
+    assert {k: v for k, v in again.items() if k != "tag_system"} == {
+        k: v for k, v in first.items() if k != "tag_system"
+    }
+    monkeypatch.undo()
+    # another text is another key: embedded afresh, not read from the first file
+    rows[0] = ("Sourdough starter smells like nail polish", ["bread"])
+    write_labelled_jsonl(data, rows)
+    run_eval(data, "jsonl", model_dir=model_dir, embedding_cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 2
