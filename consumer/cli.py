@@ -763,6 +763,7 @@ def distill_cmd(
     limit: Annotated[int | None, typer.Option(help="Use the first N labelled items.")] = None,
     version: Annotated[str | None, typer.Option(help="Version of the new tag system.")] = None,
     tag_template: TagTemplateOpt = None,
+    embedding_cache: EmbeddingCacheOpt = None,
     text_features: Annotated[
         bool,
         typer.Option(
@@ -816,6 +817,7 @@ def distill_cmd(
                 limit=limit,
                 progress=lambda d, t: bar.update(task, completed=d, total=t),
                 tag_template=tag_template,
+                embedding_cache=embedding_cache,
             )
         extra.update(counts)
         heldout = out.with_name(out.name + ".heldout.jsonl")

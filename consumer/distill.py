@@ -153,6 +153,7 @@ def labelled_from_file(
     limit: int | None,
     progress: Progress | None,
     tag_template: str | None = None,
+    embedding_cache: Path | None = None,
 ) -> tuple[TagSystem, Labelled, list[Item], dict[str, int]]:
     ds = load(path, fmt, level=level, limit=limit)
     if not ds.items:
@@ -163,7 +164,7 @@ def labelled_from_file(
     ts = base or zero_shot(ds.labels, encoder, template=template)
     core = TaggingCore(encoder, ts, metrics=Metrics())  # refuses a mismatched encoder
     try:
-        emb, texts = embed_items(core, ds.items, progress)
+        emb, texts = embed_items(core, ds.items, progress, embedding_cache)
     finally:
         core.close()
     unknown = 0
