@@ -390,9 +390,10 @@ def _check_reference(
     ref = []
     with torch.no_grad():
         for t in texts:
-            ids = torch.tensor([tok.encode(t).ids])
-            h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-            v = h[0].numpy().mean(0)
+            enc = tok.encode(t)  # a tokenizer.json may pad to a fixed length by itself
+            ids, mask = torch.tensor([enc.ids]), torch.tensor([enc.attention_mask])
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state[0].numpy()
+            v = h[mask[0].numpy() == 1].mean(0)
             ref.append(v @ dense if dense is not None else v)
     r = np.stack(ref)
     r /= np.linalg.norm(r, axis=1, keepdims=True)
