@@ -525,7 +525,9 @@ EvalModelOpt = Annotated[
     str | None,
     typer.Option(
         help="Encoder (default: the tag system's; zero-shot: multilingual-e5-small for "
-        "kuairec, all-MiniLM-L6-v2 otherwise)."
+        "kuairec, all-MiniLM-L6-v2 otherwise). embeddinggemma-300m: zero-shot recall@10 "
+        "+5 to +16 points on the shared data, at a sixth of e5's speed on CPU "
+        "(docs/QUALITY.md)."
     ),
 ]
 AdaptOpt = Annotated[
