@@ -687,7 +687,10 @@ def calibrate_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
-    precision on labelled data; report it on held-out items; write a new tag-system version."""
+    precision on labelled data; report it on held-out items; write a new tag-system version.
+
+    held_out_auto_ceiling: the most any gate could auto-accept there at the target with this
+    scorer (an oracle picking the items); below the share you want, improve the scorer."""
     from consumer.evaluate import run_calibrate
 
     logs.configure("warning")
@@ -715,7 +718,7 @@ def calibrate_cmd(
     if not cal.reached:
         err.print(
             f"[yellow]warning:[/] no gate reaches precision {target_precision} on the fit part; "
-            "kept the most precise one"
+            "kept the most precise one (held_out_auto_ceiling says how far any gate could go)"
         )
     res = {
         "tag_system": ts.version_id,
@@ -728,6 +731,7 @@ def calibrate_cmd(
         "held_out_after": {
             k: after[k] for k in ("auto_fraction", "auto_precision", "llm_fraction")
         },
+        "held_out_auto_ceiling": after["auto_ceiling"],
     }
     for k, v in res.items():
         err.print(f"{k:<16} {v}")
@@ -783,7 +787,10 @@ def distill_cmd(
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
     decisions, recalibrate the gate, write a new tag-system version; report before/after on
-    held-out items (written to OUT.heldout.jsonl when --data is used)."""
+    held-out items (written to OUT.heldout.jsonl when --data is used).
+
+    auto_ceiling: the most any gate could auto-accept there at the target with that scorer
+    (an oracle picking the items)."""
     from consumer.distill import (
         distill,
         labelled_from_decisions,

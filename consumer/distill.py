@@ -25,7 +25,14 @@ from models_onnx import OnnxEncoder
 from tagsys import TagSystem, TagSystemError
 from tagsys.datasets import DatasetError, Item, load
 from tagsys.distill import fit_head
-from tagsys.evaluation import Outcome, calibrated, compute, gate_outcomes
+from tagsys.evaluation import (
+    CEILING_MAX_TAGS,
+    Outcome,
+    auto_ceiling,
+    calibrated,
+    compute,
+    gate_outcomes,
+)
 from tagsys.textfeat import TextFeatures
 
 Progress = Callable[[int, int], None]
@@ -121,6 +128,7 @@ def distill(
         "auto_fraction",
         "auto_precision",
         "llm_fraction",
+        "auto_ceiling",
         "recall_at_1",
         "recall_at_5",
         "recall_at_10",
@@ -128,8 +136,12 @@ def distill(
         "recall",
         "f1",
     )
-    before = compute(_outcomes(before_ts, test), len(base.tags))
-    after = compute(_outcomes(new, test), len(new.tags))
+    before_out, after_out = _outcomes(before_ts, test), _outcomes(new, test)
+    before = compute(before_out, len(base.tags))
+    after = compute(after_out, len(new.tags))
+    # the most any gate could auto-accept at the target with each scorer (an oracle's)
+    before["auto_ceiling"] = auto_ceiling(before_out, target_precision, CEILING_MAX_TAGS)
+    after["auto_ceiling"] = auto_ceiling(after_out, target_precision, CEILING_MAX_TAGS)
     report = {
         "train_items": len(fit_rows),
         "calibration_items": len(cal_rows),

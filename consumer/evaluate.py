@@ -39,7 +39,15 @@ from tagsys import (
 from tagsys.adapt import adapt, label_free_gate
 from tagsys.bank import BANK_K, BANK_WEIGHT, expand_with_bank
 from tagsys.datasets import Dataset, DatasetError, Item, load
-from tagsys.evaluation import Calibration, Outcome, calibrated, compute, gate_outcomes
+from tagsys.evaluation import (
+    CEILING_MAX_TAGS,
+    Calibration,
+    Outcome,
+    auto_ceiling,
+    calibrated,
+    compute,
+    gate_outcomes,
+)
 from tagsys.tree import TREE_WEIGHT, expand_with_tree
 
 Progress = Callable[[int, int], None]
@@ -277,6 +285,9 @@ def run_calibrate(
     new, cal = calibrated(ts, run.idx[:cut], run.scores[:cut], gold[:cut], target_precision)
 
     def held_out(t: TagSystem) -> dict[str, Any]:
-        return compute(gate_outcomes(t, run.idx[cut:], run.scores[cut:], gold[cut:]), len(t.tags))
+        outs = gate_outcomes(t, run.idx[cut:], run.scores[cut:], gold[cut:])
+        return compute(outs, len(t.tags)) | {
+            "auto_ceiling": auto_ceiling(outs, target_precision, CEILING_MAX_TAGS)
+        }
 
     return new, cal, held_out(ts), held_out(new)

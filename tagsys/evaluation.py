@@ -29,6 +29,8 @@ KEYS = (
     "recall",
     "f1",
 )
+# `calibrate` tries max_tags 1, 2 and 3: the ceiling lets an oracle use as many
+CEILING_MAX_TAGS = 3
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,30 @@ def compute(outcomes: Sequence[Outcome], n_tags: int) -> dict[str, Any]:
     return out
 
 
+def auto_ceiling(
+    outcomes: Sequence[Outcome], target_precision: float, max_tags: int = 3
+) -> float | None:
+    """The largest share of items any gate of `decide`'s form could auto-accept at
+    `target_precision` with these rankings: an oracle picks the items and, per item, which of
+    its top `max_tags` tags go out. Such a gate always emits an item's top-ranked tag, so on
+    single-label data this is (share of items whose top tag is right) / target. Below the
+    share wanted, no threshold fitting can reach the target: the scorer has to get better."""
+    if not outcomes:
+        return None
+    surplus = []
+    for o in outcomes:
+        if not o.ranked:
+            continue  # nothing to emit: never auto-accepted
+        s = (1.0 if o.ranked[0] in o.gold else 0.0) - target_precision
+        # a further tag adds (1 - target) when right and is left out when wrong
+        s += (1.0 - target_precision) * len(o.gold.intersection(o.ranked[1:max_tags]))
+        surplus.append(s)
+    # best first; the longest prefix whose summed surplus stays >= 0 is the largest set
+    running = np.cumsum(sorted(surplus, reverse=True))
+    ok = np.nonzero(running >= -1e-9)[0]
+    return (int(ok[-1]) + 1) / len(outcomes) if len(ok) else 0.0
+
+
 @dataclass(frozen=True)
 class Calibration:
     gate: GateConfig
@@ -128,7 +154,7 @@ def calibrate(
     *,
     target_precision: float = 0.9,
     min_support: int = 10,
-    max_tags_choices: Sequence[int] = (1, 2, 3),
+    max_tags_choices: Sequence[int] = tuple(range(1, CEILING_MAX_TAGS + 1)),
 ) -> Calibration:
     """The gate that auto-accepts the most items at `target_precision` on this labelled data.
 

@@ -89,6 +89,11 @@ def test_distill_writes_a_loadable_version_with_a_report(
     assert new.head is not None and new.version_id != base.version_id
     assert rep["heldout_items"] + rep["train_items"] + rep["calibration_items"] == len(data.ids)
     assert rep["after"]["recall_at_1"] >= rep["before"]["recall_at_1"]
+    for side in ("before", "after"):  # no gate auto-accepts more than the oracle's ceiling
+        r = rep[side]
+        assert r["auto_ceiling"] is not None and 0.0 <= r["auto_ceiling"] <= 1.0
+        if r["auto_precision"] is not None and r["auto_precision"] >= 0.9:
+            assert r["auto_fraction"] <= r["auto_ceiling"] + 1e-9
     new.save(tmp_path / "d")
     again = TagSystem.load(tmp_path / "d")
     assert again.content_hash == new.content_hash and again.head is not None

@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tagsys import GateConfig, decide
 from tagsys.datasets import DatasetError, load, strip_hashtags
-from tagsys.evaluation import Outcome, calibrate, compute
+from tagsys.evaluation import Outcome, auto_ceiling, calibrate, compute
 from tagsys.lexicon import Lexicon
 from tests.conftest import write_labelled_jsonl
 
@@ -80,6 +82,65 @@ def test_calibration_says_when_the_target_is_out_of_reach() -> None:
     gold = [frozenset({2})] * 50  # never the top tag
     cal = calibrate(idx, scores, gold, ["a", "b", "c"], GateConfig(top_k=3))
     assert not cal.reached
+
+
+def _ranked(gold: set[int], ranked: list[int]) -> Outcome:
+    return Outcome(frozenset(gold), ranked, False, True, [])
+
+
+def test_auto_ceiling_known_answers() -> None:
+    # single label: 6 of 10 top tags right. At 0.9 the oracle takes the 6 (a wrong one would
+    # bring 6/7 = 0.857); at 0.5 it can add 6 wrong ones, so all 10 fit (6/10 >= 0.5)
+    outs = [_ranked({0}, [0, 1, 2])] * 6 + [_ranked({2}, [1, 0, 3, 2])] * 4  # gold below the top 3
+    assert auto_ceiling(outs, 0.9) == pytest.approx(0.6)
+    assert auto_ceiling(outs, 0.5) == pytest.approx(1.0)
+    assert auto_ceiling(outs, 0.6) == pytest.approx(1.0)  # exactly 6 of 10 tags right
+    assert auto_ceiling(outs, 0.61) == pytest.approx(0.9)  # 6 of 9
+    # multi label: a wrong top tag with two right ones below it: 2 of 3 emitted are right
+    multi = [_ranked({1, 2}, [0, 1, 2])]
+    assert auto_ceiling(multi, 0.6) == pytest.approx(1.0)
+    assert auto_ceiling(multi, 0.7) == 0.0
+    assert auto_ceiling(multi, 0.6, max_tags=2) == 0.0  # 1 of 2 at best
+    # nothing ranked is never auto-accepted; no items, no figure
+    assert auto_ceiling([_ranked({0}, [0]), _ranked({0}, [])], 0.9) == pytest.approx(0.5)
+    assert auto_ceiling([], 0.9) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(5, 60),
+    target=st.sampled_from([0.6, 0.8, 0.9]),
+    multi=st.booleans(),
+)
+def test_no_calibrated_gate_beats_the_ceiling(
+    seed: int, n: int, target: float, multi: bool
+) -> None:
+    """The ceiling bounds every gate `calibrate` can fit on the same items."""
+    rng = np.random.default_rng(seed)
+    k = 5
+    scores = -np.sort(-rng.uniform(0, 1, (n, k)), axis=1).astype(np.float32)
+    idx = np.stack([rng.permutation(k) for _ in range(n)]).astype(np.int64)
+    gold = [
+        frozenset(
+            rng.choice(k, size=int(rng.integers(1, 3)) if multi else 1, replace=False).tolist()
+        )
+        for _ in range(n)
+    ]
+    cal = calibrate(
+        idx,
+        scores,
+        gold,
+        [f"t{j}" for j in range(k)],
+        GateConfig(top_k=k),
+        target_precision=target,
+        min_support=3,
+    )
+    outs = [_ranked(set(g), idx[i].tolist()) for i, g in enumerate(gold)]
+    ceiling = auto_ceiling(outs, target)
+    assert ceiling is not None
+    if cal.reached and cal.auto_precision is not None and cal.auto_precision >= target:
+        assert cal.auto_fraction <= ceiling + 1e-9
 
 
 def test_lexicon_matches_words_plurals_and_chinese() -> None:
@@ -252,6 +313,10 @@ def test_eval_and_calibrate_cli_on_toy_data(
     ts = TagSystem.load(cal_dir)
     assert ts.provenance["calibrated"]["target_precision"] == 0.8
     assert res["tag_system"] == ts.version_id
+    ceiling, after = res["held_out_auto_ceiling"], res["held_out_after"]
+    assert ceiling is not None and 0.0 <= ceiling <= 1.0
+    if after["auto_precision"] is not None and after["auto_precision"] >= 0.8:
+        assert after["auto_fraction"] <= ceiling + 1e-9
     # the calibrated system evaluates with --tag-system (its encoder is recorded in it)
     with pytest.raises(SystemExit) as e:
         main(
