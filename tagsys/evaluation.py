@@ -97,7 +97,7 @@ def compute(outcomes: Sequence[Outcome], n_tags: int) -> dict[str, Any]:
 
 
 def auto_ceiling(
-    outcomes: Sequence[Outcome], target_precision: float, max_tags: int = 3
+    outcomes: Sequence[Outcome], target_precision: float, max_tags: int = CEILING_MAX_TAGS
 ) -> float | None:
     """The largest share of items any gate of `decide`'s form could auto-accept at
     `target_precision` with these rankings: an oracle picks the items and, per item, which of
