@@ -26,7 +26,6 @@ from tagsys import TagSystem, TagSystemError
 from tagsys.datasets import DatasetError, Item, load
 from tagsys.distill import fit_head
 from tagsys.evaluation import (
-    CEILING_MAX_TAGS,
     Outcome,
     auto_ceiling,
     calibrated,
@@ -140,8 +139,8 @@ def distill(
     before = compute(before_out, len(base.tags))
     after = compute(after_out, len(new.tags))
     # the most any gate could auto-accept at the target with each scorer (an oracle's)
-    before["auto_ceiling"] = auto_ceiling(before_out, target_precision, CEILING_MAX_TAGS)
-    after["auto_ceiling"] = auto_ceiling(after_out, target_precision, CEILING_MAX_TAGS)
+    before["auto_ceiling"] = auto_ceiling(before_out, target_precision)
+    after["auto_ceiling"] = auto_ceiling(after_out, target_precision)
     report = {
         "train_items": len(fit_rows),
         "calibration_items": len(cal_rows),

@@ -40,7 +40,6 @@ from tagsys.adapt import adapt, label_free_gate
 from tagsys.bank import BANK_K, BANK_WEIGHT, expand_with_bank
 from tagsys.datasets import Dataset, DatasetError, Item, load
 from tagsys.evaluation import (
-    CEILING_MAX_TAGS,
     Calibration,
     Outcome,
     auto_ceiling,
@@ -284,10 +283,12 @@ def run_calibrate(
     gold = [o.gold for o in run.outcomes]
     new, cal = calibrated(ts, run.idx[:cut], run.scores[:cut], gold[:cut], target_precision)
 
-    def held_out(t: TagSystem) -> dict[str, Any]:
+    def held_out(t: TagSystem) -> tuple[dict[str, Any], list[Outcome]]:
         outs = gate_outcomes(t, run.idx[cut:], run.scores[cut:], gold[cut:])
-        return compute(outs, len(t.tags)) | {
-            "auto_ceiling": auto_ceiling(outs, target_precision, CEILING_MAX_TAGS)
-        }
+        return compute(outs, len(t.tags)), outs
 
-    return new, cal, held_out(ts), held_out(new)
+    before, _ = held_out(ts)
+    after, outs = held_out(new)
+    # a property of the scorer's rankings, which both gates share
+    after["auto_ceiling"] = auto_ceiling(outs, target_precision)
+    return new, cal, before, after
