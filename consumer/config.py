@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     generative_threshold: float = Field(0.8, ge=0.0, le=1.0)
     new_tags_file: Path | None = None
     llm_pause_s: float = Field(5.0, gt=0)
+    # pause mode: an item deferred this many times goes out as review (a partition never
+    # stalls for good on one item); with the backoff (5 s doubling to 300 s) about 15 min
+    llm_max_deferrals: int = Field(8, ge=0)
+    # SIGTERM: finish what was read (LLM answers, acknowledgements) within this, then commit
+    # and exit; keep it inside the pod's terminationGracePeriodSeconds
+    shutdown_timeout_s: float = Field(120.0, gt=0)
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)
     # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device

@@ -170,12 +170,12 @@ class TaggingCore:
     ) -> npt.NDArray[np.float32]:
         return self.encode_prepared(self.prepare(events, texts))
 
-    def process(self, events: list[UploadEvent]) -> list[TagResult]:
+    def process(self, events: list[UploadEvent], *, wait_llm: bool = True) -> list[TagResult]:
         """Decide every event; the list that comes back is in the order of `events`."""
         if not events:
             return []
         prep = self.prepare(events)
-        return self.decide(events, self.encode_prepared(prep), prep.texts)
+        return self.decide(events, self.encode_prepared(prep), prep.texts, wait_llm=wait_llm)
 
     def decide(
         self,
@@ -254,10 +254,10 @@ class TaggingCore:
         try:
             return list(self.decide(prep.events, emb.result(), prep.texts, wait_llm=wait_llm))
         except Exception as batch_exc:
-            return self.isolate(prep.events, batch_exc)
+            return self.isolate(prep.events, batch_exc, wait_llm=wait_llm)
 
     def isolate(
-        self, events: list[UploadEvent], batch_exc: BaseException
+        self, events: list[UploadEvent], batch_exc: BaseException, *, wait_llm: bool = True
     ) -> list[TagResult | BaseException]:
         """Item by item after a failed batch, so one poison item does not fail the others.
 
@@ -272,8 +272,8 @@ class TaggingCore:
         log.warning("batch_failed_isolating_items", error=repr(batch_exc))
         results: list[TagResult | BaseException] = []
         for ev in events:
-            try:
-                results.extend(self.process([ev]))
+            try:  # without waiting on the LLM when the caller bounds that wait itself
+                results.extend(self.process([ev], wait_llm=wait_llm))
             except Exception as e:
                 results.append(e)
         return results

@@ -19,7 +19,7 @@ import structlog
 import tenacity
 from pydantic import SecretStr
 
-from consumer.metrics import Metrics
+from consumer.metrics import LLM_STATUSES, Metrics
 from consumer.resilience import CircuitBreaker, RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -54,9 +54,13 @@ CATEGORIZE_PROMPT = (
 )
 MAX_FREE_TAG_CHARS = 40
 
-# statuses after which the LLM counts as unavailable (review, or defer in pause mode)
+# transient failures: the LLM counts as unavailable (review, or defer in pause mode, where
+# the item is read again later). "refused" (a 4xx: bad key, unknown model, a request it will
+# never take) is permanent: deferring it would re-read the partition forever, so it is review
 UNAVAILABLE = frozenset({"error", "timeout", "rate_limited", "unavailable"})
-STATUSES = ("ok", "error", "timeout", "rate_limited", "unavailable", "invalid", "empty")
+STATUSES = LLM_STATUSES
+# 4xx answers that may pass (request timeout, conflict): transient like a 5xx
+TRANSIENT_4XX = frozenset({408, 409})
 RETRYABLE = (
     openai.APITimeoutError,
     openai.APIConnectionError,
@@ -384,6 +388,8 @@ class SelectiveTagger:
         exc = rs.outcome.exception() if rs.outcome is not None and rs.outcome.failed else None
         if isinstance(exc, _UnusableAnswer):
             return rs.attempt_number <= self.invalid_retries
+        if isinstance(exc, openai.APIStatusError) and exc.status_code in TRANSIENT_4XX:
+            return True
         return isinstance(exc, RETRYABLE)
 
     def tag(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
@@ -426,6 +432,12 @@ class SelectiveTagger:
             answer = LLMAnswer(status="timeout", error=self._redact(str(e)))
         except openai.RateLimitError as e:
             answer = LLMAnswer(status="rate_limited", error=self._redact(str(e)))
+        except openai.APIStatusError as e:
+            transient = e.status_code >= 500 or e.status_code in TRANSIENT_4XX
+            answer = LLMAnswer(
+                status="error" if transient else "refused",
+                error=self._redact(f"{type(e).__name__}: {e}"),
+            )
         except (openai.APIError, ValueError) as e:
             answer = LLMAnswer(status="error", error=self._redact(f"{type(e).__name__}: {e}"))
         answer.prompt_tokens, answer.completion_tokens = tokens

@@ -19,6 +19,17 @@ from prometheus_client import (
 )
 
 STAGES = ("decode", "tokenize", "encode", "match", "llm", "produce")
+# refused: the endpoint answered 4xx (bad key, model, request); never retried or deferred
+LLM_STATUSES = (
+    "ok",
+    "error",
+    "timeout",
+    "rate_limited",
+    "unavailable",
+    "refused",
+    "invalid",
+    "empty",
+)
 
 
 def _stage_buckets() -> list[float]:
@@ -81,7 +92,7 @@ class Metrics:
         )
         self.llm_requests = Counter(
             "tagstream_llm_requests_total",
-            "LLM requests by status (ok, error, timeout, invalid, empty).",
+            "LLM requests by status (" + ", ".join(LLM_STATUSES) + ").",
             ["status"],
             registry=r,
         )
@@ -144,6 +155,22 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.dlq_truncated = Counter(
+            "tagstream_dlq_truncated_total",
+            "Dead letters sent with their value cut (the broker refused them as too large).",
+            registry=r,
+        )
+        self.llm_deferrals_exhausted = Counter(
+            "tagstream_llm_deferrals_exhausted_total",
+            "Pause mode: items deferred --llm-max-deferrals times, then sent as review.",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "tagstream_rebalance_events_total",
+            "Partitions assignment changes seen by this consumer (assigned, revoked, lost).",
+            ["event"],
+            registry=r,
+        )
         self.producer_recreated = Counter(
             "tagstream_producer_recreated_total",
             "Producers replaced after a fatal error or no acknowledgement for too long.",
@@ -166,7 +193,7 @@ class Metrics:
         self.build_info.info({"version": _pkg_version(), "encoder": "", "tag_system": ""})
         for s in STAGES:
             self.stage_seconds.labels(stage=s)
-        for status in ("ok", "error", "timeout", "rate_limited", "unavailable", "invalid", "empty"):
+        for status in LLM_STATUSES:
             self.llm_requests.labels(status=status)
         for d in ("encoder", "llm", "review"):
             self.produced.labels(decision=d)

@@ -14,12 +14,14 @@ batch is ahead drops that batch's records of it (`_gen`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from consumer.config import Settings
 from consumer.core import CoreBrokenError, Prepared, TaggingCore, TagResult
+from consumer.dead_letters import Headers, connect_error_headers, producer_max_bytes, shrink
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
@@ -40,7 +43,6 @@ log = structlog.get_logger(__name__)
 KAFKA_LOGGER = logging.getLogger("librdkafka")  # librdkafka's own log lines, via logging
 
 TP = tuple[str, int]
-MAX_ERROR_MESSAGE = 2000
 
 
 class KafkaRuntimeError(TagstreamError):
@@ -103,6 +105,11 @@ class OffsetTracker:
             self._committed.pop(tp, None)
 
 
+def _has_offset(m: Message) -> bool:
+    off = m.offset()
+    return m.topic() is not None and m.partition() is not None and off is not None and off >= 0
+
+
 def _where(m: Message) -> tuple[TP, int]:
     """(topic, partition), offset of a consumed record (never None for a record)."""
     topic, part, off = m.topic(), m.partition(), m.offset()
@@ -119,13 +126,38 @@ class _Out:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, str | bytes | None]]
-    kind: str  # "tag" or "dlq"
+    headers: Headers
+    kind: str  # "tag", "dlq" or "decision"
     label: str  # decision (tag) or reason (dlq), for metrics
     input_ts_ms: int | None = None
     timestamp_ms: int | None = None  # DLQ records keep the original timestamp
     attempts: int = 0
     seq: int = 0
+    shrunk: int = 0  # dead letters: how many times the value was cut to fit (`shrink`)
+    full: tuple[bytes | None, Headers] | None = None  # the uncut dead letter
+
+    def shrink(self) -> bool:
+        """Cut a dead letter one step further (the broker or producer found it too large);
+        False when it is no dead letter or cannot get smaller."""
+        if self.kind != "dlq":
+            return False
+        if self.full is None:
+            self.full = (self.value, self.headers)
+        cut = shrink(*self.full, self.shrunk)
+        if cut is None:
+            return False
+        self.value, self.headers = cut
+        self.shrunk += 1
+        return True
+
+
+class ConsumeError(TagstreamError):
+    """librdkafka could not deliver the record at this offset (a corrupt or undecodable
+    batch, say): dead-lettered without a value, so no commit moves past it silently."""
+
+
+# produce errors that mean "this record is too large" (librdkafka's own check, the broker's)
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 @dataclass
@@ -141,36 +173,7 @@ class _Staged:
     done: bool = False
 
 
-def connect_error_headers(
-    topic: str,
-    partition: int,
-    offset: int,
-    original: Any,
-    stage: str,
-    exc: BaseException,
-    reason: str,
-) -> list[tuple[str, str | bytes | None]]:
-    """The original headers plus Kafka Connect's error context headers (both runtimes)."""
-    cls = type(exc)
-    raw = original or []
-    headers: list[tuple[str, str | bytes | None]] = list(
-        raw.items() if isinstance(raw, dict) else raw
-    )
-    headers += [
-        ("__connect.errors.topic", topic.encode()),
-        ("__connect.errors.partition", str(partition).encode()),
-        ("__connect.errors.offset", str(offset).encode()),
-        ("__connect.errors.stage", stage.encode()),
-        ("__connect.errors.exception.class.name", f"{cls.__module__}.{cls.__qualname__}".encode()),
-        ("__connect.errors.exception.message", str(exc)[:MAX_ERROR_MESSAGE].encode()),
-        ("__tagstream.errors.reason", reason.encode()),
-    ]
-    return headers
-
-
-def dead_letter_headers(
-    m: Message, stage: str, exc: BaseException, reason: str
-) -> list[tuple[str, str | bytes | None]]:
+def dead_letter_headers(m: Message, stage: str, exc: BaseException, reason: str) -> Headers:
     (topic, part), off = _where(m)
     return connect_error_headers(topic, part, off, m.headers(), stage, exc, reason)
 
@@ -184,17 +187,26 @@ class KafkaService:
         health: HealthState | None = None,
         *,
         max_produce_attempts: int = 5,
-        drain_timeout_s: float = 300.0,
+        drain_timeout_s: float | None = None,
         stuck_after_s: float = 20.0,
         pipeline_batches: int = 1,
+        revoke_timeout_s: float | None = None,
+        stats_interval_ms: int = 5000,
     ) -> None:
         self.s = settings
         self.core = core
         self.metrics = metrics
-        self.health = health or HealthState(settings.max_poll_interval_ms / 1000)
+        poll_interval_s = settings.max_poll_interval_ms / 1000
+        self.health = health or HealthState(poll_interval_s)
         self.tracker = OffsetTracker()
         self.max_produce_attempts = max_produce_attempts
-        self.drain_timeout_s = drain_timeout_s
+        # Every wait is bounded by the clock that watches it: a batch (LLM answers, acks)
+        # within half of max.poll.interval, so the loop polls again in time; a revoke well
+        # inside the rebalance (whose timeout is max.poll.interval too): the group waits on it
+        self.loop_budget_s = poll_interval_s / 2
+        self.drain_timeout_s = drain_timeout_s or self.loop_budget_s
+        self.revoke_timeout_s = revoke_timeout_s or min(30.0, poll_interval_s / 10)
+        self.stats_interval_ms = stats_interval_ms
         self.stuck_after_s = stuck_after_s
         # batches whose records may still await acknowledgement while the next one encodes
         self.pipeline_batches = pipeline_batches
@@ -210,6 +222,13 @@ class KafkaService:
         self._seq = itertools.count()
         self._gen = 0  # producer generation: callbacks of a replaced producer are ignored
         self._pending: dict[int, _Out] = {}
+        # outputs (tag event, dead letter, decision record) not yet acknowledged, per input
+        # offset: the input is done, and may be committed past, only when this reaches 0
+        self._owed: dict[tuple[TP, int], int] = {}
+        # pause mode: how often the record at an offset was deferred (capped, then review)
+        self._deferrals: dict[tuple[TP, int], int] = {}
+        self._assigned: set[TP] = set()
+        self._stopping_deadline: float | None = None
         self._retry: list[_Out] = []
         self._failed: list[_Out] = []
         self._producer_fatal = False
@@ -234,7 +253,7 @@ class KafkaService:
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": self.s.session_timeout_ms,
             "max.poll.interval.ms": self.s.max_poll_interval_ms,
-            "statistics.interval.ms": 5000,
+            "statistics.interval.ms": self.stats_interval_ms,
             "stats_cb": self._on_stats,
             "on_commit": self._on_commit,
             "error_cb": self._on_error,
@@ -247,6 +266,8 @@ class KafkaService:
             "enable.idempotence": True,
             "linger.ms": 5,
             "message.timeout.ms": 60000,
+            # a dead letter is the record plus headers: room for the largest record we can read
+            "message.max.bytes": producer_max_bytes(self.s.max_event_bytes),
             "error_cb": self._on_producer_error,
             "logger": KAFKA_LOGGER,
         }
@@ -258,9 +279,11 @@ class KafkaService:
             parts = stats.get("topics", {}).get(self.s.input_topic, {}).get("partitions", {})
             for pid, p in parts.items():
                 lag = p.get("consumer_lag", -1)
-                if pid != "-1" and lag is not None and lag >= 0:
+                if pid == "-1" or (self.s.input_topic, int(pid)) not in self._assigned:
+                    continue  # not ours (any more): its series was removed on revoke/loss
+                if lag is not None and lag >= 0:
                     self.metrics.lag.labels(topic=self.s.input_topic, partition=pid).set(lag)
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             log.warning("bad_librdkafka_stats")
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
@@ -283,53 +306,71 @@ class KafkaService:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=[(p.topic, p.partition) for p in partitions])
-        self.health.assigned += len(partitions)  # cooperative: increments
+        self._assigned |= {(p.topic, p.partition) for p in partitions}  # cooperative: adds
+        self.health.assigned = len(self._assigned)
+        self.metrics.rebalances.labels(event="assigned").inc()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Bounded by `revoke_timeout_s`, well inside the rebalance: what is acknowledged by
+        then is committed; the rest of the revoked partitions' work (the batch read ahead,
+        LLM answers still to come, unacknowledged records) is given up, and their new owner
+        re-reads it from the commit. Waiting for it all could outlast the rebalance and get
+        this member fenced, stalling the whole group."""
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions_revoked", partitions=sorted(revoked))
-        self.health.assigned = max(0, self.health.assigned - len(revoked))
-        # Finish the batch ahead and the LLM items first, so what was read is committed here.
-        self._finish_all()
-        self._drain()
-        self._commit(only=revoked)
-        self.tracker.forget(revoked)
-        self._bump(revoked)
-        for tp in revoked:
-            self._paused_until.pop(tp, None)
-            self._pause_s.pop(tp, None)
+        self.metrics.rebalances.labels(event="revoked").inc()
+        self._bump(revoked)  # the batch ahead and the LLM waits drop their records of these
+        try:
+            self._drain(timeout_s=self.revoke_timeout_s, give_up=True)
+        except KafkaRuntimeError as e:
+            if not self.health.stopping:
+                raise  # out of consume(): the service stops without committing past it
+            log.warning("revoke_on_stop_not_drained", error=str(e))  # failing already
+        finally:
+            self._commit(only=revoked)
+            self._release(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions_lost", partitions=sorted(lost))
-        self.health.assigned = max(0, self.health.assigned - len(lost))
-        self.tracker.forget(lost)
+        self.metrics.rebalances.labels(event="lost").inc()
         self._bump(lost)  # not ours any more: the batch ahead drops its records of these
-        for tp in lost:
+        self._release(lost)
+
+    def _release(self, tps: set[TP]) -> None:
+        """Forget partitions that are no longer ours (revoked or lost)."""
+        self.tracker.forget(tps)
+        self._assigned -= tps
+        self.health.assigned = len(self._assigned)
+        for key in [k for k in (*self._owed, *self._deferrals) if k[0] in tps]:
+            self._owed.pop(key, None)
+            self._deferrals.pop(key, None)
+        for tp in tps:
             self._paused_until.pop(tp, None)
+            self._pause_s.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(tp[0], str(tp[1]))
 
     def _on_delivery(self, out: _Out, gen: int, err: KafkaError | None, msg: Message) -> None:
         if gen != self._gen or self._pending.get(out.seq) is not out:
             return  # a replaced producer's callback: the record was re-sent
         del self._pending[out.seq]
         if err is not None:
-            self.metrics.produce_errors.inc()
-            out.attempts += 1
-            log.warning(
-                "produce_failed",
-                topic=out.topic,
-                offset=out.offset,
-                error=str(err),
-                attempt=out.attempts,
-            )
-            (self._retry if out.attempts < self.max_produce_attempts else self._failed).append(out)
+            self._produce_failed(out, err)
             return
+        key = (out.tp, out.offset)
+        left = self._owed.get(key, 1) - 1
+        if left > 0:
+            self._owed[key] = left
+        else:
+            self._owed.pop(key, None)
+            self.tracker.done(out.tp, out.offset)  # every output of this input is acked
         if out.kind == "decision":
-            # not the input's completion (its tag event is); the batch drains it before commit
             self.metrics.decisions_recorded.inc()
             return
-        self.tracker.done(out.tp, out.offset)
         if out.kind == "dlq":
+            if out.shrunk:
+                self.metrics.dlq_truncated.inc()
             self.metrics.dlq.labels(reason=out.label).inc()
             return
         self.metrics.produced.labels(decision=out.label).inc()
@@ -370,6 +411,7 @@ class KafkaService:
                 output=self.s.output_topic,
                 dlq=self.s.dlq,
             )
+            self.health.stopping = False
             while not stop.is_set():
                 if self.watcher is not None:  # between batches: a clean version boundary
                     new = self.watcher.poll(self.core.encoder.name, self.core.encoder.dim)
@@ -381,12 +423,18 @@ class KafkaService:
                 n = self._handle(msgs)
                 if on_batch is not None and n:
                     on_batch(n)
+            # SIGTERM: not ready any more; finish what was read within the shutdown budget
+            # (inside the pod's grace period); what is not finished by then stays uncommitted
+            self.health.stopping = True
+            self._stopping_deadline = time.monotonic() + self.s.shutdown_timeout_s
             self._finish_all()
         finally:
             self.health.stopping = True
+            if self._stopping_deadline is None:  # a failure: do not linger either
+                self._stopping_deadline = time.monotonic() + self.s.shutdown_timeout_s
             try:
                 # after a failure the batch ahead is abandoned (its records stay uncommitted)
-                self._drain()
+                self._drain(give_up=True)
                 self._commit()
             finally:
                 self._encoder.shutdown(wait=True, cancel_futures=True)
@@ -401,7 +449,9 @@ class KafkaService:
         if staged is None:
             n = self._finish_ahead()
             self._emit_answered()
-            self._drain()  # idle: let everything finish and be committed
+            # idle: let acknowledgements arrive and be committed, but keep polling: an
+            # output that is slow to be acked (its broker down) must not stop the loop
+            self._drain(timeout_s=max(0.1, self.s.batch_timeout_s), give_up=True)
             self._commit()
             return n
         previous, self._ahead = self._ahead, staged
@@ -414,6 +464,7 @@ class KafkaService:
 
     def _stage(self, msgs: list[Message]) -> _Staged | None:
         records: list[Message] = []
+        unreadable: set[int] = set()  # ids of error events that stand for a record
         for m in msgs:
             err = m.error()
             if err is None:
@@ -422,6 +473,11 @@ class KafkaService:
                 continue
             elif err.fatal():
                 raise KafkaRuntimeError(f"fatal consumer error: {err}", err.code())
+            elif _has_offset(m):
+                # a record librdkafka could not hand over (_BAD_MSG, failed decompression):
+                # later records would move the commit past it, so it is dead-lettered
+                records.append(m)
+                unreadable.add(id(m))
             else:
                 log.warning("consumer_error", error=str(err))
         if not records:
@@ -433,6 +489,17 @@ class KafkaService:
             tp, off = _where(m)
             self.tracker.add(tp, off)
             staged.gens[tp] = self._gen_of.get(tp, 0)
+            if id(m) in unreadable:
+                self.metrics.consumed.labels(outcome="consume_error").inc()
+                log.error(
+                    "unreadable_record",
+                    topic=tp[0],
+                    partition=tp[1],
+                    offset=off,
+                    error=str(m.error()),
+                )
+                staged.bad.append((m, "consume", ConsumeError(str(m.error())), "consume_error"))
+                continue
             try:
                 ev = decode(m.value(), max_bytes=self.s.max_event_bytes)
             except DecodeError as e:
@@ -458,45 +525,98 @@ class KafkaService:
         for tp in tps:
             self._gen_of[tp] = self._gen_of.get(tp, 0) + 1
 
+    def _deadline(self, budget_s: float) -> float:
+        """now + budget, but never past the shutdown deadline once stopping."""
+        deadline = time.monotonic() + budget_s
+        if self._stopping_deadline is not None:
+            deadline = min(deadline, self._stopping_deadline)
+        return deadline
+
     def _finish_all(self) -> None:
-        """The batch ahead and every LLM answer still to come (revoke, stop)."""
+        """The batch ahead and every LLM answer still to come (stop), within the shutdown
+        deadline: an item still unanswered then is left uncommitted (re-read on restart)."""
         self._finish_ahead()
         self._emit_answered(wait_all=True)
 
     def _emit_answered(self, *, wait_all: bool = False) -> None:
         """Produce the LLM items whose answers arrived; wait for the oldest ones beyond
-        `llm_max_pending` (backpressure), or for all of them."""
+        `llm_max_pending` (backpressure), or for all of them; never past the loop budget."""
         keep: list[tuple[Message, TagResult, int]] = []
         stamp = now_iso()
         waiting = self._llm_wait
+        deadline = self._deadline(self.loop_budget_s)
         for i, (m, res, gen) in enumerate(waiting):
             tp, _ = _where(m)
             if self._gen_of.get(tp, 0) != gen:
                 continue  # revoked or lost since it was read: not ours to emit
             fut = res.llm_future
-            must = wait_all or len(waiting) - i > self.s.llm_max_pending
-            if fut is not None and not fut.done() and not must:
-                keep.append((m, res, gen))
-                continue
+            if fut is not None and not fut.done():
+                must = wait_all or len(waiting) - i > self.s.llm_max_pending
+                if must:
+                    wait_futures([fut], timeout=max(0.0, deadline - time.monotonic()))
+                if not fut.done():  # not due, or not answered in time: stays uncommitted
+                    keep.append((m, res, gen))
+                    continue
             try:
                 self.core.complete_llm(res)
             except Exception as e:
                 self.metrics.consumed.labels(outcome="process_error").inc()
-                self._send(self._dead_letter(m, "process", e, "process_error"))
+                self._submit(self._dead_letter(m, "process", e, "process_error"))
                 continue
             self._emit(m, res, stamp)
         self._llm_wait = keep
         self.metrics.llm_waiting.set(len(keep))
 
     def _emit(self, m: Message, res: TagResult, stamp: str) -> None:
-        """The tag event of one decided record, and its LLM decision when recorded."""
-        self._send(self._tag_event(m, res, stamp))
+        """The tag event of one decided record, and its LLM decision when recorded: both
+        must be acknowledged before the input may be committed past."""
+        self._submit(self._tag_event(m, res, stamp))
         if self.s.decisions_topic and (rec := self.core.decision_record(res)):
-            self._send(self._decision(m, rec))
+            self._submit(self._decision(m, rec))
 
     def _finish_ahead(self) -> int:
         ahead, self._ahead = self._ahead, None
         return self._finish(ahead) if ahead is not None else 0
+
+    def _await_batch_llm(self, results: list[TagResult | BaseException]) -> None:
+        """Pause mode and `--no-pipeline`: the batch's LLM answers, within the loop budget.
+        Unanswered then: deferred in pause mode (re-read later); otherwise they wait like
+        the pipeline's LLM items, produced when answered."""
+        futs = [r.llm_future for r in results if isinstance(r, TagResult) and r.llm_future]
+        if not futs:
+            return
+        wait_futures(futs, timeout=max(0.0, self._deadline(self.loop_budget_s) - time.monotonic()))
+        for i, r in enumerate(results):
+            if not isinstance(r, TagResult) or r.llm_future is None:
+                continue
+            if r.llm_future.done():
+                try:
+                    self.core.complete_llm(r)
+                except Exception as e:
+                    results[i] = e
+            elif self.core.defer_when_llm_unavailable:
+                r.llm_future.cancel()
+                r.llm_future, r.llm_status, r.deferred = None, "timeout", True
+
+    def _deferred(self, m: Message, res: TagResult) -> bool:
+        """Pause mode: whether this record is re-read later. A record deferred more than
+        `llm_max_deferrals` times goes out as review instead, so a partition never stalls
+        on one item."""
+        tp, off = _where(m)
+        if not res.deferred:
+            self._deferrals.pop((tp, off), None)
+            return False
+        n = self._deferrals.get((tp, off), 0) + 1
+        if n <= self.s.llm_max_deferrals:
+            self._deferrals[(tp, off)] = n
+            return True
+        self._deferrals.pop((tp, off), None)
+        res.deferred = False  # stays `review` with the encoder's tags
+        self.metrics.llm_deferrals_exhausted.inc()
+        log.warning(
+            "llm_deferrals_exhausted", topic=tp[0], partition=tp[1], offset=off, deferrals=n - 1
+        )
+        return False
 
     def _finish(self, staged: _Staged) -> int:
         """Gate, produce and commit a batch whose embeddings are (being) computed."""
@@ -506,12 +626,13 @@ class KafkaService:
         results: list[TagResult | BaseException] = []
         if staged.prep is not None and staged.emb is not None:
             try:
-                # pause mode needs every answer now (it rewinds to the first it lacks);
-                # otherwise LLM items are produced when answered and the rest goes on
-                wait = self.core.defer_when_llm_unavailable or not self.s.pipeline
-                results = self.core.decide_isolating(staged.prep, staged.emb, wait_llm=wait)
+                results = self.core.decide_isolating(staged.prep, staged.emb, wait_llm=False)
             except CoreBrokenError as e:
                 raise KafkaRuntimeError(str(e)) from e
+            # pause mode needs the answers now (it rewinds to the first it lacks), and so
+            # does --no-pipeline; otherwise LLM items are produced when answered
+            if self.core.defer_when_llm_unavailable or not self.s.pipeline:
+                self._await_batch_llm(results)
         t0 = time.perf_counter()
         live = {tp for tp, g in staged.gens.items() if self._gen_of.get(tp, 0) == g}
         bad = [b for b in staged.bad if _where(b[0])[0] in live]
@@ -527,14 +648,14 @@ class KafkaService:
         # pause mode: from the first deferred item on, a partition is re-read later
         rewind: dict[TP, int] = {}
         for m, res in tagged:
-            if res.deferred:
+            if self._deferred(m, res):
                 tp, off = _where(m)
                 rewind[tp] = min(rewind.get(tp, off), off)
         stamp = now_iso()
         for m, stage, exc, reason in bad:
             tp, off = _where(m)
             if tp not in rewind or off < rewind[tp]:
-                self._send(self._dead_letter(m, stage, exc, reason))
+                self._submit(self._dead_letter(m, stage, exc, reason))
         for m, res in tagged:
             tp, off = _where(m)
             if tp not in rewind or off < rewind[tp]:
@@ -597,7 +718,8 @@ class KafkaService:
             tp=tp,
             offset=off,
             key=m.key(),
-            value=m.value(),
+            # an unreadable record's "value" is librdkafka's error text: send none
+            value=None if isinstance(exc, ConsumeError) else m.value(),
             headers=dead_letter_headers(m, stage, exc, reason),
             kind="dlq",
             label=reason,
@@ -635,9 +757,16 @@ class KafkaService:
             log.info("partitions_resumed", partitions=due)
 
     # ---- producing -----------------------------------------------------------------------
+    def _submit(self, out: _Out) -> None:
+        """Send an output of an input offset; the input is done when all of them are acked."""
+        key = (out.tp, out.offset)
+        self._owed[key] = self._owed.get(key, 0) + 1
+        self._send(out)
+
     def _send(self, out: _Out) -> None:
+        """Hand one record to the producer. A synchronous refusal is handled like a failed
+        delivery (retried, shrunk, or the stop), never raised past the loop."""
         out.seq = next(self._seq)
-        self._pending[out.seq] = out
         kwargs: dict[str, Any] = {}
         if out.timestamp_ms:
             kwargs["timestamp"] = out.timestamp_ms
@@ -651,9 +780,41 @@ class KafkaService:
                     on_delivery=partial(self._on_delivery, out, self._gen),
                     **kwargs,
                 )
-                return
             except BufferError:
                 self.producer.poll(0.1)  # local queue full: serve callbacks, then retry
+                continue
+            except KafkaException as e:
+                self._produce_failed(out, e.args[0])
+                return
+            self._pending[out.seq] = out
+            return
+
+    def _produce_failed(self, out: _Out, err: KafkaError) -> None:
+        """A record not acknowledged: a dead letter too large is cut and re-sent; anything
+        else is re-sent a few times, then `_drain` stops the service without committing."""
+        self.metrics.produce_errors.inc()
+        if err.code() in TOO_LARGE and out.shrink():
+            log.warning(
+                "dead_letter_truncated",
+                topic=out.topic,
+                offset=out.offset,
+                value_bytes=len(out.value or b""),
+                step=out.shrunk,
+                error=str(err),
+            )
+            self._retry.append(out)
+            return
+        if err.fatal():
+            self._producer_fatal = True
+        out.attempts += 1
+        log.warning(
+            "produce_failed",
+            topic=out.topic,
+            offset=out.offset,
+            error=str(err),
+            attempt=out.attempts,
+        )
+        (self._retry if out.attempts < self.max_produce_attempts else self._failed).append(out)
 
     def _recreate_producer(self, reason: str) -> None:
         """Replace a fatal or stuck producer and re-send what it never acknowledged."""
@@ -674,19 +835,23 @@ class KafkaService:
         for out in resend:
             self._send(out)
 
-    def _drain(self, max_pending: int = 0) -> None:
+    def _drain(
+        self, max_pending: int = 0, *, timeout_s: float | None = None, give_up: bool = False
+    ) -> None:
         """Serve delivery reports until at most `max_pending` records await acknowledgement
         (0: all of them); re-send failures a few times; replace a fatal or stuck producer.
 
         Between batches the loop passes one batch's worth, so the next batch encodes while
         the last one's acknowledgements arrive (the encoder is not idle on a broker round
-        trip); revokes, idle polls and shutdown wait for everything."""
-        deadline = time.monotonic() + self.drain_timeout_s
+        trip). Bounded: past `timeout_s` (default: the loop budget, inside
+        max.poll.interval) it raises, or with `give_up` (revoke, shutdown) returns and
+        leaves the unacknowledged inputs uncommitted."""
+        deadline = self._deadline(self.drain_timeout_s if timeout_s is None else timeout_s)
         while True:
             if max_pending:
                 self.producer.poll(0)
             else:
-                self.producer.flush(0.5)
+                self.producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
             if self._failed:
                 bad = self._failed[0]
                 raise KafkaRuntimeError(
@@ -711,22 +876,32 @@ class KafkaService:
                 self._recreate_producer(f"no acknowledgement for {self.stuck_after_s:.0f}s")
                 self._last_progress = now
             if now > deadline:
-                raise KafkaRuntimeError(f"producer not drained within {self.drain_timeout_s}s")
+                if give_up:
+                    log.debug("drain_gave_up", unacknowledged=left)
+                    return
+                raise KafkaRuntimeError(f"producer not drained in time ({left} unacknowledged)")
             if max_pending:
                 self.producer.poll(0.05)
 
     def _commit(self, only: set[TP] | None = None) -> None:
-        """Synchronous, of what is acknowledged: after a crash at most the batch being
-        processed and the one still awaiting acknowledgements are read again."""
+        """Synchronous, of what is acknowledged. A partition whose commit failed (the call,
+        or its own error in the result) is sent again by the next commit."""
         offsets = self.tracker.committable(only)
         if not offsets:
             return
         tps = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
         try:
-            self.consumer.commit(offsets=tps, asynchronous=False)
+            result = self.consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as e:
             self.metrics.commits.labels(result="error").inc()
             log.warning("commit_failed", error=str(e))
             return
-        self.metrics.commits.labels(result="ok").inc()
-        self.tracker.mark_committed(offsets)
+        failed = {(p.topic, p.partition): p.error for p in result or [] if p.error is not None}
+        if failed:
+            self.metrics.commits.labels(result="error").inc()
+            log.warning(
+                "commit_failed", partitions={f"{t}[{p}]": str(e) for (t, p), e in failed.items()}
+            )
+        else:
+            self.metrics.commits.labels(result="ok").inc()
+        self.tracker.mark_committed({tp: off for tp, off in offsets.items() if tp not in failed})

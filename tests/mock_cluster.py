@@ -11,11 +11,12 @@ from types import TracebackType
 import confluent_kafka
 
 # Kafka protocol API keys and error codes used by the tests
-PRODUCE, OFFSET_COMMIT = 0, 8
+PRODUCE, OFFSET_COMMIT, HEARTBEAT = 0, 8, 12
 ERR_NOT_ENOUGH_REPLICAS = 19
 ERR_MSG_SIZE_TOO_LARGE = 10
 ERR_REBALANCE_IN_PROGRESS = 27
 ERR_COORDINATOR_NOT_AVAILABLE = 15
+ERR_UNKNOWN_MEMBER_ID = 25
 
 
 def _lib() -> ctypes.CDLL:
@@ -46,6 +47,18 @@ def _lib() -> ctypes.CDLL:
     ]
     lib.rd_kafka_mock_broker_set_down.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     lib.rd_kafka_mock_broker_set_up.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.rd_kafka_mock_partition_set_leader.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    lib.rd_kafka_mock_coordinator_set.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_int32,
+    ]
     lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
     lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
     return lib
@@ -77,6 +90,16 @@ class MockCluster:
             ctypes.c_size_t(len(errors)),
             *[ctypes.c_int(e) for e in errors],
         )
+
+    def set_leader(self, topic: str, partition: int, broker_id: int) -> None:
+        rc = self.lib.rd_kafka_mock_partition_set_leader(
+            self.mc, topic.encode(), partition, broker_id
+        )
+        assert rc == 0, rc
+
+    def set_group_coordinator(self, group: str, broker_id: int) -> None:
+        rc = self.lib.rd_kafka_mock_coordinator_set(self.mc, b"group", group.encode(), broker_id)
+        assert rc == 0, rc
 
     def broker_down(self, broker_id: int) -> None:
         assert self.lib.rd_kafka_mock_broker_set_down(self.mc, broker_id) == 0

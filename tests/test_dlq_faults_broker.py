@@ -114,16 +114,29 @@ def test_every_malformed_event_lands_in_the_dlq_with_context(
 
 
 class PoisonCore(TaggingCore):
-    """Fails on items whose id starts with 'poison' (or on everything)."""
+    """Fails on items whose id starts with 'poison' (or on everything); counts the batches
+    that had to be isolated item by item."""
 
     fail_all = False
+    isolated = 0
 
     def decide(
-        self, events: list[UploadEvent], emb: npt.NDArray[np.float32], texts: list[str]
+        self,
+        events: list[UploadEvent],
+        emb: npt.NDArray[np.float32],
+        texts: list[str],
+        *,
+        wait_llm: bool = True,
     ) -> list[TagResult]:
         if self.fail_all or any(e.id.startswith("poison") for e in events):
             raise RuntimeError("boom")
-        return super().decide(events, emb, texts)
+        return super().decide(events, emb, texts, wait_llm=wait_llm)
+
+    def isolate(
+        self, events: list[UploadEvent], batch_exc: BaseException, *, wait_llm: bool = True
+    ) -> list[TagResult | BaseException]:
+        self.isolated += 1
+        return super().isolate(events, batch_exc, wait_llm=wait_llm)
 
 
 def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
@@ -135,7 +148,7 @@ def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
 
     send_lines(broker.bootstrap, "uploads", events)
     core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
-    s = settings_for(broker.bootstrap)
+    s = settings_for(broker.bootstrap, batch_size=8)  # three batches, one of them poisoned
     with running(service(s, core)):
         out = read_topic(broker.bootstrap, "tags", expect=20)
         (dead,) = read_topic(broker.bootstrap, "uploads.dlq", expect=1)
@@ -144,6 +157,8 @@ def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
     assert dead.key() == b"poison-1" and h["__connect.errors.stage"] == b"process"
     assert h["__connect.errors.exception.class.name"] == b"builtins.RuntimeError"
     assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 21
+    # only the batch with the poison item went item by item; the others took the batch path
+    assert core.isolated == 1
 
 
 def test_a_systemic_failure_stops_the_service_without_committing(

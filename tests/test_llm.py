@@ -64,15 +64,28 @@ def test_unusable_answers_come_back_as_statuses(
         (500, {"error": {"message": "boom"}}),
         (429, {"error": {"message": "slow down"}}),
         (400, {"error": {"message": "bad request"}}),
+        (401, {"error": {"message": "bad key"}}),
+        (408, {"error": {"message": "request timeout"}}),
     ]
     it = iter(answers)
     server = fake_llm(lambda req: next(it))
     tagger = _tagger(server, metrics, attempts=1, invalid_retries=0)
     statuses = [tagger.tag(ITEM, SHORT, 3).status for _ in answers]
-    assert statuses == ["invalid", "invalid", "empty", "error", "rate_limited", "error"]
+    # a 4xx is permanent ("refused": review, never deferred); 5xx and 408 are transient
+    assert statuses == [
+        "invalid",
+        "invalid",
+        "empty",
+        "error",
+        "rate_limited",
+        "refused",
+        "refused",
+        "error",
+    ]
     r = metrics.registry
     assert r.get_sample_value("tagstream_llm_requests_total", {"status": "invalid"}) == 2
     assert r.get_sample_value("tagstream_llm_requests_total", {"status": "error"}) == 2
+    assert r.get_sample_value("tagstream_llm_requests_total", {"status": "refused"}) == 2
     assert r.get_sample_value("tagstream_llm_retries_total") == 0
 
 
