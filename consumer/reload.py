@@ -6,6 +6,10 @@ refused, the old version stays, and `tagstream_tag_system_reloads_total{result="
 counts it. Publish a new version by writing it to a new folder and renaming it into place
 (or re-pointing a symlink): a rename is atomic, an in-place copy is seen half-done (and
 refused until it is complete).
+
+Whatever a half-written file makes the loader raise (`EOFError` from an empty `.npy`,
+`zipfile.BadZipFile` from a partial `.npz`, a `ValueError`, ...), it is a refused reload and
+never an exception out of `poll`: the service must keep tagging with the version it has.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from consumer.metrics import Metrics
-from tagsys import TagstreamError, TagSystem
+from tagsys import TagSystem
 from tagsys.tagsystem import BIAS_FILE, EMB_FILE, HEAD_FILE, META_FILE
 
 log = structlog.get_logger(__name__)
@@ -61,9 +65,14 @@ class TagSystemWatcher:
         try:
             ts = TagSystem.load(self.folder)
             ts.check_encoder(encoder_name, dim)
-        except (TagstreamError, OSError, ValueError) as e:
+        except Exception as e:  # a half-written file fails in many ways; all are refusals
             self.metrics.tag_system_reloads.labels(result="error").inc()
-            log.error("tag_system_reload_refused", path=str(self.folder), error=str(e))
+            log.error(
+                "tag_system_reload_refused",
+                path=str(self.folder),
+                error=str(e) or repr(e),
+                error_type=type(e).__name__,
+            )
             return None
         if ts.content_hash == self.current_hash:
             return None  # touched, not changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from consumer.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.distill import fit_head
+from tagsys.tagsystem import EMB_FILE
 from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of
 from tests.kafka_helpers import (
     make_events,
@@ -133,32 +135,49 @@ def test_running_consumer_switches_versions_mid_stream_without_loss(
     metrics = Metrics(CollectorRegistry())
     core = TaggingCore(encoder, TagSystem.load(live), metrics=metrics)
     s = settings_for(broker.bootstrap, tag_system=live, reload_interval_s=0.2, batch_size=8)
-    first, second = make_events(120, "a"), make_events(120, "b")
+    first, middle, second = make_events(120, "a"), make_events(40, "m"), make_events(120, "b")
+
+    def errors() -> float:
+        return float(metrics.tag_system_reloads.labels(result="error")._value.get())
+
     with running(service(s, core)):
         send_lines(broker.bootstrap, "uploads", first)
         _wait(lambda: len(read_topic(broker.bootstrap, "tags", expect=120, timeout_s=2)) >= 60)
-        # a broken artifact first: refused, the old version keeps tagging
+        # a new version copied in place, seen with its .npy half-written, then empty (numpy
+        # raises ValueError, then EOFError): refused, and the old version keeps tagging
+        emb = live / EMB_FILE
+        os.truncate(emb, emb.stat().st_size // 2)
+        _wait(lambda: errors() >= 1)
+        os.truncate(emb, 0)
+        _wait(lambda: errors() >= 2)
+        send_lines(broker.bootstrap, "uploads", middle)
+        _wait(lambda: len(read_topic(broker.bootstrap, "tags", expect=160, timeout_s=2)) >= 160)
+        # a broken artifact published by a rename: refused too
         broken = tmp_path / "broken"
-        shutil.copytree(live, broken)
+        sample_ts.save(broken)
         meta = json.loads((broken / "tagsystem.json").read_text())
         meta["tags"][0]["name"] = "tampered"
         (broken / "tagsystem.json").write_text(json.dumps(meta))
         old = tmp_path / "old"
         live.rename(old)
         broken.rename(live)
-        _wait(lambda: metrics.tag_system_reloads.labels(result="error")._value.get() >= 1)
+        _wait(lambda: errors() >= 3)
         # then the good new version, published by an atomic rename
         shutil.rmtree(live)
         staged.rename(live)
         _wait(lambda: metrics.tag_system_reloads.labels(result="ok")._value.get() >= 1)
         send_lines(broker.bootstrap, "uploads", second)
-        out = read_topic(broker.bootstrap, "tags", expect=240, timeout_s=90)
+        out = read_topic(broker.bootstrap, "tags", expect=280, timeout_s=90)
     payloads = [orjson.loads(m.value()) for m in out]
-    assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in first + second}
+    assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in first + middle + second}
+    assert errors() == 3
     versions = [p["tag_system_version"] for p in payloads]
     assert set(versions) == {sample_ts.version_id, v2.version_id}
     switch = versions.index(v2.version_id)
     assert all(v == v2.version_id for v in versions[switch:])  # one switch, never back
+    assert all(
+        p["tag_system_version"] == sample_ts.version_id for p in payloads if p["id"][0] == "m"
+    )
     assert all(p["tag_system_version"] == v2.version_id for p in payloads if p["id"][0] == "b")
 
 
@@ -183,7 +202,7 @@ def test_llm_decisions_are_recorded_and_distill_reads_them(
     with running(service(s, core)):
         read_topic(broker.bootstrap, "tags", expect=40)
         _wait(lambda: metrics.decisions_recorded._value.get() >= 40)
-    records = read_decisions(broker.bootstrap, "decisions", idle_s=1.0)
+    records = read_decisions(broker.bootstrap, "decisions")
     assert {r["id"] for r in records} == {orjson.loads(e)["id"] for e in events}
     schema = load_schema("decision")
     for r in records:
