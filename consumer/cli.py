@@ -1,4 +1,6 @@
-"""The `tagstream` command. Every option is also an environment variable `TAGSTREAM_…`."""
+"""The `tagstream` command. Every option of `run` is also an environment variable
+`TAGSTREAM_…` (a few settings are environment variables only: README); other commands take
+flags, and those of their options that read an environment variable say so in `--help`."""
 
 from __future__ import annotations
 
@@ -819,6 +821,13 @@ def distill_cmd(
     text_buckets: Annotated[
         int, typer.Option(min=256, max=2**20, help="Hash buckets of --text-features.")
     ] = 16384,
+    include_steerable: Annotated[
+        bool,
+        typer.Option(
+            help="With --from-topic: learn from generative-mode decisions too (their text "
+            "could steer the tags: left out by default, counted under skipped.steerable)."
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
@@ -845,7 +854,9 @@ def distill_cmd(
         from consumer.distill_topic import read_decisions
 
         records = read_decisions(bootstrap_servers, from_topic)
-        labelled, skipped = labelled_from_decisions(records, base)
+        labelled, skipped = labelled_from_decisions(
+            records, base, include_steerable=include_steerable
+        )
         extra.update(decisions=len(records), skipped=skipped)
     else:
         if data is None or fmt is None:

@@ -395,6 +395,9 @@ class TaggingCore:
             "shortlist": [{"name": ts.names[j], "score": round(s, 5)} for j, s in res.shortlist],
             "chosen": [ts.names[j] for j, _, _ in res.tags],
             "llm_mode": self.llm_mode,
+            # generative mode maps free tags onto the whole vocabulary, so the item's own text
+            # can steer which tags it gets (prompt injection): distill leaves these out
+            "steerable": self.llm_mode == "generative",
             "llm_model": self.tagger.model,
             "prompt_version": PROPOSE_PROMPT_VERSION
             if self.llm_mode == "generative"

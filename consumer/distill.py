@@ -192,12 +192,18 @@ def labelled_from_file(
 
 
 def labelled_from_decisions(
-    records: list[dict[str, Any]], base: TagSystem
+    records: list[dict[str, Any]], base: TagSystem, *, include_steerable: bool = False
 ) -> tuple[Labelled, dict[str, int]]:
-    """Decision records (consumer/schemas/decision.v1.json) -> training data."""
+    """Decision records (consumer/schemas/decision.v1.json) -> training data. Records the
+    item's own text could steer (`steerable`: generative mode, where a caption can pull a
+    tag from anywhere in the vocabulary) are left out unless asked for: a head learnt from
+    them would learn the injection."""
     ids, embs, texts, gold = [], [], [], []
-    skipped = {"no_embedding": 0, "no_known_tag": 0, "other_encoder": 0}
+    skipped = {"no_embedding": 0, "no_known_tag": 0, "other_encoder": 0, "steerable": 0}
     for r in records:
+        if r.get("steerable") and not include_steerable:
+            skipped["steerable"] += 1
+            continue
         if r.get("encoder", "").split("/")[0] != base.encoder:
             skipped["other_encoder"] += 1
             continue

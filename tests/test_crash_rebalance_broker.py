@@ -79,6 +79,9 @@ def test_kill_9_three_times_loses_nothing(
         # let it make some progress, then kill it in the middle of the stream
         while time.monotonic() < deadline and reader.poll() < before + 300:
             pass
+        # the kill must land mid-stream: the process still running, progress made, work left
+        assert proc.poll() is None, "the service died before the kill"
+        assert before + 300 <= len(reader.records) and len(reader.keys) < 3000, "not mid-stream"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         kills += 1

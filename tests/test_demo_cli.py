@@ -35,6 +35,26 @@ def test_every_command_has_help_and_env_vars() -> None:
         assert var in res.output
 
 
+def test_the_readme_names_every_setting_of_run() -> None:
+    """Each setting is a `run` option (its env var in the options table) or listed as
+    environment only: the README may not promise an option the code lacks, nor hide one."""
+    import inspect
+    import re
+
+    from consumer.cli import run
+    from consumer.config import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flags = set(inspect.signature(run).parameters)
+    for field in Settings.model_fields:
+        var = f"TAGSTREAM_{field.upper()}"
+        assert var in readme, f"{var} is not in the README"
+    env_only = readme.split("Environment only:", 1)[1].split("## ", 1)[0]
+    listed = set(re.findall(r"TAGSTREAM_([A-Z_]+)", env_only))
+    assert {f.upper() for f in Settings.model_fields if f not in flags} <= listed
+    assert not {f.lower() for f in listed} & flags, "an option listed as environment only"
+
+
 def test_the_api_key_never_shows_in_help() -> None:
     res = runner.invoke(
         app, ["run", "--help"], env={"TAGSTREAM_LLM_API_KEY": "sk-very-secret", "COLUMNS": "200"}

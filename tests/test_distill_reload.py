@@ -210,4 +210,10 @@ def test_llm_decisions_are_recorded_and_distill_reads_them(
         assert r["chosen"] == [r["shortlist"][0]["name"]] and r["llm_model"] == "fake-llm"
     labelled, skipped = labelled_from_decisions(records, ts)
     assert len(labelled.ids) == 40 and sum(skipped.values()) == 0
+    # generative-mode records (their text could steer the tags) are left out unless asked
+    mixed = [{**r, "steerable": True} if i < 10 else r for i, r in enumerate(records)]
+    kept, skipped = labelled_from_decisions(mixed, ts)
+    assert len(kept.ids) == 30 and skipped["steerable"] == 10
+    kept, _ = labelled_from_decisions(mixed, ts, include_steerable=True)
+    assert len(kept.ids) == 40
     assert labelled.emb.shape == (40, encoder.dim)

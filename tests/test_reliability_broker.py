@@ -1,0 +1,461 @@
+"""Loss and stall paths against the embedded broker, run as a user would: a ~1 MB poison
+record with default settings, permanent LLM errors and endless outages in pause mode, a
+revoke and a poll loop bounded by their clocks, SIGTERM with LLM answers pending, a stalled
+loop seen by the probes, and kill -9 with decision records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumer.broker import EmbeddedBroker, create_topics, free_port
+from consumer.core import Prepared, TaggingCore
+from consumer.health import HealthServer, HealthState
+from consumer.llm import SelectiveTagger
+from consumer.metrics import Metrics
+from consumer.resilience import CircuitBreaker
+from consumer.runner import KafkaService
+from consumer.send import send_lines
+from models_onnx import OnnxEncoder
+from tagsys import GateConfig, TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
+from tests.kafka_helpers import (
+    TopicReader,
+    committed_total,
+    make_events,
+    make_topics,
+    read_topic,
+    running,
+    settings_for,
+)
+
+pytestmark = pytest.mark.broker
+
+
+def _force_llm(ts: TagSystem) -> TagSystem:
+    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
+    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
+
+
+def _llm_core(encoder: OnnxEncoder, ts: TagSystem, server: FakeOpenAI, **kw: Any) -> TaggingCore:
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(
+        server.base_url,
+        "fake",
+        SecretStr(""),
+        timeout_s=60,
+        metrics=metrics,
+        attempts=1,
+        breaker=CircuitBreaker(failures=3, reset_s=0.2),
+    )
+    return TaggingCore(encoder, _force_llm(ts), tagger=tagger, metrics=metrics, **kw)
+
+
+def _first(req: dict[str, Any]) -> Reply:
+    return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
+
+
+def _ids(events: list[bytes]) -> set[str]:
+    return {orjson.loads(e)["id"] for e in events}
+
+
+def _sample(core: TaggingCore, name: str, labels: dict[str, str] | None = None) -> float:
+    return core.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0  # not listening (yet, or any more)
+
+
+def test_a_1mb_poison_record_is_dead_lettered_with_default_settings(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    """Under max_event_bytes, but its dead letter (value + headers) is over librdkafka's
+    default message.max.bytes: it must go to the DLQ whole, and the consumer go on."""
+    make_topics(broker.bootstrap, 2)
+    events = make_events(200)
+    poison = [b'{"id": %d, "caption": "' % i + b"x" * 999_700 + b'"}' for i in (5, 6)]
+    send_lines(broker.bootstrap, "uploads", [*events[:70], poison[0], *events[70:140]])
+    send_lines(broker.bootstrap, "uploads", [poison[1], *events[140:]])
+    core = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    s = settings_for(broker.bootstrap, batch_size=64)  # the batch size `run` defaults to
+    assert s.max_event_bytes == 1 << 20
+    with running(KafkaService(s, core, core.metrics)):
+        out = read_topic(broker.bootstrap, "tags", expect=200, timeout_s=120)
+        dlq = read_topic(broker.bootstrap, "uploads.dlq", expect=1, timeout_s=60, settle_s=2)
+        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 202)
+    assert {m.key().decode() for m in out} == _ids(events)
+    assert sorted(m.value() for m in dlq) == sorted(poison)  # whole: no need to cut them
+    assert _sample(core, "tagstream_dlq_events_total", {"reason": "schema"}) == 2
+    core.close()
+
+
+def test_permanent_llm_errors_in_pause_mode_go_out_as_review(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """A 401 never passes: deferring it would re-read the partition forever."""
+    make_topics(broker.bootstrap, 2)
+    events = make_events(30)
+    send_lines(broker.bootstrap, "uploads", events)
+    server = fake_llm(lambda req: (401, {"error": {"message": "invalid api key"}}))
+    core = _llm_core(encoder, sample_ts, server, defer_when_llm_unavailable=True)
+    s = settings_for(broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.5)
+    with running(KafkaService(s, core, core.metrics)):
+        out = read_topic(broker.bootstrap, "tags", expect=30, timeout_s=60)
+    payloads = [orjson.loads(m.value()) for m in out]
+    assert {p["id"] for p in payloads} == _ids(events)
+    assert {p["decision"] for p in payloads} == {"review"}
+    assert _sample(core, "tagstream_partition_pauses_total") == 0
+    assert _sample(core, "tagstream_llm_requests_total", {"status": "refused"}) == 30
+    core.close()
+
+
+def test_an_item_deferred_too_often_goes_out_as_review(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """An LLM that is down for good: pause mode re-reads each item a few times, then sends
+    it as review; the partition moves on and everything is committed."""
+    make_topics(broker.bootstrap, 1)
+    events = make_events(12)
+    send_lines(broker.bootstrap, "uploads", events)
+    server = fake_llm(lambda req: (503, {"error": {"message": "down"}}))
+    core = _llm_core(encoder, sample_ts, server, defer_when_llm_unavailable=True)
+    s = settings_for(
+        broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.1, llm_max_deferrals=2
+    )
+    with running(KafkaService(s, core, core.metrics)):
+        out = read_topic(broker.bootstrap, "tags", expect=12, timeout_s=120)
+        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 12)
+    payloads = [orjson.loads(m.value()) for m in out]
+    assert {p["id"] for p in payloads} == _ids(events)
+    assert {p["decision"] for p in payloads} == {"review"}
+    assert _sample(core, "tagstream_partition_pauses_total") >= 2
+    assert _sample(core, "tagstream_llm_deferrals_exhausted_total") >= 1
+    core.close()
+
+
+class _TimedRevokes(KafkaService):
+    revokes: list[float]
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        t0 = time.monotonic()
+        try:
+            super()._on_revoke(consumer, partitions)
+        finally:
+            self.revokes.append(time.monotonic() - t0)
+
+
+def test_a_revoke_does_not_wait_for_a_slow_llm(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """Consumer A has LLM answers pending that will not come for a minute; B joins. A's
+    revoke ends within its budget (the group is not held up), B gets its partition, and once
+    the LLM answers every event is tagged by one of them."""
+    make_topics(broker.bootstrap, 2)
+    events = make_events(40)
+    release = threading.Event()
+
+    def reply(req: dict[str, Any]) -> Reply:
+        release.wait(90)
+        return _first(req)
+
+    server = fake_llm(reply)
+    s = settings_for(broker.bootstrap, batch_size=8)
+    core_a = _llm_core(encoder, sample_ts, server)
+    core_b = _llm_core(encoder, sample_ts, server)
+    a = _TimedRevokes(s, core_a, core_a.metrics)
+    a.revokes = []
+    b = KafkaService(s, core_b, core_b.metrics)
+    try:
+        with running(a):
+            send_lines(broker.bootstrap, "uploads", events)
+            assert _wait(lambda: _sample(core_a, "tagstream_llm_waiting_items") > 0, 60)
+            assert a.health.assigned == 2
+            with running(b):
+                assert _wait(lambda: b.health.assigned >= 1, 40), f"revokes: {a.revokes}"
+                assert not release.is_set()
+                release.set()
+                out = read_topic(broker.bootstrap, "tags", expect=40, timeout_s=90)
+                assert _wait(
+                    lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 40
+                )
+    finally:
+        release.set()
+    assert a.revokes and max(a.revokes) < a.revoke_timeout_s + 2
+    assert {m.key().decode() for m in out} == _ids(events)
+    core_a.close()
+    core_b.close()
+
+
+class _Beats(HealthState):
+    """Records the longest gap between two polls of the loop."""
+
+    def __init__(self, max_poll_interval_s: float) -> None:
+        super().__init__(max_poll_interval_s)
+        self.longest = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.consuming:
+            self.longest = max(self.longest, now - self.last_poll)
+        super().beat()
+
+
+@pytest.mark.parametrize("mode", ["pause", "no-pipeline"])
+def test_the_loop_polls_within_max_poll_interval_while_the_llm_hangs(
+    mode: str,
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """Both modes wait for a batch's LLM answers; an LLM that hangs for 25 s must not keep
+    the loop from polling for max.poll.interval (10 s here), or the member is thrown out."""
+    make_topics(broker.bootstrap, 1)
+    events = make_events(16)
+    send_lines(broker.bootstrap, "uploads", events)
+    hung_until = time.monotonic() + 25
+
+    def reply(req: dict[str, Any]) -> Reply:
+        time.sleep(max(0.0, hung_until - time.monotonic()))
+        return _first(req)
+
+    pause = mode == "pause"
+    core = _llm_core(encoder, sample_ts, fake_llm(reply), defer_when_llm_unavailable=pause)
+    s = settings_for(
+        broker.bootstrap,
+        batch_size=8,
+        max_poll_interval_ms=10_000,
+        llm_unavailable="pause" if pause else "review",
+        llm_pause_s=0.5,
+        pipeline=pause,  # pause mode waits for the answers with the pipeline on, too
+    )
+    health = _Beats(s.max_poll_interval_ms / 1000)
+    with running(KafkaService(s, core, core.metrics, health)):
+        out = read_topic(broker.bootstrap, "tags", expect=16, timeout_s=120)
+        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 16)
+    assert {m.key().decode() for m in out} == _ids(events)
+    assert {orjson.loads(m.value())["decision"] for m in out} == {"llm"}
+    assert health.longest < 10.0, health.longest
+    core.close()
+
+
+class _StuckEncoder(TaggingCore):
+    """The second batch's encode blocks until released (a wedged GPU, say)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
+        self.calls += 1
+        if self.calls == 2:
+            self.release.wait(60)
+        return super().encode_prepared(prep)
+
+
+def test_probes_say_a_stalled_loop_is_neither_alive_nor_ready(
+    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    make_topics(broker.bootstrap, 1)
+    core = _StuckEncoder(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    s = settings_for(broker.bootstrap, batch_size=8, max_poll_interval_ms=10_000)
+    svc = KafkaService(s, core, core.metrics)
+    svc.health.warmed = True
+    server = HealthServer(core.metrics.registry, svc.health, "127.0.0.1", 0).start()
+    port = server.port
+    try:
+        with running(svc):
+            assert _wait(lambda: _status(port, "/readyz") == 200, 40)
+            send_lines(broker.bootstrap, "uploads", make_events(8))
+            time.sleep(0.5)
+            send_lines(broker.bootstrap, "uploads", make_events(8, "b"))
+            assert _wait(lambda: core.calls >= 2, 30)
+            assert _wait(lambda: _status(port, "/healthz") == 503, 20)
+            assert _status(port, "/readyz") == 503
+            core.release.set()
+            assert _wait(lambda: _status(port, "/healthz") == 200, 20)
+            assert _wait(lambda: _status(port, "/readyz") == 200, 20)
+            read_topic(broker.bootstrap, "tags", expect=16, timeout_s=60)
+    finally:
+        core.release.set()
+        server.stop()
+    core.close()
+
+
+def _spawn(
+    bootstrap: str, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "run",
+            "--bootstrap-servers",
+            bootstrap,
+            "--session-timeout-ms",
+            "6000",
+            "--metrics-host",
+            "127.0.0.1",
+            *args,
+        ],
+        env=os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)} | (env or {}),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _scrape(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_mid_stream_with_llm_answers_pending(
+    broker: EmbeddedBroker,
+    model_dir: Path,
+    tmp_path: Path,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """SIGTERM while LLM answers are pending: /readyz turns 503 at once, the service finishes
+    what it can within its shutdown budget, commits only what was produced and exits 0; a
+    restart tags the rest."""
+    make_topics(broker.bootstrap, 1)
+    events = make_events(150)
+    send_lines(broker.bootstrap, "uploads", events)
+
+    def slow(req: dict[str, Any]) -> Reply:
+        time.sleep(0.5)
+        return _first(req)
+
+    server = fake_llm(slow)
+    log, port = tmp_path / "run.log", free_port()
+    args = ["--group-id", "term", "--llm", server.base_url, "--llm-model", "fake"]
+    budget = {"TAGSTREAM_SHUTDOWN_TIMEOUT_S": "5"}
+    reader = TopicReader(broker.bootstrap, "tags")
+    proc = _spawn(broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port), env=budget)
+    try:
+        deadline = time.monotonic() + 90
+        while len(reader.keys) < 20 and time.monotonic() < deadline:
+            reader.poll()
+        assert 20 <= len(reader.keys) < 150, log.read_text()[-3000:]
+        assert _scrape(port, "tagstream_llm_waiting_items") > 0  # answers are pending
+        assert _status(port, "/readyz") == 200
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert _wait(lambda: _status(port, "/readyz") == 503, 5)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - t0 < 20  # the 5 s budget, then drain and commit
+        committed = committed_total(broker.bootstrap, "term", "uploads", 1)
+        for _ in range(10):
+            reader.poll()
+        # one partition: every input below the commit has its tag event
+        below = {orjson.loads(e)["id"].encode() for e in events[:committed]}
+        assert committed > 0 and below <= reader.keys
+        port = free_port()
+        proc = _spawn(broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port))
+        deadline = time.monotonic() + 120
+        while len(reader.keys) < 150 and time.monotonic() < deadline:
+            reader.poll()
+        assert {k.decode() for k in reader.keys} == _ids(events)
+        assert _wait(lambda: _status(port, "/readyz") == 200, 60)  # up, signal handlers on
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        reader.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kill_9_keeps_every_llm_decision_record(
+    broker: EmbeddedBroker,
+    model_dir: Path,
+    tmp_path: Path,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """Each input is committed only once its tag event and its decision record are acked:
+    after kills in the middle of the stream, every `decision: llm` event has its record."""
+    make_topics(broker.bootstrap, 2)
+    create_topics(broker.bootstrap, {"decisions": 2})
+    events = make_events(600)
+    send_lines(broker.bootstrap, "uploads", events)
+    server = fake_llm(_first)
+    log = tmp_path / "run.log"
+    args = ["--group-id", "kd", "--metrics-port", "0", "--llm", server.base_url]
+    args += ["--llm-model", "fake", "--decisions-topic", "decisions", "--batch-size", "32"]
+    reader = TopicReader(broker.bootstrap, "tags")
+    for _ in range(2):
+        proc = _spawn(broker.bootstrap, model_dir, log, *args)
+        before = reader.poll()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and reader.poll() < before + 100:
+            pass
+        assert proc.poll() is None and before < len(reader.keys) < 600, "not mid-stream"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc = _spawn(broker.bootstrap, model_dir, log, *args)
+    try:
+        deadline = time.monotonic() + 180
+        while len(reader.keys) < 600 and time.monotonic() < deadline:
+            reader.poll()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        reader.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert {k.decode() for k in reader.keys} == _ids(events)
+    llm_ids = {
+        orjson.loads(m.value())["id"]
+        for m in reader.records
+        if orjson.loads(m.value())["decision"] == "llm"
+    }
+    assert llm_ids, "the LLM decided nothing: the test shows nothing"
+    decided = read_topic(broker.bootstrap, "decisions", expect=len(llm_ids), timeout_s=60)
+    missing = llm_ids - {m.key().decode() for m in decided}
+    assert not missing, f"{len(missing)} LLM decisions without their record"
