@@ -129,14 +129,18 @@ def run_service(settings: Settings, registry: CollectorRegistry | None = None) -
         return
 
     stop = threading.Event()
+    healths: list[HealthState] = []
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("stop_requested", signal=signal.Signals(signum).name)
+        for health in healths:  # not ready from this moment, not from the loop's next turn
+            health.stopping = True
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     with build_stack(settings, registry) as stack:
+        healths.append(stack.health)
         server = HealthServer(
             stack.metrics.registry, stack.health, settings.metrics_host, settings.metrics_port
         ).start()

@@ -120,6 +120,10 @@ class TaggingCore:
         self.metrics.set_build(self.encoder.id, ts.version_id)
 
     def close(self) -> None:
+        """Stop the LLM work: requests still running are cut (the client is closed), so
+        shutting down does not wait out their timeouts and retries."""
+        if self.tagger is not None:
+            self.tagger.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     @contextmanager

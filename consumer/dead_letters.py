@@ -5,7 +5,8 @@ is the value plus the original headers plus the error headers, so it is larger t
 record it carries: the producers are sized for it (`producer_max_bytes`), and when a broker
 still refuses it (a DLQ topic with a smaller `max.message.bytes`), `shrink` cuts the value
 (and at last the original headers) step by step; headers then give the original size and
-the sha256 of the whole value, so the record can be found again at its source.
+the sha256 of the whole value, so the record can be found again at its source. A key or a
+header too large is cut as well: no part of a record may keep its dead letter out.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ TRUNCATED_HEADER = "__tagstream.errors.value.truncated"
 ORIGINAL_BYTES_HEADER = "__tagstream.errors.value.original.bytes"
 SHA256_HEADER = "__tagstream.errors.value.sha256"
 HEADERS_DROPPED_HEADER = "__tagstream.errors.headers.dropped"
+KEY_BYTES_HEADER = "__tagstream.errors.key.original.bytes"
 
 
 def producer_max_bytes(max_event_bytes: int) -> int:
@@ -68,23 +70,39 @@ def _size(headers: Headers) -> int:
     return sum(len(k) + len(v or b"") for k, v in headers)
 
 
+def _ours(k: str, v: str | bytes | None) -> bool:
+    """An error header `connect_error_headers` wrote (small by construction); a record's own
+    header of that name and larger is treated as the record's, and may be dropped."""
+    return k.startswith(ERROR_HEADER_PREFIXES) and len(v or b"") <= MAX_ERROR_MESSAGE * 4
+
+
 def is_truncated(headers: Headers) -> bool:
     return any(k == TRUNCATED_HEADER for k, _ in headers)
 
 
-def shrink(value: bytes | None, headers: Headers, step: int) -> tuple[bytes | None, Headers] | None:
-    """The dead letter cut to `SHRINK_STEPS[step]` (value, and original headers once they
-    are larger than that), with headers saying what was cut; None past the last step.
+DeadLetter = tuple[bytes | None, bytes | None, Headers]  # key, value, headers
 
-    `value` and `headers` are the full dead letter's (shrinking always starts from them, so
-    the sha256 and the original size are those of the record as read)."""
+
+def shrink(
+    key: bytes | None, value: bytes | None, headers: Headers, step: int
+) -> DeadLetter | None:
+    """The dead letter cut to `SHRINK_STEPS[step]`: the value, the key and the record's own
+    headers each to at most that (at least 1 KiB for the key), with headers saying what was
+    cut; None past the last step. Nothing is marked when nothing had to be cut (a small dead
+    letter refused only because it shared a batch with a large one stays whole).
+
+    `key`, `value` and `headers` are always the full dead letter's, so the sha256 and the
+    original size are those of the record as read."""
     if step >= len(SHRINK_STEPS):
         return None
     limit = SHRINK_STEPS[step]
     body = value or b""
-    errors = [(k, v) for k, v in headers if k.startswith(ERROR_HEADER_PREFIXES)]
-    original = [(k, v) for k, v in headers if not k.startswith(ERROR_HEADER_PREFIXES)]
+    errors = [(k, v) for k, v in headers if _ours(k, v)]
+    original = [(k, v) for k, v in headers if not _ours(k, v)]
     kept = original if limit and _size(original) <= limit else []
+    key_limit = max(limit, 1024)
+    if len(body) <= limit and len(kept) == len(original) and len(key or b"") <= key_limit:
+        return key, value, headers
     out: Headers = [*kept, *errors]
     out += [
         (TRUNCATED_HEADER, b"true"),
@@ -93,4 +111,7 @@ def shrink(value: bytes | None, headers: Headers, step: int) -> tuple[bytes | No
     ]
     if len(kept) < len(original):
         out.append((HEADERS_DROPPED_HEADER, str(len(original) - len(kept)).encode()))
-    return (body[:limit] if value is not None else None), out
+    if key is not None and len(key) > key_limit:
+        out.append((KEY_BYTES_HEADER, str(len(key)).encode()))
+        key = key[:key_limit]
+    return key, (body[:limit] if value is not None else None), out

@@ -32,6 +32,7 @@ from consumer.core import TagResult
 from consumer.dead_letters import (
     Headers,
     connect_error_headers,
+    is_truncated,
     producer_max_bytes,
     shrink,
 )
@@ -148,7 +149,9 @@ def make_app(settings: Settings, stack: Any) -> Any:
             headers = connect_error_headers(
                 msg.topic, msg.partition, msg.offset, msg.headers, stage, exc, reason
             )
-            task = asyncio.ensure_future(send_dead_letter(dlq, msg.key, msg.value, headers))
+            task = asyncio.ensure_future(
+                send_dead_letter(dlq, msg.key, msg.value, headers, msg.timestamp or None)
+            )
             task.add_done_callback(_on_dead_letter_acked(metrics, reason))
             waits.append(task)
         # every tag event and dead letter acknowledged before the batch may be acked
@@ -293,25 +296,32 @@ def _transport_class(metrics: Metrics) -> Any:
 
 
 async def send_dead_letter(
-    dlq: Any, key: bytes | None, value: bytes | None, headers: Headers
-) -> int:
-    """Send one dead letter and await its acknowledgement; while the producer or the broker
-    refuses it as too large, send it shrunk (`dead_letters.shrink`, step by step). Returns the
-    shrink steps used; raises when even the smallest is refused, or on any other error."""
-    body, hdrs, step = value, headers, 0
+    dlq: Any,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Headers,
+    timestamp: float | None = None,
+) -> bool:
+    """Send one dead letter (with the record's timestamp) and await its acknowledgement;
+    while the producer or the broker refuses it as too large, send it shrunk
+    (`dead_letters.shrink`, step by step). Returns whether anything had to be cut; raises
+    when even the smallest is refused, or on any other error."""
+    k, body, hdrs, step = key, value, headers, 0
     while True:
         try:
-            fut = await dlq.send(key=key, value=body, headers=_bytes_headers(hdrs), force=True)
+            fut = await dlq.send(
+                key=k, value=body, headers=_bytes_headers(hdrs), timestamp=timestamp, force=True
+            )
             await fut
-            return step
+            return is_truncated(hdrs)
         except Exception as e:
             if not _too_large(e):
                 raise
-            smaller = shrink(value, headers, step)
+            smaller = shrink(key, value, headers, step)
             if smaller is None:
                 raise
             log.warning("dead_letter_too_large", bytes=len(body or b""), shrink_step=step)
-            body, hdrs = smaller
+            k, body, hdrs = smaller
             step += 1
 
 
@@ -347,7 +357,7 @@ def _on_dead_letter_acked(metrics: Metrics, reason: str) -> Callable[[asyncio.Fu
     def done(fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is None:
             metrics.dlq.labels(reason=reason).inc()
-            if fut.result():  # shrink steps taken
+            if fut.result():  # something had to be cut
                 metrics.dlq_truncated.inc()
 
     return done

@@ -184,6 +184,9 @@ class SelectiveTagger:
         self._secret = api_key.get_secret_value()
         self.client = openai_client(base_url, api_key, timeout_s)
 
+    def close(self) -> None:
+        self.client.close()
+
     @staticmethod
     def build_messages(item: dict[str, Any], shortlist: list[str], max_tags: int) -> list[Any]:
         listing = "\n".join(f"{i + 1}. {name}" for i, name in enumerate(shortlist))

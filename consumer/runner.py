@@ -32,7 +32,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from consumer.config import Settings
 from consumer.core import CoreBrokenError, Prepared, TaggingCore, TagResult
-from consumer.dead_letters import Headers, connect_error_headers, producer_max_bytes, shrink
+from consumer.dead_letters import (
+    DeadLetter,
+    Headers,
+    connect_error_headers,
+    is_truncated,
+    producer_max_bytes,
+    shrink,
+)
 from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.health import HealthState
 from consumer.metrics import Metrics
@@ -133,8 +140,11 @@ class _Out:
     timestamp_ms: int | None = None  # DLQ records keep the original timestamp
     attempts: int = 0
     seq: int = 0
-    shrunk: int = 0  # dead letters: how many times the value was cut to fit (`shrink`)
-    full: tuple[bytes | None, Headers] | None = None  # the uncut dead letter
+    shrunk: int = 0  # dead letters: shrink steps taken (`dead_letters.shrink`)
+    full: DeadLetter | None = None  # the uncut dead letter
+    # the partition's assignment epoch when submitted: an ack of an earlier assignment must
+    # not complete the same offset read again after the partition came back
+    epoch: int = 0
 
     def shrink(self) -> bool:
         """Cut a dead letter one step further (the broker or producer found it too large);
@@ -142,11 +152,11 @@ class _Out:
         if self.kind != "dlq":
             return False
         if self.full is None:
-            self.full = (self.value, self.headers)
+            self.full = (self.key, self.value, self.headers)
         cut = shrink(*self.full, self.shrunk)
         if cut is None:
             return False
-        self.value, self.headers = cut
+        self.key, self.value, self.headers = cut
         self.shrunk += 1
         return True
 
@@ -228,7 +238,15 @@ class KafkaService:
         # pause mode: how often the record at an offset was deferred (capped, then review)
         self._deferrals: dict[tuple[TP, int], int] = {}
         self._assigned: set[TP] = set()
+        self._epoch: dict[TP, int] = {}  # bumped when a partition stops being ours
+        self._stop: threading.Event | None = None
         self._stopping_deadline: float | None = None
+        # one budget per loop iteration, shared by all its waits (LLM answers, acks), so
+        # their sum stays inside max.poll.interval
+        self._iter_deadline = float("inf")
+        # seconds spent waiting in `_drain` with records owed and no acknowledgement since
+        # the last one (time the loop spends elsewhere, an encoder stuck say, does not count)
+        self._silent_s = 0.0
         self._retry: list[_Out] = []
         self._failed: list[_Out] = []
         self._producer_fatal = False
@@ -321,7 +339,7 @@ class KafkaService:
         self.metrics.rebalances.labels(event="revoked").inc()
         self._bump(revoked)  # the batch ahead and the LLM waits drop their records of these
         try:
-            self._drain(timeout_s=self.revoke_timeout_s, give_up=True)
+            self._drain(timeout_s=self.revoke_timeout_s, until=self._revoke_deadline())
         except KafkaRuntimeError as e:
             if not self.health.stopping:
                 raise  # out of consume(): the service stops without committing past it
@@ -329,6 +347,13 @@ class KafkaService:
         finally:
             self._commit(only=revoked)
             self._release(revoked)
+
+    def _revoke_deadline(self) -> float:
+        """A revoke's own budget, whatever is left of the iteration's (the rebalance waits)."""
+        deadline = time.monotonic() + self.revoke_timeout_s
+        if self._stopping_deadline is not None:
+            deadline = min(deadline, self._stopping_deadline)
+        return deadline
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
@@ -338,7 +363,17 @@ class KafkaService:
         self._release(lost)
 
     def _release(self, tps: set[TP]) -> None:
-        """Forget partitions that are no longer ours (revoked or lost)."""
+        """Forget partitions that are no longer ours (revoked or lost). A pause of ours is
+        lifted first (librdkafka keeps it across a re-assignment, and nothing would resume
+        it); their records still to be re-sent are dropped (the new owner re-reads them)."""
+        paused = [TopicPartition(t, p) for t, p in tps if (t, p) in self._paused_until]
+        if paused:
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume(paused)
+        for tp in tps:
+            self._epoch[tp] = self._epoch.get(tp, 0) + 1
+        self._retry = [o for o in self._retry if o.tp not in tps]
+        self._failed = [o for o in self._failed if o.tp not in tps]
         self.tracker.forget(tps)
         self._assigned -= tps
         self.health.assigned = len(self._assigned)
@@ -355,9 +390,12 @@ class KafkaService:
         if gen != self._gen or self._pending.get(out.seq) is not out:
             return  # a replaced producer's callback: the record was re-sent
         del self._pending[out.seq]
+        if out.epoch != self._epoch.get(out.tp, 0):
+            return  # of a partition given up since: its new owner (maybe us) re-reads it
         if err is not None:
             self._produce_failed(out, err)
             return
+        self._silent_s = 0.0
         key = (out.tp, out.offset)
         left = self._owed.get(key, 1) - 1
         if left > 0:
@@ -369,7 +407,7 @@ class KafkaService:
             self.metrics.decisions_recorded.inc()
             return
         if out.kind == "dlq":
-            if out.shrunk:
+            if is_truncated(out.headers):
                 self.metrics.dlq_truncated.inc()
             self.metrics.dlq.labels(reason=out.label).inc()
             return
@@ -412,7 +450,9 @@ class KafkaService:
                 dlq=self.s.dlq,
             )
             self.health.stopping = False
+            self._stop = stop
             while not stop.is_set():
+                self._iter_deadline = time.monotonic() + self.loop_budget_s
                 if self.watcher is not None:  # between batches: a clean version boundary
                     new = self.watcher.poll(self.core.encoder.name, self.core.encoder.dim)
                     if new is not None:
@@ -423,18 +463,16 @@ class KafkaService:
                 n = self._handle(msgs)
                 if on_batch is not None and n:
                     on_batch(n)
-            # SIGTERM: not ready any more; finish what was read within the shutdown budget
-            # (inside the pod's grace period); what is not finished by then stays uncommitted
-            self.health.stopping = True
-            self._stopping_deadline = time.monotonic() + self.s.shutdown_timeout_s
+            # SIGTERM: finish what was read within the shutdown budget (inside the pod's grace
+            # period); what is not finished by then stays uncommitted
+            self._iter_deadline = float("inf")
+            self._stopping()
             self._finish_all()
         finally:
-            self.health.stopping = True
-            if self._stopping_deadline is None:  # a failure: do not linger either
-                self._stopping_deadline = time.monotonic() + self.s.shutdown_timeout_s
+            self._stopping()  # after a failure: do not linger either
             try:
                 # after a failure the batch ahead is abandoned (its records stay uncommitted)
-                self._drain(give_up=True)
+                self._drain()
                 self._commit()
             finally:
                 self._encoder.shutdown(wait=True, cancel_futures=True)
@@ -451,7 +489,7 @@ class KafkaService:
             self._emit_answered()
             # idle: let acknowledgements arrive and be committed, but keep polling: an
             # output that is slow to be acked (its broker down) must not stop the loop
-            self._drain(timeout_s=max(0.1, self.s.batch_timeout_s), give_up=True)
+            self._drain(timeout_s=max(0.1, self.s.batch_timeout_s))
             self._commit()
             return n
         previous, self._ahead = self._ahead, staged
@@ -525,9 +563,18 @@ class KafkaService:
         for tp in tps:
             self._gen_of[tp] = self._gen_of.get(tp, 0) + 1
 
+    def _stopping(self) -> None:
+        """Not ready any more, and the shutdown budget starts (once)."""
+        self.health.stopping = True
+        if self._stopping_deadline is None:
+            self._stopping_deadline = time.monotonic() + self.s.shutdown_timeout_s
+
     def _deadline(self, budget_s: float) -> float:
-        """now + budget, but never past the shutdown deadline once stopping."""
-        deadline = time.monotonic() + budget_s
+        """now + budget, but never past this iteration's budget, nor past the shutdown
+        deadline once a stop was asked for (mid-iteration too: waits are cut short)."""
+        if self._stop is not None and self._stop.is_set():
+            self._stopping()
+        deadline = min(time.monotonic() + budget_s, self._iter_deadline)
         if self._stopping_deadline is not None:
             deadline = min(deadline, self._stopping_deadline)
         return deadline
@@ -761,6 +808,7 @@ class KafkaService:
         """Send an output of an input offset; the input is done when all of them are acked."""
         key = (out.tp, out.offset)
         self._owed[key] = self._owed.get(key, 0) + 1
+        out.epoch = self._epoch.get(out.tp, 0)
         self._send(out)
 
     def _send(self, out: _Out) -> None:
@@ -793,6 +841,8 @@ class KafkaService:
         """A record not acknowledged: a dead letter too large is cut and re-sent; anything
         else is re-sent a few times, then `_drain` stops the service without committing."""
         self.metrics.produce_errors.inc()
+        if out.epoch != self._epoch.get(out.tp, 0):
+            return  # of a partition given up since: nothing to re-send
         if err.code() in TOO_LARGE and out.shrink():
             log.warning(
                 "dead_letter_truncated",
@@ -836,17 +886,20 @@ class KafkaService:
             self._send(out)
 
     def _drain(
-        self, max_pending: int = 0, *, timeout_s: float | None = None, give_up: bool = False
+        self, max_pending: int = 0, *, timeout_s: float | None = None, until: float | None = None
     ) -> None:
         """Serve delivery reports until at most `max_pending` records await acknowledgement
         (0: all of them); re-send failures a few times; replace a fatal or stuck producer.
 
         Between batches the loop passes one batch's worth, so the next batch encodes while
         the last one's acknowledgements arrive (the encoder is not idle on a broker round
-        trip). Bounded: past `timeout_s` (default: the loop budget, inside
-        max.poll.interval) it raises, or with `give_up` (revoke, shutdown) returns and
-        leaves the unacknowledged inputs uncommitted."""
-        deadline = self._deadline(self.drain_timeout_s if timeout_s is None else timeout_s)
+        trip). Bounded by `until`, else `timeout_s` within the iteration's (and the
+        shutdown's) budget: past it, the unacknowledged inputs stay uncommitted and the loop
+        goes on polling. What stops the service (without committing past the record): a
+        record refused `max_produce_attempts` times, or no acknowledgement at all for
+        `drain_timeout_s` while records are owed (a broker that takes nothing)."""
+        deadline = until or self._deadline(self.drain_timeout_s if timeout_s is None else timeout_s)
+        last = time.monotonic()
         while True:
             if max_pending:
                 self.producer.poll(0)
@@ -870,16 +923,21 @@ class KafkaService:
             now = time.monotonic()
             if left != self._last_left or left == 0:
                 self._last_left, self._last_progress = left, now
+            self._silent_s = self._silent_s + (now - last) if left else 0.0
+            last = now
             if left <= max_pending:
                 return
+            if self._silent_s > self.drain_timeout_s:
+                raise KafkaRuntimeError(
+                    f"no acknowledgement for {self.drain_timeout_s:.0f}s ({left} records "
+                    "owed); not committing past them"
+                )
             if now - self._last_progress > self.stuck_after_s:
                 self._recreate_producer(f"no acknowledgement for {self.stuck_after_s:.0f}s")
                 self._last_progress = now
             if now > deadline:
-                if give_up:
-                    log.debug("drain_gave_up", unacknowledged=left)
-                    return
-                raise KafkaRuntimeError(f"producer not drained in time ({left} unacknowledged)")
+                log.debug("drain_deadline", unacknowledged=left)
+                return
             if max_pending:
                 self.producer.poll(0.05)
 

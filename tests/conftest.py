@@ -137,6 +137,11 @@ def shortlist_of(request: dict[str, Any]) -> list[str]:
     return enum
 
 
+def answer_first(request: dict[str, Any]) -> Reply:
+    """An LLM that picks the first tag of the shortlist it was shown."""
+    return 200, completion(f'{{"tags": ["{shortlist_of(request)[0]}"]}}')
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[Callable[[Responder], FakeOpenAI]]:
     servers: list[FakeOpenAI] = []

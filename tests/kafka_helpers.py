@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from consumer.broker import create_topics
 from consumer.config import Settings
 from consumer.core import TaggingCore
 from consumer.demo import sample_events
+from consumer.llm import SelectiveTagger
+from consumer.metrics import Metrics
+from consumer.resilience import CircuitBreaker
 from consumer.runner import KafkaService
+from models_onnx import OnnxEncoder
+from tagsys import GateConfig, TagSystem
+from tests.conftest import FakeOpenAI
 
 
 def make_topics(bootstrap: str, partitions: int, prefix: str = "") -> None:
@@ -34,6 +48,88 @@ def make_events(n: int, prefix: str = "ev") -> list[bytes]:
         ev["id"] = f"{prefix}-{i:05d}"
         out.append(orjson.dumps(ev))
     return out
+
+
+def ids_of(events: list[bytes]) -> set[str]:
+    return {orjson.loads(e)["id"] for e in events}
+
+
+def metric(core: TaggingCore, name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the core's registry; 0 when it was never set (None for a removed
+    series is `core.metrics.registry.get_sample_value`'s, where that matters)."""
+    return core.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """Poll `cond` until it holds (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a local endpoint; 0 when nothing listens (yet, or any more)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def force_llm(ts: TagSystem) -> TagSystem:
+    """`ts` with a gate no item passes: the LLM decides every item."""
+    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
+    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
+
+
+def llm_core(
+    encoder: OnnxEncoder,
+    ts: TagSystem,
+    server: FakeOpenAI,
+    breaker: CircuitBreaker | None = None,
+    **kw: Any,
+) -> TaggingCore:
+    """A core whose every item goes to `server` (one attempt per request)."""
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(
+        server.base_url,
+        "fake",
+        SecretStr(""),
+        timeout_s=60,
+        metrics=metrics,
+        attempts=1,
+        breaker=breaker,
+    )
+    return TaggingCore(encoder, force_llm(ts), tagger=tagger, metrics=metrics, **kw)
+
+
+def spawn_run(
+    bootstrap: str, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`tagstream run` as a process, as an operator starts it (6 s sessions for Tansu)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "run",
+            "--bootstrap-servers",
+            bootstrap,
+            "--session-timeout-ms",
+            "6000",
+            "--metrics-host",
+            "127.0.0.1",
+            *args,
+        ],
+        env=os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)} | (env or {}),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def settings_for(bootstrap: str, **kw: Any) -> Settings:
@@ -101,6 +197,13 @@ class TopicReader:
                 self.keys.add(m.key() or b"")
         return len(self.records)
 
+    def wait_for(self, keys: int, timeout_s: float) -> int:
+        """Poll until `keys` distinct keys arrived or `timeout_s` passed; the count."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.keys) < keys and time.monotonic() < deadline:
+            self.poll()
+        return len(self.keys)
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -132,3 +235,12 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
     finally:
         c.close()
     return sum(max(tp.offset, 0) for tp in tps)
+
+
+def committed_reaches(
+    bootstrap: str, group: str, partitions: int, total: int, timeout_s: float = 60.0
+) -> bool:
+    """Whether the group's commits on `uploads` add up to `total` within `timeout_s`."""
+    return wait_until(
+        lambda: committed_total(bootstrap, group, "uploads", partitions) == total, timeout_s
+    )

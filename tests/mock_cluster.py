@@ -82,6 +82,10 @@ class MockCluster:
         rc = self.lib.rd_kafka_mock_topic_create(self.mc, name.encode(), partitions, 1)
         assert rc == 0, rc
 
+    def create_topics(self, topics: dict[str, int]) -> None:
+        for name, partitions in topics.items():
+            self.create_topic(name, partitions)
+
     def push_request_errors(self, api_key: int, *errors: int) -> None:
         """The next len(errors) requests of `api_key` fail with these codes, in order."""
         self.lib.rd_kafka_mock_push_request_errors(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from tests.kafka_helpers import (
     running,
     service,
     settings_for,
+    spawn_run,
 )
 
 pytestmark = pytest.mark.broker
@@ -37,30 +36,8 @@ BATCH = 64
 
 
 def _spawn(bootstrap: str, model_dir: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "run",
-            "--bootstrap-servers",
-            bootstrap,
-            "--group-id",
-            "crash",
-            "--metrics-port",
-            "0",
-            "--llm",
-            "none",
-            "--batch-size",
-            str(BATCH),
-            "--session-timeout-ms",
-            "6000",
-        ],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    args = ["--group-id", "crash", "--metrics-port", "0", "--llm", "none"]
+    return spawn_run(bootstrap, model_dir, log, *args, "--batch-size", str(BATCH))
 
 
 def test_kill_9_three_times_loses_nothing(

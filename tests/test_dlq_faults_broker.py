@@ -25,10 +25,11 @@ from consumer.metrics import Metrics
 from consumer.resilience import CircuitBreaker
 from consumer.runner import KafkaRuntimeError, KafkaService
 from models_onnx import OnnxEncoder
-from tagsys import GateConfig, TagSystem
+from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
 from tests.kafka_helpers import (
     committed_total,
+    force_llm,
     make_events,
     make_topics,
     read_topic,
@@ -202,11 +203,6 @@ def _slow(req: dict[str, Any]) -> Reply:
     return 200, completion("{}")
 
 
-def _force_llm(ts: TagSystem) -> TagSystem:
-    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
-    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
-
-
 def test_every_llm_fault_loses_nothing(
     broker: EmbeddedBroker,
     encoder: OnnxEncoder,
@@ -240,7 +236,7 @@ def test_every_llm_fault_loses_nothing(
         backoff_max_s=0.02,
     )
     core = TaggingCore(
-        encoder, _force_llm(sample_ts), tagger=tagger, metrics=metrics, llm_concurrency=4
+        encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics, llm_concurrency=4
     )
     events = make_events(48)
     from consumer.send import send_lines
@@ -293,7 +289,7 @@ def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
     )
     core = TaggingCore(
         encoder,
-        _force_llm(sample_ts),
+        force_llm(sample_ts),
         tagger=tagger,
         metrics=metrics,
         defer_when_llm_unavailable=True,
@@ -342,7 +338,7 @@ def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
     tagger = SelectiveTagger(
         server.base_url, "fake", SecretStr(""), timeout_s=60, metrics=metrics, attempts=1
     )
-    core = TaggingCore(encoder, _force_llm(sample_ts), tagger=tagger, metrics=metrics)
+    core = TaggingCore(encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics)
     from consumer.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", make_events(40))

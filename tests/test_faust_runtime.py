@@ -32,7 +32,13 @@ class RefusingTopic:
         self.sent: list[tuple[bytes | None, list[tuple[str, bytes]]]] = []
 
     async def send(
-        self, *, key: bytes | None, value: bytes | None, headers: Any, force: bool
+        self,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        force: bool,
+        timestamp: float | None = None,
     ) -> asyncio.Future[None]:
         size = len(value or b"") + sum(len(k) + len(v) for k, v in headers)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -59,8 +65,8 @@ def _headers() -> Any:
 def test_a_dead_letter_the_broker_refuses_is_sent_shrunk(where: str) -> None:
     value = b"x" * 600_000
     dlq = RefusingTopic(limit=20_000, where=where)
-    steps = asyncio.run(send_dead_letter(dlq, b"k", value, _headers()))
-    assert steps == 2  # 256 KiB refused, 16 KiB (headers kept) fits
+    cut = asyncio.run(send_dead_letter(dlq, b"k", value, _headers()))
+    assert cut is True  # 256 KiB refused, 16 KiB (headers kept) fits
     [(body, headers)] = dlq.sent
     assert body == value[: SHRINK_STEPS[1]]
     h = dict(headers)

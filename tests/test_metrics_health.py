@@ -1,21 +1,12 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 
 from prometheus_client import CollectorRegistry
 
 from consumer.health import HealthServer, HealthState
 from consumer.metrics import Metrics
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+from tests.kafka_helpers import http_get
 
 
 def test_metric_names_follow_the_conventions(registry: CollectorRegistry) -> None:
@@ -56,18 +47,18 @@ def test_health_endpoints(registry: CollectorRegistry) -> None:
     state = HealthState(max_poll_interval_s=0.5)
     server = HealthServer(registry, state, "127.0.0.1", 0).start()
     try:
-        code, body = _get(server.port, "/metrics")
+        code, body = http_get(server.port, "/metrics")
         assert code == 200 and 'tagstream_build_info{encoder="enc/int8"' in body
-        assert _get(server.port, "/readyz")[0] == 503  # not warmed, not consuming
+        assert http_get(server.port, "/readyz")[0] == 503  # not warmed, not consuming
         state.warmed = True
         state.beat()
-        assert _get(server.port, "/healthz")[0] == 200
-        assert _get(server.port, "/readyz")[0] == 503  # no partition yet
+        assert http_get(server.port, "/healthz")[0] == 200
+        assert http_get(server.port, "/readyz")[0] == 503  # no partition yet
         state.assigned = 2
-        assert _get(server.port, "/readyz")[0] == 200
+        assert http_get(server.port, "/readyz")[0] == 200
         time.sleep(0.6)  # no poll within max.poll.interval: stalled
-        assert _get(server.port, "/healthz")[0] == 503
-        assert _get(server.port, "/readyz")[0] == 503
-        assert _get(server.port, "/nope")[0] == 404
+        assert http_get(server.port, "/healthz")[0] == 503
+        assert http_get(server.port, "/readyz")[0] == 503
+        assert http_get(server.port, "/nope")[0] == 404
     finally:
         server.stop()

@@ -6,7 +6,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +16,7 @@ from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.kafka_helpers import (
     committed_total,
+    ids_of,
     make_events,
     read_topic,
     running,
@@ -36,17 +36,12 @@ from tests.mock_cluster import (
 @pytest.fixture
 def cluster() -> Iterator[MockCluster]:
     with MockCluster(brokers=3) as mc:
-        for topic, n in (("uploads", 3), ("tags", 3), ("uploads.dlq", 1)):
-            mc.create_topic(topic, n)
+        mc.create_topics({"uploads": 3, "tags": 3, "uploads.dlq": 1})
         yield mc
 
 
 def _core(encoder: OnnxEncoder, ts: TagSystem) -> TaggingCore:
     return TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
-
-
-def _ids(events: list[bytes]) -> set[str]:
-    return {orjson.loads(e)["id"] for e in events}
 
 
 def test_produce_errors_are_retried_and_nothing_is_lost(
@@ -61,7 +56,7 @@ def test_produce_errors_are_retried_and_nothing_is_lost(
     s = settings_for(cluster.bootstrap)
     with running(service(s, core)):
         out = read_topic(cluster.bootstrap, "tags", expect=120, timeout_s=120)
-    assert {m.key().decode() for m in out} == _ids(events)
+    assert {m.key().decode() for m in out} == ids_of(events)
     r = core.metrics.registry
     recovered = (r.get_sample_value("tagstream_produce_errors_total") or 0) + (
         r.get_sample_value("tagstream_producer_recreated_total") or 0
@@ -83,7 +78,7 @@ def test_commit_errors_are_retried_on_the_next_commit(
         send_lines(cluster.bootstrap, "uploads", events)
         out = read_topic(cluster.bootstrap, "tags", expect=60, timeout_s=120)
         time.sleep(1.0)
-    assert {m.key().decode() for m in out} == _ids(events)
+    assert {m.key().decode() for m in out} == ids_of(events)
     r = core.metrics.registry
     assert r.get_sample_value("tagstream_commits_total", {"result": "error"}) >= 1
     # the final commit on stop got through: a restart would not re-read anything
@@ -109,5 +104,5 @@ def test_a_broker_down_and_back_loses_nothing(
         cluster.broker_up(2)
         feeder.join(60)
         out = read_topic(cluster.bootstrap, "tags", expect=300, timeout_s=120)
-    assert {m.key().decode() for m in out} == _ids(events)
+    assert {m.key().decode() for m in out} == ids_of(events)
     core.close()

@@ -5,10 +5,7 @@ loop seen by the probes, and kill -9 with decision records."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,80 +20,44 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from consumer.broker import EmbeddedBroker, create_topics, free_port
 from consumer.core import Prepared, TaggingCore
 from consumer.health import HealthServer, HealthState
-from consumer.llm import SelectiveTagger
 from consumer.metrics import Metrics
 from consumer.resilience import CircuitBreaker
 from consumer.runner import KafkaService
 from consumer.send import send_lines
 from models_onnx import OnnxEncoder
-from tagsys import GateConfig, TagSystem
-from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
+from tagsys import TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder, answer_first
 from tests.kafka_helpers import (
     TopicReader,
+    committed_reaches,
     committed_total,
+    http_get,
+    ids_of,
+    llm_core,
     make_events,
     make_topics,
+    metric,
     read_topic,
     running,
     settings_for,
+    spawn_run,
+    wait_until,
 )
 
 pytestmark = pytest.mark.broker
 
 
-def _force_llm(ts: TagSystem) -> TagSystem:
-    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
-    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
-
-
-def _llm_core(encoder: OnnxEncoder, ts: TagSystem, server: FakeOpenAI, **kw: Any) -> TaggingCore:
-    metrics = Metrics(CollectorRegistry())
-    tagger = SelectiveTagger(
-        server.base_url,
-        "fake",
-        SecretStr(""),
-        timeout_s=60,
-        metrics=metrics,
-        attempts=1,
-        breaker=CircuitBreaker(failures=3, reset_s=0.2),
-    )
-    return TaggingCore(encoder, _force_llm(ts), tagger=tagger, metrics=metrics, **kw)
-
-
-def _first(req: dict[str, Any]) -> Reply:
-    return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
-
-
-def _ids(events: list[bytes]) -> set[str]:
-    return {orjson.loads(e)["id"] for e in events}
-
-
-def _sample(core: TaggingCore, name: str, labels: dict[str, str] | None = None) -> float:
-    return core.metrics.registry.get_sample_value(name, labels or {}) or 0.0
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
+def _breaker() -> CircuitBreaker:
+    """Opens after 3 failures, probes again after 0.2 s (a test's pace)."""
+    return CircuitBreaker(failures=3, reset_s=0.2)
 
 
 def _status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except OSError:
-        return 0  # not listening (yet, or any more)
+    return http_get(port, path)[0]
 
 
 def test_a_1mb_poison_record_is_dead_lettered_with_default_settings(
@@ -115,10 +76,10 @@ def test_a_1mb_poison_record_is_dead_lettered_with_default_settings(
     with running(KafkaService(s, core, core.metrics)):
         out = read_topic(broker.bootstrap, "tags", expect=200, timeout_s=120)
         dlq = read_topic(broker.bootstrap, "uploads.dlq", expect=1, timeout_s=60, settle_s=2)
-        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 202)
-    assert {m.key().decode() for m in out} == _ids(events)
+        assert committed_reaches(broker.bootstrap, s.group_id, 2, 202)
+    assert {m.key().decode() for m in out} == ids_of(events)
     assert sorted(m.value() for m in dlq) == sorted(poison)  # whole: no need to cut them
-    assert _sample(core, "tagstream_dlq_events_total", {"reason": "schema"}) == 2
+    assert metric(core, "tagstream_dlq_events_total", {"reason": "schema"}) == 2
     core.close()
 
 
@@ -133,15 +94,15 @@ def test_permanent_llm_errors_in_pause_mode_go_out_as_review(
     events = make_events(30)
     send_lines(broker.bootstrap, "uploads", events)
     server = fake_llm(lambda req: (401, {"error": {"message": "invalid api key"}}))
-    core = _llm_core(encoder, sample_ts, server, defer_when_llm_unavailable=True)
+    core = llm_core(encoder, sample_ts, server, _breaker(), defer_when_llm_unavailable=True)
     s = settings_for(broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.5)
     with running(KafkaService(s, core, core.metrics)):
         out = read_topic(broker.bootstrap, "tags", expect=30, timeout_s=60)
     payloads = [orjson.loads(m.value()) for m in out]
-    assert {p["id"] for p in payloads} == _ids(events)
+    assert {p["id"] for p in payloads} == ids_of(events)
     assert {p["decision"] for p in payloads} == {"review"}
-    assert _sample(core, "tagstream_partition_pauses_total") == 0
-    assert _sample(core, "tagstream_llm_requests_total", {"status": "refused"}) == 30
+    assert metric(core, "tagstream_partition_pauses_total") == 0
+    assert metric(core, "tagstream_llm_requests_total", {"status": "refused"}) == 30
     core.close()
 
 
@@ -157,18 +118,18 @@ def test_an_item_deferred_too_often_goes_out_as_review(
     events = make_events(12)
     send_lines(broker.bootstrap, "uploads", events)
     server = fake_llm(lambda req: (503, {"error": {"message": "down"}}))
-    core = _llm_core(encoder, sample_ts, server, defer_when_llm_unavailable=True)
+    core = llm_core(encoder, sample_ts, server, _breaker(), defer_when_llm_unavailable=True)
     s = settings_for(
         broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.1, llm_max_deferrals=2
     )
     with running(KafkaService(s, core, core.metrics)):
         out = read_topic(broker.bootstrap, "tags", expect=12, timeout_s=120)
-        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 12)
+        assert committed_reaches(broker.bootstrap, s.group_id, 1, 12)
     payloads = [orjson.loads(m.value()) for m in out]
-    assert {p["id"] for p in payloads} == _ids(events)
+    assert {p["id"] for p in payloads} == ids_of(events)
     assert {p["decision"] for p in payloads} == {"review"}
-    assert _sample(core, "tagstream_partition_pauses_total") >= 2
-    assert _sample(core, "tagstream_llm_deferrals_exhausted_total") >= 1
+    assert metric(core, "tagstream_partition_pauses_total") >= 2
+    assert metric(core, "tagstream_llm_deferrals_exhausted_total") >= 1
     core.close()
 
 
@@ -198,32 +159,31 @@ def test_a_revoke_does_not_wait_for_a_slow_llm(
 
     def reply(req: dict[str, Any]) -> Reply:
         release.wait(90)
-        return _first(req)
+        return answer_first(req)
 
     server = fake_llm(reply)
-    s = settings_for(broker.bootstrap, batch_size=8)
-    core_a = _llm_core(encoder, sample_ts, server)
-    core_b = _llm_core(encoder, sample_ts, server)
+    # max.poll.interval 10 s: a revoke's budget is 1 s (min(30 s, a tenth of it))
+    s = settings_for(broker.bootstrap, batch_size=8, max_poll_interval_ms=10_000)
+    core_a = llm_core(encoder, sample_ts, server, _breaker())
+    core_b = llm_core(encoder, sample_ts, server, _breaker())
     a = _TimedRevokes(s, core_a, core_a.metrics)
     a.revokes = []
     b = KafkaService(s, core_b, core_b.metrics)
     try:
         with running(a):
             send_lines(broker.bootstrap, "uploads", events)
-            assert _wait(lambda: _sample(core_a, "tagstream_llm_waiting_items") > 0, 60)
+            assert wait_until(lambda: metric(core_a, "tagstream_llm_waiting_items") > 0, 60)
             assert a.health.assigned == 2
             with running(b):
-                assert _wait(lambda: b.health.assigned >= 1, 40), f"revokes: {a.revokes}"
-                assert not release.is_set()
+                assert wait_until(lambda: b.health.assigned >= 1, 40), f"revokes: {a.revokes}"
                 release.set()
                 out = read_topic(broker.bootstrap, "tags", expect=40, timeout_s=90)
-                assert _wait(
-                    lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 40
-                )
+                assert committed_reaches(broker.bootstrap, s.group_id, 2, 40)
     finally:
         release.set()
-    assert a.revokes and max(a.revokes) < a.revoke_timeout_s + 2
-    assert {m.key().decode() for m in out} == _ids(events)
+    assert a.revoke_timeout_s == 1.0
+    assert a.revokes and max(a.revokes) < a.revoke_timeout_s + 1.5, a.revokes
+    assert {m.key().decode() for m in out} == ids_of(events)
     core_a.close()
     core_b.close()
 
@@ -259,10 +219,12 @@ def test_the_loop_polls_within_max_poll_interval_while_the_llm_hangs(
 
     def reply(req: dict[str, Any]) -> Reply:
         time.sleep(max(0.0, hung_until - time.monotonic()))
-        return _first(req)
+        return answer_first(req)
 
     pause = mode == "pause"
-    core = _llm_core(encoder, sample_ts, fake_llm(reply), defer_when_llm_unavailable=pause)
+    core = llm_core(
+        encoder, sample_ts, fake_llm(reply), _breaker(), defer_when_llm_unavailable=pause
+    )
     s = settings_for(
         broker.bootstrap,
         batch_size=8,
@@ -274,8 +236,8 @@ def test_the_loop_polls_within_max_poll_interval_while_the_llm_hangs(
     health = _Beats(s.max_poll_interval_ms / 1000)
     with running(KafkaService(s, core, core.metrics, health)):
         out = read_topic(broker.bootstrap, "tags", expect=16, timeout_s=120)
-        assert _wait(lambda: committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 16)
-    assert {m.key().decode() for m in out} == _ids(events)
+        assert committed_reaches(broker.bootstrap, s.group_id, 1, 16)
+    assert {m.key().decode() for m in out} == ids_of(events)
     assert {orjson.loads(m.value())["decision"] for m in out} == {"llm"}
     assert health.longest < 10.0, health.longest
     core.close()
@@ -308,44 +270,21 @@ def test_probes_say_a_stalled_loop_is_neither_alive_nor_ready(
     port = server.port
     try:
         with running(svc):
-            assert _wait(lambda: _status(port, "/readyz") == 200, 40)
+            assert wait_until(lambda: _status(port, "/readyz") == 200, 40)
             send_lines(broker.bootstrap, "uploads", make_events(8))
             time.sleep(0.5)
             send_lines(broker.bootstrap, "uploads", make_events(8, "b"))
-            assert _wait(lambda: core.calls >= 2, 30)
-            assert _wait(lambda: _status(port, "/healthz") == 503, 20)
+            assert wait_until(lambda: core.calls >= 2, 30)
+            assert wait_until(lambda: _status(port, "/healthz") == 503, 20)
             assert _status(port, "/readyz") == 503
             core.release.set()
-            assert _wait(lambda: _status(port, "/healthz") == 200, 20)
-            assert _wait(lambda: _status(port, "/readyz") == 200, 20)
+            assert wait_until(lambda: _status(port, "/healthz") == 200, 20)
+            assert wait_until(lambda: _status(port, "/readyz") == 200, 20)
             read_topic(broker.bootstrap, "tags", expect=16, timeout_s=60)
     finally:
         core.release.set()
         server.stop()
     core.close()
-
-
-def _spawn(
-    bootstrap: str, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "run",
-            "--bootstrap-servers",
-            bootstrap,
-            "--session-timeout-ms",
-            "6000",
-            "--metrics-host",
-            "127.0.0.1",
-            *args,
-        ],
-        env=os.environ | {"TAGSTREAM_MODEL_DIR": str(model_dir)} | (env or {}),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 def _scrape(port: int, name: str) -> float:
@@ -371,24 +310,23 @@ def test_sigterm_mid_stream_with_llm_answers_pending(
 
     def slow(req: dict[str, Any]) -> Reply:
         time.sleep(0.5)
-        return _first(req)
+        return answer_first(req)
 
     server = fake_llm(slow)
     log, port = tmp_path / "run.log", free_port()
     args = ["--group-id", "term", "--llm", server.base_url, "--llm-model", "fake"]
     budget = {"TAGSTREAM_SHUTDOWN_TIMEOUT_S": "5"}
     reader = TopicReader(broker.bootstrap, "tags")
-    proc = _spawn(broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port), env=budget)
+    proc = spawn_run(
+        broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port), env=budget
+    )
     try:
-        deadline = time.monotonic() + 90
-        while len(reader.keys) < 20 and time.monotonic() < deadline:
-            reader.poll()
-        assert 20 <= len(reader.keys) < 150, log.read_text()[-3000:]
+        assert 20 <= reader.wait_for(20, 90) < 150, log.read_text()[-3000:]
         assert _scrape(port, "tagstream_llm_waiting_items") > 0  # answers are pending
         assert _status(port, "/readyz") == 200
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert _wait(lambda: _status(port, "/readyz") == 503, 5)
+        assert wait_until(lambda: _status(port, "/readyz") == 503, 5)
         assert proc.wait(30) == 0, log.read_text()[-3000:]
         assert time.monotonic() - t0 < 20  # the 5 s budget, then drain and commit
         committed = committed_total(broker.bootstrap, "term", "uploads", 1)
@@ -398,12 +336,10 @@ def test_sigterm_mid_stream_with_llm_answers_pending(
         below = {orjson.loads(e)["id"].encode() for e in events[:committed]}
         assert committed > 0 and below <= reader.keys
         port = free_port()
-        proc = _spawn(broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port))
-        deadline = time.monotonic() + 120
-        while len(reader.keys) < 150 and time.monotonic() < deadline:
-            reader.poll()
-        assert {k.decode() for k in reader.keys} == _ids(events)
-        assert _wait(lambda: _status(port, "/readyz") == 200, 60)  # up, signal handlers on
+        proc = spawn_run(broker.bootstrap, model_dir, log, *args, "--metrics-port", str(port))
+        reader.wait_for(150, 120)
+        assert {k.decode() for k in reader.keys} == ids_of(events)
+        assert wait_until(lambda: _status(port, "/readyz") == 200, 60)  # up, signal handlers on
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -424,13 +360,13 @@ def test_kill_9_keeps_every_llm_decision_record(
     create_topics(broker.bootstrap, {"decisions": 2})
     events = make_events(600)
     send_lines(broker.bootstrap, "uploads", events)
-    server = fake_llm(_first)
+    server = fake_llm(answer_first)
     log = tmp_path / "run.log"
     args = ["--group-id", "kd", "--metrics-port", "0", "--llm", server.base_url]
     args += ["--llm-model", "fake", "--decisions-topic", "decisions", "--batch-size", "32"]
     reader = TopicReader(broker.bootstrap, "tags")
     for _ in range(2):
-        proc = _spawn(broker.bootstrap, model_dir, log, *args)
+        proc = spawn_run(broker.bootstrap, model_dir, log, *args)
         before = reader.poll()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and reader.poll() < before + 100:
@@ -438,18 +374,16 @@ def test_kill_9_keeps_every_llm_decision_record(
         assert proc.poll() is None and before < len(reader.keys) < 600, "not mid-stream"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc = _spawn(broker.bootstrap, model_dir, log, *args)
+    proc = spawn_run(broker.bootstrap, model_dir, log, *args)
     try:
-        deadline = time.monotonic() + 180
-        while len(reader.keys) < 600 and time.monotonic() < deadline:
-            reader.poll()
+        reader.wait_for(600, 180)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
         reader.close()
         if proc.poll() is None:
             proc.kill()
-    assert {k.decode() for k in reader.keys} == _ids(events)
+    assert {k.decode() for k in reader.keys} == ids_of(events)
     llm_ids = {
         orjson.loads(m.value())["id"]
         for m in reader.records

