@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.app import sample_tag_system
-from consumer.broker import EmbeddedBroker
-from consumer.metrics import Metrics
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.parts import sample_tag_system
+from consumer.tools.broker import EmbeddedBroker
 from models_onnx import OnnxEncoder, default_model_dir
 from models_onnx.export import export_encoder
 from tagsys import TagSystem

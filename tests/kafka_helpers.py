@@ -19,14 +19,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from consumer.broker import create_topics
-from consumer.config import Settings
-from consumer.core import TaggingCore
-from consumer.demo import sample_events
-from consumer.llm import SelectiveTagger
-from consumer.metrics import Metrics
-from consumer.resilience import CircuitBreaker
-from consumer.runner import KafkaService
+from consumer.service.runner import KafkaService
+from consumer.tagging.config import Settings
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.resilience import CircuitBreaker
+from consumer.tools.broker import create_topics
+from consumer.tools.demo import sample_events
 from models_onnx import OnnxEncoder
 from tagsys import GateConfig, TagSystem
 from tests.conftest import FakeOpenAI

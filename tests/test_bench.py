@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
-from consumer.bench import load_items, shared_data_dir
+from consumer.tools.bench import load_items, shared_data_dir
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.distill import fit_head
@@ -37,7 +37,7 @@ KEYS = {
 
 def _text_head_tag_system(encoder: OnnxEncoder, out: Path) -> TagSystem:
     """A distilled head that reads n-grams: the costliest scoring the service runs."""
-    from consumer.evaluate import zero_shot
+    from consumer.tools.evaluate import zero_shot
 
     names = {"zorvex": "baking", "quillon": "knives", "plimsa": "food safety"}
     ts = zero_shot(sorted(names.values()), encoder)
@@ -163,7 +163,7 @@ def test_bench_refuses_a_tag_system_of_another_encoder(
 
 def test_a_run_without_encoder_time_reports_null_not_a_crash() -> None:
     """A stalled end-to-end run (nothing out, no encode time) must not lose the other figures."""
-    from consumer.bench import BenchResult
+    from consumer.tools.bench import BenchResult
 
     res = BenchResult(
         items=10,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from consumer.build_tags import PROPOSALS, build_tags
 from consumer.cli import main
-from consumer.llm import SelectiveTagger
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tools.build_tags import PROPOSALS, build_tags
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.build import Candidate, count, merge_synonyms, normalise_tag

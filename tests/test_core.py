@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from consumer.core import TaggingCore
-from consumer.events import UploadEvent, load_schema
-from consumer.llm import SelectiveTagger
-from consumer.metrics import Metrics
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.events import UploadEvent, load_schema
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.metrics import Metrics
 from models_onnx import OnnxEncoder
 from tagsys import Decision, EncoderMismatchError, GateConfig, TagSystem
 from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of

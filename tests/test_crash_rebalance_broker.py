@@ -13,10 +13,10 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.broker import EmbeddedBroker
-from consumer.core import TaggingCore
-from consumer.metrics import Metrics
-from consumer.send import send_lines
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.metrics import Metrics
+from consumer.tools.broker import EmbeddedBroker
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.kafka_helpers import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from consumer.dead_letters import (
+from consumer.tagging.dead_letters import (
     HEADERS_DROPPED_HEADER,
     KEY_BYTES_HEADER,
     ORIGINAL_BYTES_HEADER,

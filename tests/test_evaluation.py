@@ -374,7 +374,7 @@ def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fak
         ("Keeping a carbon steel blade from rusting", ["knives"]),
     ]
     data = write_labelled_jsonl(tmp_path / "toy.jsonl", rows)
-    from consumer.evaluate import run_eval
+    from consumer.tools.evaluate import run_eval
 
     run = run_eval(data, "jsonl", model_dir=model_dir, llm=server.base_url)
     routed = [o for o in run.outcomes if o.routed_llm]
@@ -386,8 +386,8 @@ def test_eval_with_an_llm_takes_its_choices(tmp_path: Path, model_dir: Path, fak
 def test_embedding_cache_skips_the_encoder_on_the_same_texts(
     tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.core import TaggingCore
-    from consumer.evaluate import report, run_eval
+    from consumer.tagging.core import TaggingCore
+    from consumer.tools.evaluate import report, run_eval
 
     rows = [
         ("Sourdough starter smells like acetone", ["bread"]),

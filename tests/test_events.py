@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.demo import sample_events
-from consumer.events import (
+from consumer.tagging.events import (
     DecodeError,
     UploadEvent,
     ce_headers,
@@ -18,6 +17,7 @@ from consumer.events import (
     load_schema,
     unmark_hashtags,
 )
+from consumer.tools.demo import sample_events
 
 
 def test_valid_event_and_unknown_fields_ignored() -> None:

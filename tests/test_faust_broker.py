@@ -19,10 +19,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.broker import EmbeddedBroker, free_port
-from consumer.events import load_schema
-from consumer.faust_runtime import EXIT_BATCH_FAILED
-from consumer.send import send_lines
+from consumer.service.faust_runtime import EXIT_BATCH_FAILED
+from consumer.tagging.events import load_schema
+from consumer.tools.broker import EmbeddedBroker, free_port
+from consumer.tools.send import send_lines
 from tests.kafka_helpers import (
     TopicReader,
     committed_total,
@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_faust_runtime_refuses_what_it_cannot_do() -> None:
-    from consumer.config import Settings
-    from consumer.faust_runtime import check_supported
+    from consumer.service.faust_runtime import check_supported
+    from consumer.tagging.config import Settings
     from tagsys.errors import TagstreamError
 
     with pytest.raises(TagstreamError, match="pause"):
@@ -55,7 +55,7 @@ def _launcher(tmp_path: Path, patch: str) -> Path:
     script = tmp_path / "launch.py"
     script.write_text(
         "import sys\n"
-        "from consumer.core import TaggingCore\n"
+        "from consumer.tagging.core import TaggingCore\n"
         f"{textwrap.dedent(patch)}\n"
         "from consumer.cli import main\n"
         "main(sys.argv[1:])\n"

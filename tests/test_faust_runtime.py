@@ -17,10 +17,10 @@ from faust.exceptions import ProducerSendError
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
-from consumer.dead_letters import SHRINK_STEPS, connect_error_headers
-from consumer.faust_runtime import Progress, _on_dead_letter_acked, send_dead_letter, watch
-from consumer.health import HealthState
-from consumer.metrics import Metrics
+from consumer.service.faust_runtime import Progress, _on_dead_letter_acked, send_dead_letter, watch
+from consumer.service.health import HealthState
+from consumer.tagging.dead_letters import SHRINK_STEPS, connect_error_headers
+from consumer.tagging.metrics import Metrics
 
 
 class RefusingTopic:

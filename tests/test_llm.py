@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from consumer.llm import SelectiveTagger, retry_after_s
-from consumer.metrics import Metrics
-from consumer.resilience import CircuitBreaker
+from consumer.tagging.llm import SelectiveTagger, retry_after_s
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.resilience import CircuitBreaker
 from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
 
 SHORT = ["baking", "bread", "coffee"]

@@ -4,8 +4,8 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from consumer.health import HealthServer, HealthState
-from consumer.metrics import Metrics
+from consumer.service.health import HealthServer, HealthState
+from consumer.tagging.metrics import Metrics
 from tests.kafka_helpers import http_get
 
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.core import TaggingCore
-from consumer.metrics import Metrics
-from consumer.send import send_lines
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.metrics import Metrics
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.kafka_helpers import (

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.runner import OffsetTracker
+from consumer.service.runner import OffsetTracker
 
 TP = ("in", 0)
 

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from consumer.progress import LineProgress, progress
+from consumer.tools.progress import LineProgress, progress
 
 
 class Clock:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from consumer.build_tags import PROPOSALS, build_tags
 from consumer.cli import main
-from consumer.describe import Describer
-from consumer.events import unmark_hashtags
-from consumer.llm import SelectiveTagger
-from consumer.propose import PROMPT_EN, PROMPT_ZH, FewShotProposer, item_line, parse_line
+from consumer.tagging.events import unmark_hashtags
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tools.build_tags import PROPOSALS, build_tags
+from consumer.tools.describe import Describer
+from consumer.tools.propose import PROMPT_EN, PROMPT_ZH, FewShotProposer, item_line, parse_line
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, tag_prompt
 from tests.conftest import (
@@ -62,7 +62,7 @@ def test_the_prompt_quotes_the_item_as_one_line_in_its_language() -> None:
     item = {"title": "Why is my  bread\\n dense?", "content": "It  sinks.\nEvery time."}
     assert item_line(item) == "Why is my bread\\n dense? It sinks. Every time."
     assert item_line({"title": "x" * 900}) == "x" * 500
-    from consumer.propose import prompt_for
+    from consumer.tools.propose import prompt_for
 
     en = prompt_for(item)
     assert en.startswith(PROMPT_EN.split("{text}")[0]) and en.endswith("Every time.\nTags:")

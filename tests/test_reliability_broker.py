@@ -21,13 +21,13 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.broker import EmbeddedBroker, create_topics, free_port
-from consumer.core import Prepared, TaggingCore
-from consumer.health import HealthServer, HealthState
-from consumer.metrics import Metrics
-from consumer.resilience import CircuitBreaker
-from consumer.runner import KafkaService
-from consumer.send import send_lines
+from consumer.service.health import HealthServer, HealthState
+from consumer.service.runner import KafkaService
+from consumer.tagging.core import Prepared, TaggingCore
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.resilience import CircuitBreaker
+from consumer.tools.broker import EmbeddedBroker, create_topics, free_port
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, answer_first

@@ -16,16 +16,16 @@ import pytest
 from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.core import TaggingCore
-from consumer.dead_letters import (
+from consumer.service.runner import KafkaRuntimeError, KafkaService, _Out
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.dead_letters import (
     ORIGINAL_BYTES_HEADER,
     SHA256_HEADER,
     SHRINK_STEPS,
     TRUNCATED_HEADER,
 )
-from consumer.metrics import Metrics
-from consumer.runner import KafkaRuntimeError, KafkaService, _Out
-from consumer.send import send_lines
+from consumer.tagging.metrics import Metrics
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, answer_first

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from consumer.metrics import Metrics
-from consumer.reload import TagSystemWatcher
+from consumer.service.reload import TagSystemWatcher
+from consumer.tagging.metrics import Metrics
 from tagsys import Tag, TagSystem
 from tagsys.distill import Head
 from tagsys.tagsystem import BIAS_FILE, EMB_FILE, HEAD_FILE, META_FILE

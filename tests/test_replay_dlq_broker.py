@@ -21,11 +21,11 @@ import pytest
 from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.core import TaggingCore
-from consumer.dead_letters import TRUNCATED_HEADER, connect_error_headers, shrink
-from consumer.distill_topic import read_decisions
-from consumer.dlq import REPLAYED_FROM_HEADER, ReplayReport, replay_dlq, scan
-from consumer.metrics import Metrics
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.dead_letters import TRUNCATED_HEADER, connect_error_headers, shrink
+from consumer.tagging.metrics import Metrics
+from consumer.tools.distill_topic import read_decisions
+from consumer.tools.dlq import REPLAYED_FROM_HEADER, ReplayReport, replay_dlq, scan
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import cli_exit

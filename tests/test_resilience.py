@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from consumer.resilience import CircuitBreaker, RateLimiter
+from consumer.tagging.resilience import CircuitBreaker, RateLimiter
 
 
 def test_breaker_opens_after_consecutive_failures_and_half_opens_once() -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from consumer.broker import EmbeddedBroker, free_port
-from consumer.config import Settings
-from consumer.llm import SelectiveTagger
-from consumer.metrics import Metrics
-from consumer.send import send_lines
+from consumer.tagging.config import Settings
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.metrics import Metrics
+from consumer.tools.broker import EmbeddedBroker, free_port
+from consumer.tools.send import send_lines
 from tests.conftest import FakeOpenAI, Reply, Responder
 from tests.kafka_helpers import make_events, make_topics, read_topic
 

@@ -19,11 +19,11 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumer.broker import EmbeddedBroker, free_port
-from consumer.core import Prepared, TaggingCore
-from consumer.events import UploadEvent, load_schema
-from consumer.metrics import Metrics
-from consumer.send import send_lines
+from consumer.tagging.core import Prepared, TaggingCore
+from consumer.tagging.events import UploadEvent, load_schema
+from consumer.tagging.metrics import Metrics
+from consumer.tools.broker import EmbeddedBroker, free_port
+from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.kafka_helpers import (
@@ -233,8 +233,8 @@ def test_send_cli_and_a_tag_system_from_disk(
 ) -> None:
     from typer.testing import CliRunner
 
-    from consumer.app import build_stack
     from consumer.cli import app
+    from consumer.service.stack import build_stack
 
     make_topics(broker.bootstrap, 2)
     f = tmp_path / "events.jsonl"

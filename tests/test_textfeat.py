@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.evaluate import report, run_eval
+from consumer.tools.evaluate import report, run_eval
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, TagSystemError
 from tagsys.distill import Head, fit_head
@@ -180,7 +180,7 @@ def test_a_text_head_round_trips_and_tampering_is_caught(tmp_path: Path) -> None
 
 
 def test_a_text_head_too_large_is_refused_before_fitting() -> None:
-    from consumer.distill import Labelled, distill
+    from consumer.tools.distill import Labelled, distill
     from tagsys.tagsystem import Tag
 
     n = 5000

@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import SecretStr
 
-from consumer.app import make_tagger
-from consumer.config import Settings
-from consumer.core import TaggingCore
-from consumer.events import UploadEvent
-from consumer.llm import SelectiveTagger
-from consumer.llm_server import LocalLLM
-from consumer.metrics import Metrics
+from consumer.tagging.config import Settings
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.events import UploadEvent
+from consumer.tagging.llm import SelectiveTagger
+from consumer.tagging.llm_server import LocalLLM
+from consumer.tagging.metrics import Metrics
+from consumer.tagging.parts import make_tagger
 from models_onnx import OnnxEncoder
 from tagsys import (
     DEFAULT_TEMPLATE,

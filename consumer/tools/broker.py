@@ -16,13 +16,8 @@ from types import TracebackType
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from consumer.tagging.net import free_port as free_port
 from tagsys.errors import TagstreamError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tansu_binary() -> Path:

@@ -26,19 +26,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
-from consumer.app import build_stack
-from consumer.config import Settings
-from consumer.core import TagResult
-from consumer.dead_letters import (
+from consumer.service.health import HealthServer, HealthState
+from consumer.service.stack import build_stack
+from consumer.tagging.config import Settings
+from consumer.tagging.core import TagResult
+from consumer.tagging.dead_letters import (
     Headers,
     connect_error_headers,
     is_truncated,
     producer_max_bytes,
     shrink,
 )
-from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
-from consumer.health import HealthServer, HealthState
-from consumer.metrics import Metrics
+from consumer.tagging.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
+from consumer.tagging.metrics import Metrics
 from tagsys.errors import TagstreamError
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from consumer import logs
+from consumer.cli import logs
 from tagsys.bank import BANK_K, BANK_WEIGHT
 from tagsys.errors import TagstreamError
 from tagsys.tree import TREE_WEIGHT
@@ -249,8 +249,8 @@ def run(
     """Run the service until SIGTERM/SIGINT; then finish the batch, commit and exit 0."""
     from pydantic import SecretStr
 
-    from consumer.app import run_service
-    from consumer.config import Settings
+    from consumer.service.serve import run_service
+    from consumer.tagging.config import Settings
 
     logs.configure(log_level)
     settings = Settings(
@@ -302,7 +302,7 @@ def send(
     topic: Annotated[str, typer.Option(envvar=_env("input_topic"))] = "uploads",
 ) -> None:
     """Produce events from a JSONL file (key = the event's id); lines are sent as they are."""
-    from consumer.send import send_lines
+    from consumer.tools.send import send_lines
 
     if str(file) == "-":
         n = send_lines(bootstrap_servers, topic, sys.stdin.buffer)
@@ -326,7 +326,7 @@ def demo(
     log_level: LogLevel = "warning",
 ) -> None:
     """Embedded broker + local LLM + the sample events through the whole path, then a summary."""
-    from consumer.demo import print_report, run_demo
+    from consumer.tools.demo import print_report, run_demo
 
     logs.configure(log_level)
     res = run_demo(llm=llm, model=model, model_dir=model_dir, console=err)
@@ -392,7 +392,7 @@ def bench(
     ] = DeviceChoice.auto,
 ) -> None:
     """Measure encoder vs end-to-end throughput, latency, PyTorch and the 40k-tag shortlist."""
-    from consumer.bench import run_bench
+    from consumer.tools.bench import run_bench
 
     logs.configure("warning")
     res = run_bench(
@@ -480,7 +480,7 @@ def replay_dlq_cmd(
     import signal
     import threading
 
-    from consumer.dlq import replay_dlq
+    from consumer.tools.dlq import replay_dlq
 
     logs.configure("warning")
     stop = threading.Event()
@@ -615,14 +615,14 @@ TreeWeightOpt = Annotated[
 
 def _progress(label: str) -> Any:
     """A bar on a terminal; timed plain lines otherwise (nohup, CI, a Job's log)."""
-    from consumer.progress import progress
+    from consumer.tools.progress import progress
 
     return progress(label, err)
 
 
 def _run_eval(data: Path, fmt: str, **kw: Any) -> Any:
     """`run_eval` with a progress bar while the items are embedded."""
-    from consumer.evaluate import run_eval
+    from consumer.tools.evaluate import run_eval
 
     with _progress("embedding") as bar:
         task = bar.add_task("embed", total=None)
@@ -663,8 +663,8 @@ def eval_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
-    from consumer.config import Settings
-    from consumer.evaluate import report
+    from consumer.tagging.config import Settings
+    from consumer.tools.evaluate import report
 
     logs.configure("warning")
     run_ = _run_eval(
@@ -725,7 +725,7 @@ def calibrate_cmd(
 
     held_out_auto_ceiling: the most any gate could auto-accept there at the target with this
     scorer (an oracle picking the items); below the share you want, improve the scorer."""
-    from consumer.evaluate import run_calibrate
+    from consumer.tools.evaluate import run_calibrate
 
     logs.configure("warning")
     run_ = _run_eval(
@@ -836,7 +836,7 @@ def distill_cmd(
 
     auto_ceiling: the most any gate could auto-accept there at the target with that scorer
     (an oracle picking the items)."""
-    from consumer.distill import (
+    from consumer.tools.distill import (
         distill,
         labelled_from_decisions,
         labelled_from_file,
@@ -851,7 +851,7 @@ def distill_cmd(
     if from_topic:
         if base is None:
             raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
-        from consumer.distill_topic import read_decisions
+        from consumer.tools.distill_topic import read_decisions
 
         records = read_decisions(bootstrap_servers, from_topic)
         labelled, skipped = labelled_from_decisions(
@@ -1016,14 +1016,14 @@ def build_tags_cmd(
     import contextlib
     import os
 
-    from consumer.app import make_tagger
-    from consumer.build_tags import Proposer, build_tags
-    from consumer.config import Settings
-    from consumer.describe import Describer
-    from consumer.evaluate import DEFAULT_MODEL, template_for
-    from consumer.llm_server import BASE_MODELS, GEMMA, MODELS, LocalLLM
-    from consumer.metrics import Metrics
-    from consumer.propose import FewShotProposer
+    from consumer.tagging.config import Settings
+    from consumer.tagging.llm_server import BASE_MODELS, GEMMA, MODELS, LocalLLM
+    from consumer.tagging.metrics import Metrics
+    from consumer.tagging.parts import make_tagger
+    from consumer.tools.build_tags import Proposer, build_tags
+    from consumer.tools.describe import Describer
+    from consumer.tools.evaluate import DEFAULT_MODEL, template_for
+    from consumer.tools.propose import FewShotProposer
     from models_onnx import OnnxEncoder
 
     logs.configure("warning")
@@ -1189,8 +1189,8 @@ def import_tags(
     """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
     from dataclasses import replace
 
-    from consumer.evaluate import expand, template_for
-    from consumer.events import unmark_hashtags
+    from consumer.tagging.events import unmark_hashtags
+    from consumer.tools.evaluate import expand, template_for
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem, embed_tags, template_provenance
     from tagsys.gate import GateConfig
@@ -1309,9 +1309,9 @@ def describe_tags_cmd(
     import json as jsonlib
     import os
 
-    from consumer.config import Settings
-    from consumer.describe import PROMPT_VERSIONS, Describer
-    from consumer.llm_server import GEMMA, LocalLLM
+    from consumer.tagging.config import Settings
+    from consumer.tagging.llm_server import GEMMA, LocalLLM
+    from consumer.tools.describe import PROMPT_VERSIONS, Describer
     from tagsys import DEFAULT_TEMPLATE, Tag, check_template
     from tagsys.datasets import load
     from tagsys.vocab import read_vocabulary
@@ -1405,7 +1405,7 @@ def llm_serve(
     """Serve a bundled small LLM as an OpenAI-compatible API (foreground)."""
     import os
 
-    from consumer.llm_server import serve
+    from consumer.tagging.llm_server import serve
 
     serve(port, parallel, 2048, os.cpu_count() or 2, host, model)
 

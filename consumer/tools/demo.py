@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from consumer.app import build_stack
-from consumer.broker import EmbeddedBroker, create_topics
-from consumer.config import Settings
-from consumer.runner import KafkaService
-from consumer.send import send_lines
+from consumer.service.runner import KafkaService
+from consumer.service.stack import build_stack
+from consumer.tagging.config import Settings
+from consumer.tools.broker import EmbeddedBroker, create_topics
+from consumer.tools.send import send_lines
 from tagsys.errors import TagstreamError
 
 INPUT, OUTPUT = "uploads", "tags"

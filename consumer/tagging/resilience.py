@@ -1,6 +1,6 @@
 """Small guards around the LLM: a circuit breaker and a token-bucket rate limiter.
 
-Retries themselves go through tenacity (see consumer/llm.py); these two hold state across
+Retries themselves go through tenacity (see consumer/tagging/llm.py); these two hold state across
 requests, which tenacity does not.
 """
 

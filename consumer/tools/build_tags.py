@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from consumer.describe import PROMPT_VERSIONS, Describer
-from consumer.evaluate import to_event
-from consumer.events import event_text, unmark_hashtags
-from consumer.llm import LLMAnswer, SelectiveTagger
+from consumer.tagging.events import event_text, unmark_hashtags
+from consumer.tagging.llm import LLMAnswer, SelectiveTagger
+from consumer.tools.describe import PROMPT_VERSIONS, Describer
+from consumer.tools.evaluate import to_event
 from models_onnx import OnnxEncoder
 from models_onnx.registry import spec_for
 from tagsys import (
@@ -51,7 +51,7 @@ PROPOSALS = "proposals.jsonl"
 
 class Proposer(Protocol):
     """What proposes free tags: `SelectiveTagger` (chat + JSON schema) or
-    `consumer.propose.FewShotProposer` (a base model's completions)."""
+    `consumer.tools.propose.FewShotProposer` (a base model's completions)."""
 
     model: str
     prompt_version: str

@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from consumer.core import TaggingCore
-from consumer.evaluate import DEFAULT_MODEL, embed_items, template_for, zero_shot
-from consumer.metrics import Metrics
+from consumer.tagging.core import TaggingCore
+from consumer.tagging.metrics import Metrics
+from consumer.tools.evaluate import DEFAULT_MODEL, embed_items, template_for, zero_shot
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, TagSystemError
 from tagsys.datasets import DatasetError, Item, load

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from consumer.dlq import scan, scan_consumer
+from consumer.tools.dlq import scan, scan_consumer
 
 
 def read_decisions(
@@ -18,7 +18,7 @@ def read_decisions(
 ) -> list[dict[str, Any]]:
     """Every decision record up to the end seen at start, without joining a group (manual
     assignment, no commits); a later record for the same id wins. `stall_s` without a record
-    or an end of partition raises (see `consumer.dlq.scan`)."""
+    or an end of partition raises (see `consumer.tools.dlq.scan`)."""
     c = scan_consumer(bootstrap, "tagstream-distill", kafka)
     try:
         by_id: dict[str, dict[str, Any]] = {}

@@ -22,7 +22,7 @@ import structlog
 import tenacity
 from pydantic import SecretStr
 
-from consumer.llm import RETRYABLE, openai_client
+from consumer.tagging.llm import RETRYABLE, openai_client
 from tagsys import DEFAULT_TEMPLATE, Tag
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,7 @@ import openai
 import tenacity
 from pydantic import SecretStr
 
-from consumer.llm import MAX_FREE_TAG_CHARS, RETRYABLE, LLMAnswer, openai_client
+from consumer.tagging.llm import MAX_FREE_TAG_CHARS, RETRYABLE, LLMAnswer, openai_client
 from tagsys.lexicon import Lexicon
 
 PROMPT_VERSION = "propose-fewshot-2"

@@ -30,9 +30,11 @@ import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.config import Settings
-from consumer.core import CoreBrokenError, Prepared, TaggingCore, TagResult
-from consumer.dead_letters import (
+from consumer.service.health import HealthState
+from consumer.service.reload import TagSystemWatcher
+from consumer.tagging.config import Settings
+from consumer.tagging.core import CoreBrokenError, Prepared, TaggingCore, TagResult
+from consumer.tagging.dead_letters import (
     DeadLetter,
     Headers,
     connect_error_headers,
@@ -40,10 +42,8 @@ from consumer.dead_letters import (
     producer_max_bytes,
     shrink,
 )
-from consumer.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
-from consumer.health import HealthState
-from consumer.metrics import Metrics
-from consumer.reload import TagSystemWatcher
+from consumer.tagging.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
+from consumer.tagging.metrics import Metrics
 from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)

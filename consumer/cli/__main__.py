@@ -1,0 +1,5 @@
+"""`python -m consumer.cli`."""
+
+from consumer.cli import main
+
+main()

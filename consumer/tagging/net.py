@@ -1,0 +1,11 @@
+"""A free local port, for the servers the project starts (the embedded broker, the LLM)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
