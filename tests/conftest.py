@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,9 @@ from consumer.tools.broker import EmbeddedBroker
 from models_onnx import OnnxEncoder, default_model_dir
 from models_onnx.export import export_encoder
 from tagsys import TagSystem
+
+if TYPE_CHECKING:
+    from tests.kafka_helpers import KafkaKit
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -62,6 +65,14 @@ def metrics(registry: CollectorRegistry) -> Metrics:
 def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
         yield b
+
+
+@pytest.fixture
+def kafka(broker: EmbeddedBroker) -> KafkaKit:
+    """The test's broker with its helpers bound to it (`tests.kafka_helpers.KafkaKit`)."""
+    from tests.kafka_helpers import KafkaKit
+
+    return KafkaKit(broker.bootstrap)
 
 
 Reply = tuple[int, dict[str, Any] | str] | tuple[int, dict[str, Any] | str, dict[str, str]]

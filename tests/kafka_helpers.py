@@ -92,18 +92,25 @@ def llm_core(
     ts: TagSystem,
     server: FakeOpenAI,
     breaker: CircuitBreaker | None = None,
+    *,
+    timeout_s: float = 60.0,
+    attempts: int = 1,
+    backoff_s: tuple[float, float] = (0.5, 8.0),
     **kw: Any,
 ) -> TaggingCore:
-    """A core whose every item goes to `server` (one attempt per request)."""
+    """A core whose every item goes to `server` (`kw` for the core; `backoff_s`: the
+    tagger's base and cap between attempts)."""
     metrics = Metrics(CollectorRegistry())
     tagger = SelectiveTagger(
         server.base_url,
         "fake",
         SecretStr(""),
-        timeout_s=60,
+        timeout_s=timeout_s,
         metrics=metrics,
-        attempts=1,
+        attempts=attempts,
         breaker=breaker,
+        backoff_base_s=backoff_s[0],
+        backoff_max_s=backoff_s[1],
     )
     return TaggingCore(encoder, force_llm(ts), tagger=tagger, metrics=metrics, **kw)
 
@@ -244,3 +251,42 @@ def committed_reaches(
     return wait_until(
         lambda: committed_total(bootstrap, group, "uploads", partitions) == total, timeout_s
     )
+
+
+class KafkaKit:
+    """The broker-side helpers of a test, bound to its broker (the `kafka` fixture): topics,
+    sending, reading, commits, settings and a running service, without repeating the
+    bootstrap address in every call."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def topics(self, partitions: int, prefix: str = "") -> None:
+        make_topics(self.bootstrap, partitions, prefix)
+
+    def send(self, lines: list[bytes], topic: str = "uploads") -> int:
+        from consumer.tools.send import send_lines
+
+        return send_lines(self.bootstrap, topic, lines)
+
+    def read(
+        self, topic: str, *, expect: int, timeout_s: float = 60.0, settle_s: float = 0.0
+    ) -> list[Any]:
+        return read_topic(
+            self.bootstrap, topic, expect=expect, timeout_s=timeout_s, settle_s=settle_s
+        )
+
+    def committed(self, group: str, partitions: int, topic: str = "uploads") -> int:
+        return committed_total(self.bootstrap, group, topic, partitions)
+
+    def settings(self, **kw: Any) -> Settings:
+        return settings_for(self.bootstrap, **kw)
+
+    def serve(self, settings: Settings, core: TaggingCore) -> Any:
+        """`with kafka.serve(s, core):` the service runs in a thread (see `running`)."""
+        return running(service(settings, core))
+
+    def spawn(
+        self, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return spawn_run(self.bootstrap, model_dir, log, *args, env=env)

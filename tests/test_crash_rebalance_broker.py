@@ -16,17 +16,12 @@ from prometheus_client import CollectorRegistry
 from consumer.tagging.core import TaggingCore
 from consumer.tagging.metrics import Metrics
 from consumer.tools.broker import EmbeddedBroker
-from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.kafka_helpers import (
+    KafkaKit,
     TopicReader,
     make_events,
-    make_topics,
-    read_topic,
-    running,
-    service,
-    settings_for,
     spawn_run,
 )
 
@@ -40,17 +35,15 @@ def _spawn(bootstrap: str, model_dir: Path, log: Path) -> subprocess.Popen[bytes
     return spawn_run(bootstrap, model_dir, log, *args, "--batch-size", str(BATCH))
 
 
-def test_kill_9_three_times_loses_nothing(
-    broker: EmbeddedBroker, model_dir: Path, tmp_path: Path
-) -> None:
-    make_topics(broker.bootstrap, 3)
+def test_kill_9_three_times_loses_nothing(kafka: KafkaKit, model_dir: Path, tmp_path: Path) -> None:
+    kafka.topics(3)
     events = make_events(3000)
-    send_lines(broker.bootstrap, "uploads", events)
+    kafka.send(events)
     log = tmp_path / "run.log"
     kills = 0
-    reader = TopicReader(broker.bootstrap, "tags")
+    reader = TopicReader(kafka.bootstrap, "tags")
     for _ in range(3):
-        proc = _spawn(broker.bootstrap, model_dir, log)
+        proc = _spawn(kafka.bootstrap, model_dir, log)
         before = reader.poll()
         deadline = time.monotonic() + 90
         # let it make some progress, then kill it in the middle of the stream
@@ -63,9 +56,9 @@ def test_kill_9_three_times_loses_nothing(
         proc.wait(10)
         kills += 1
     reader.close()
-    proc = _spawn(broker.bootstrap, model_dir, log)
+    proc = _spawn(kafka.bootstrap, model_dir, log)
     try:
-        out = read_topic(broker.bootstrap, "tags", expect=3000, timeout_s=240, settle_s=2.0)
+        out = kafka.read("tags", expect=3000, timeout_s=240, settle_s=2.0)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -81,12 +74,12 @@ def test_kill_9_three_times_loses_nothing(
 
 
 def test_a_consumer_joining_and_leaving_loses_nothing(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    make_topics(broker.bootstrap, 4)
+    kafka.topics(4)
     events = make_events(900)
     chunks = iter([events[i : i + 20] for i in range(0, len(events), 20)])
-    s = settings_for(broker.bootstrap, batch_size=16)
+    s = kafka.settings(batch_size=16)
     core_a = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
     core_b = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
 
@@ -105,22 +98,22 @@ def test_a_consumer_joining_and_leaving_loses_nothing(
             if sent - consumed(core_a) - consumed(core_b) < 60:
                 chunk = next(chunks, None)
                 if chunk:
-                    send_lines(broker.bootstrap, "uploads", chunk)
+                    kafka.send(chunk)
                     sent += len(chunk)
             time.sleep(0.2)
         assert cond()
 
-    with running(service(s, core_a)):
+    with kafka.serve(s, core_a):
         trickle_until(lambda: consumed(core_a) > 0)
-        with running(service(s, core_b)):  # B joins: cooperative-sticky moves some partitions
+        with kafka.serve(s, core_b):  # B joins: cooperative-sticky moves some partitions
             trickle_until(lambda: consumed(core_b) >= 40)
         # B leaves cleanly: its partitions go back to A
         b_done = consumed(core_b)
         a_before = consumed(core_a)
         trickle_until(lambda: consumed(core_a) > a_before + 40)
         for chunk in chunks:
-            send_lines(broker.bootstrap, "uploads", chunk)
-        out = read_topic(broker.bootstrap, "tags", expect=900, timeout_s=120, settle_s=2.0)
+            kafka.send(chunk)
+        out = kafka.read("tags", expect=900, timeout_s=120, settle_s=2.0)
     keys = Counter(m.key().decode() for m in out)
     assert set(keys) == {orjson.loads(e)["id"] for e in events}
     assert b_done >= 40
@@ -135,20 +128,21 @@ def test_a_broker_restart_is_survived(
 ) -> None:
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
     port = broker.port
+    kafka = KafkaKit(broker.bootstrap)  # the restarted broker keeps the port
     core = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
-    s = settings_for(broker.bootstrap)
+    s = kafka.settings()
     try:
-        make_topics(broker.bootstrap, 1)
-        send_lines(broker.bootstrap, "uploads", make_events(20, "before"))
-        with running(service(s, core)):
-            read_topic(broker.bootstrap, "tags", expect=20)
+        kafka.topics(1)
+        kafka.send(make_events(20, "before"))
+        with kafka.serve(s, core):
+            kafka.read("tags", expect=20)
             broker.stop()  # memory only: the new broker starts empty
             time.sleep(2)
             broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu2.log").start()
-            make_topics(broker.bootstrap, 1)
+            kafka.topics(1)
             after = make_events(20, "after")
-            send_lines(broker.bootstrap, "uploads", after)
-            out = read_topic(broker.bootstrap, "tags", expect=20, timeout_s=120)
+            kafka.send(after)
+            out = kafka.read("tags", expect=20, timeout_s=120)
         assert {m.key().decode() for m in out} == {orjson.loads(e)["id"] for e in after}
     finally:
         broker.stop()

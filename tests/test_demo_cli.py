@@ -41,7 +41,7 @@ def test_the_readme_names_every_setting_of_run() -> None:
     import inspect
     import re
 
-    from consumer.cli import run
+    from consumer.cli.run import run
     from consumer.tagging.config import Settings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -21,22 +21,17 @@ from consumer.tagging.core import TaggingCore
 from consumer.tagging.events import load_schema
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.metrics import Metrics
-from consumer.tools.broker import EmbeddedBroker, create_topics
+from consumer.tools.broker import create_topics
 from consumer.tools.distill import Labelled, distill, labelled_from_decisions, split_of
 from consumer.tools.distill_topic import read_decisions
-from consumer.tools.send import send_lines
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.distill import fit_head
 from tagsys.tagsystem import EMB_FILE
 from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of
 from tests.kafka_helpers import (
+    KafkaKit,
     make_events,
-    make_topics,
-    read_topic,
-    running,
-    service,
-    settings_for,
 )
 
 
@@ -124,9 +119,9 @@ def _wait(pred: Callable[[], bool], timeout_s: float = 60.0) -> None:
 
 @pytest.mark.broker
 def test_running_consumer_switches_versions_mid_stream_without_loss(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem, tmp_path: Path
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem, tmp_path: Path
 ) -> None:
-    make_topics(broker.bootstrap, 1)
+    kafka.topics(1)
     live = tmp_path / "live"
     sample_ts.save(live)
     v2 = replace(sample_ts, version="2")
@@ -134,15 +129,15 @@ def test_running_consumer_switches_versions_mid_stream_without_loss(
     v2.save(staged)
     metrics = Metrics(CollectorRegistry())
     core = TaggingCore(encoder, TagSystem.load(live), metrics=metrics)
-    s = settings_for(broker.bootstrap, tag_system=live, reload_interval_s=0.2, batch_size=8)
+    s = kafka.settings(tag_system=live, reload_interval_s=0.2, batch_size=8)
     first, middle, second = make_events(120, "a"), make_events(40, "m"), make_events(120, "b")
 
     def errors() -> float:
         return float(metrics.tag_system_reloads.labels(result="error")._value.get())
 
-    with running(service(s, core)):
-        send_lines(broker.bootstrap, "uploads", first)
-        _wait(lambda: len(read_topic(broker.bootstrap, "tags", expect=120, timeout_s=2)) >= 60)
+    with kafka.serve(s, core):
+        kafka.send(first)
+        _wait(lambda: len(kafka.read("tags", expect=120, timeout_s=2)) >= 60)
         # a new version copied in place, seen with its .npy half-written, then empty (numpy
         # raises ValueError, then EOFError): refused, and the old version keeps tagging
         emb = live / EMB_FILE
@@ -150,8 +145,8 @@ def test_running_consumer_switches_versions_mid_stream_without_loss(
         _wait(lambda: errors() >= 1)
         os.truncate(emb, 0)
         _wait(lambda: errors() >= 2)
-        send_lines(broker.bootstrap, "uploads", middle)
-        _wait(lambda: len(read_topic(broker.bootstrap, "tags", expect=160, timeout_s=2)) >= 160)
+        kafka.send(middle)
+        _wait(lambda: len(kafka.read("tags", expect=160, timeout_s=2)) >= 160)
         # a broken artifact published by a rename: refused too
         broken = tmp_path / "broken"
         sample_ts.save(broken)
@@ -166,8 +161,8 @@ def test_running_consumer_switches_versions_mid_stream_without_loss(
         shutil.rmtree(live)
         staged.rename(live)
         _wait(lambda: metrics.tag_system_reloads.labels(result="ok")._value.get() >= 1)
-        send_lines(broker.bootstrap, "uploads", second)
-        out = read_topic(broker.bootstrap, "tags", expect=280, timeout_s=90)
+        kafka.send(second)
+        out = kafka.read("tags", expect=280, timeout_s=90)
     payloads = [orjson.loads(m.value()) for m in out]
     assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in first + middle + second}
     assert errors() == 3
@@ -183,26 +178,26 @@ def test_running_consumer_switches_versions_mid_stream_without_loss(
 
 @pytest.mark.broker
 def test_llm_decisions_are_recorded_and_distill_reads_them(
-    broker: EmbeddedBroker,
+    kafka: KafkaKit,
     encoder: OnnxEncoder,
     sample_ts: TagSystem,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
-    make_topics(broker.bootstrap, 1)
-    create_topics(broker.bootstrap, {"decisions": 1})
+    kafka.topics(1)
+    create_topics(kafka.bootstrap, {"decisions": 1})
     server = fake_llm(lambda body: (200, completion(json.dumps({"tags": shortlist_of(body)[:1]}))))
     metrics = Metrics(CollectorRegistry())
     tagger = SelectiveTagger(server.base_url, "fake-llm", SecretStr(""), metrics=metrics)
     # every item is uncertain: the LLM decides all of them
     ts = replace(sample_ts, gate=replace(sample_ts.gate, accept_threshold=1.0, min_score=0.0))
     core = TaggingCore(encoder, ts, tagger=tagger, metrics=metrics)
-    s = settings_for(broker.bootstrap, decisions_topic="decisions")
+    s = kafka.settings(decisions_topic="decisions")
     events = make_events(40, "d")
-    send_lines(broker.bootstrap, "uploads", events)
-    with running(service(s, core)):
-        read_topic(broker.bootstrap, "tags", expect=40)
+    kafka.send(events)
+    with kafka.serve(s, core):
+        kafka.read("tags", expect=40)
         _wait(lambda: metrics.decisions_recorded._value.get() >= 40)
-    records = read_decisions(broker.bootstrap, "decisions")
+    records = read_decisions(kafka.bootstrap, "decisions")
     assert {r["id"] for r in records} == {orjson.loads(e)["id"] for e in events}
     schema = load_schema("decision")
     for r in records:

@@ -14,28 +14,21 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from consumer.service.runner import KafkaRuntimeError, KafkaService
 from consumer.tagging.core import TaggingCore, TagResult
 from consumer.tagging.events import UploadEvent
-from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.metrics import Metrics
 from consumer.tagging.resilience import CircuitBreaker
-from consumer.tools.broker import EmbeddedBroker
 from consumer.tools.dlq import replay_dlq
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
 from tests.kafka_helpers import (
-    committed_total,
-    force_llm,
+    KafkaKit,
+    llm_core,
     make_events,
-    make_topics,
-    read_topic,
-    running,
     service,
-    settings_for,
 )
 
 pytestmark = pytest.mark.broker
@@ -56,11 +49,11 @@ def _core(encoder: OnnxEncoder, ts: TagSystem, **kw: Any) -> TaggingCore:
 
 
 def test_every_malformed_event_lands_in_the_dlq_with_context(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    make_topics(broker.bootstrap, 1)
+    kafka.topics(1)
     good = make_events(20)
-    p = Producer({"bootstrap.servers": broker.bootstrap})
+    p = Producer({"bootstrap.servers": kafka.bootstrap})
     for i, line in enumerate(good):
         p.produce("uploads", key=orjson.loads(line)["id"].encode(), value=line)
         if i == 9:  # the bad ones in the middle, with a header of their own and a timestamp
@@ -74,10 +67,10 @@ def test_every_malformed_event_lands_in_the_dlq_with_context(
                 )
     assert p.flush(10) == 0
     core = _core(encoder, sample_ts)
-    s = settings_for(broker.bootstrap, max_event_bytes=4096)
-    with running(service(s, core)):
-        out = read_topic(broker.bootstrap, "tags", expect=20)
-        dlq = read_topic(broker.bootstrap, "uploads.dlq", expect=len(BAD))
+    s = kafka.settings(max_event_bytes=4096)
+    with kafka.serve(s, core):
+        out = kafka.read("tags", expect=20)
+        dlq = kafka.read("uploads.dlq", expect=len(BAD))
     assert {m.key().decode() for m in out} == {orjson.loads(e)["id"] for e in good}
     assert len(dlq) == len(BAD)
     for m in dlq:
@@ -96,20 +89,20 @@ def test_every_malformed_event_lands_in_the_dlq_with_context(
     r = core.metrics.registry
     for _, reason in BAD:
         assert r.get_sample_value("tagstream_dlq_events_total", {"reason": reason}) == 1
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 20 + len(BAD)
+    assert kafka.committed(s.group_id, 1) == 20 + len(BAD)
 
     # replay: to another topic, original key/value/headers back, error headers gone
-    rep = replay_dlq(broker.bootstrap, "uploads.dlq", to_topic="replayed", reasons={"not_json"})
+    rep = replay_dlq(kafka.bootstrap, "uploads.dlq", to_topic="replayed", reasons={"not_json"})
     assert (rep.scanned, rep.matched, rep.replayed) == (len(BAD), 1, 1)
-    (back,) = read_topic(broker.bootstrap, "replayed", expect=1)
+    (back,) = kafka.read("replayed", expect=1)
     hb = dict(back.headers())
     assert back.value() == b"{not json" and hb["trace"] == b"t-0"
     assert not any(k.startswith("__connect") for k in hb)
     assert hb["tagstream.replayed_from"].startswith(b"uploads.dlq-0-")
     # by id, to the original topic (where it fails again: counted, not lost)
-    rep = replay_dlq(broker.bootstrap, "uploads.dlq", ids={"bad-2"}, dry_run=True)
+    rep = replay_dlq(kafka.bootstrap, "uploads.dlq", ids={"bad-2"}, dry_run=True)
     assert (rep.matched, rep.replayed) == (1, 0)
-    rep = replay_dlq(broker.bootstrap, "uploads.dlq", ids={"bad-2"})
+    rep = replay_dlq(kafka.bootstrap, "uploads.dlq", ids={"bad-2"})
     assert rep.by_target == {"uploads": 1}
     core.close()
 
@@ -141,48 +134,46 @@ class PoisonCore(TaggingCore):
 
 
 def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    make_topics(broker.bootstrap, 1)
+    kafka.topics(1)
     events = [*make_events(10), b'{"id": "poison-1", "title": "x"}', *make_events(10, "z")]
-    from consumer.tools.send import send_lines
 
-    send_lines(broker.bootstrap, "uploads", events)
+    kafka.send(events)
     core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
-    s = settings_for(broker.bootstrap, batch_size=8)  # three batches, one of them poisoned
-    with running(service(s, core)):
-        out = read_topic(broker.bootstrap, "tags", expect=20)
-        (dead,) = read_topic(broker.bootstrap, "uploads.dlq", expect=1)
+    s = kafka.settings(batch_size=8)  # three batches, one of them poisoned
+    with kafka.serve(s, core):
+        out = kafka.read("tags", expect=20)
+        (dead,) = kafka.read("uploads.dlq", expect=1)
     assert len({m.key() for m in out}) == 20
     h = dict(dead.headers())
     assert dead.key() == b"poison-1" and h["__connect.errors.stage"] == b"process"
     assert h["__connect.errors.exception.class.name"] == b"builtins.RuntimeError"
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 21
+    assert kafka.committed(s.group_id, 1) == 21
     # only the batch with the poison item went item by item; the others took the batch path
     assert core.isolated == 1
 
 
 def test_a_systemic_failure_stops_the_service_without_committing(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
-    make_topics(broker.bootstrap, 1)
-    from consumer.tools.send import send_lines
+    kafka.topics(1)
 
-    send_lines(broker.bootstrap, "uploads", make_events(5))
+    kafka.send(make_events(5))
     core = PoisonCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
     core.fail_all = True
-    s = settings_for(broker.bootstrap)
+    s = kafka.settings()
     with pytest.raises(KafkaRuntimeError, match="canary"):
         service(s, core).run(threading.Event())
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 0
-    assert read_topic(broker.bootstrap, "uploads.dlq", expect=1, timeout_s=3) == []
+    assert kafka.committed(s.group_id, 1) == 0
+    assert kafka.read("uploads.dlq", expect=1, timeout_s=3) == []
 
 
 def test_missing_topics_fail_fast_with_the_fix(
-    broker: EmbeddedBroker, encoder: OnnxEncoder, sample_ts: TagSystem
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
 ) -> None:
     core = _core(encoder, sample_ts)
-    svc = KafkaService(settings_for(broker.bootstrap), core, core.metrics)
+    svc = KafkaService(kafka.settings(), core, core.metrics)
     with pytest.raises(KafkaRuntimeError, match=r"uploads\.dlq"):
         svc.run(threading.Event())
 
@@ -204,12 +195,12 @@ def _slow(req: dict[str, Any]) -> Reply:
 
 
 def test_every_llm_fault_loses_nothing(
-    broker: EmbeddedBroker,
+    kafka: KafkaKit,
     encoder: OnnxEncoder,
     sample_ts: TagSystem,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
-    make_topics(broker.bootstrap, 2)
+    kafka.topics(2)
     faults = [*FAULTS, _slow]
     # Each distinct item keeps one fault across its retries, so every final status shows up
     # whatever order the concurrent requests arrive in (a global round-robin let a retry land
@@ -223,28 +214,22 @@ def test_every_llm_fault_loses_nothing(
             k = fault_of.setdefault(item, len(fault_of) % len(faults))
         return faults[k](req)
 
-    server = fake_llm(reply)
-    metrics = Metrics(CollectorRegistry())
-    tagger = SelectiveTagger(
-        server.base_url,
-        "fake",
-        SecretStr(""),
+    core = llm_core(
+        encoder,
+        sample_ts,
+        fake_llm(reply),
         timeout_s=0.5,
-        metrics=metrics,
         attempts=2,
-        backoff_base_s=0.01,
-        backoff_max_s=0.02,
+        backoff_s=(0.01, 0.02),
+        llm_concurrency=4,
     )
-    core = TaggingCore(
-        encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics, llm_concurrency=4
-    )
+    metrics = core.metrics
     events = make_events(48)
-    from consumer.tools.send import send_lines
 
-    send_lines(broker.bootstrap, "uploads", events)
-    s = settings_for(broker.bootstrap)
-    with running(service(s, core)):
-        out = read_topic(broker.bootstrap, "tags", expect=48, timeout_s=120)
+    kafka.send(events)
+    s = kafka.settings()
+    with kafka.serve(s, core):
+        out = kafka.read("tags", expect=48, timeout_s=120)
     payloads = [orjson.loads(m.value()) for m in out]
     assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in events}
     assert all(p["llm_asked"] for p in payloads)
@@ -256,19 +241,19 @@ def test_every_llm_fault_loses_nothing(
     for status in ("ok", "error", "timeout", "invalid", "empty"):
         assert (r.get_sample_value("tagstream_llm_requests_total", {"status": status}) or 0) > 0
     assert r.get_sample_value("tagstream_llm_rejected_tags_total") > 0
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 48
+    assert kafka.committed(s.group_id, 2) == 48
     core.close()
 
 
 @pytest.mark.parametrize("batch_size", [32, 4])
 def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
     batch_size: int,
-    broker: EmbeddedBroker,
+    kafka: KafkaKit,
     encoder: OnnxEncoder,
     sample_ts: TagSystem,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
-    make_topics(broker.bootstrap, 2)
+    kafka.topics(2)
     calls = itertools.count()
 
     def reply(req: dict[str, Any]) -> Reply:
@@ -276,55 +261,43 @@ def test_pause_mode_waits_for_the_llm_instead_of_giving_up(
             return 503, {"error": {"message": "warming up"}}
         return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
 
-    server = fake_llm(reply)
-    metrics = Metrics(CollectorRegistry())
-    tagger = SelectiveTagger(
-        server.base_url,
-        "fake",
-        SecretStr(""),
-        timeout_s=2,
-        metrics=metrics,
-        attempts=1,
-        breaker=CircuitBreaker(failures=3, reset_s=0.5),
-    )
-    core = TaggingCore(
+    core = llm_core(
         encoder,
-        force_llm(sample_ts),
-        tagger=tagger,
-        metrics=metrics,
+        sample_ts,
+        fake_llm(reply),
+        CircuitBreaker(failures=3, reset_s=0.5),
+        timeout_s=2,
         defer_when_llm_unavailable=True,
     )
+    metrics = core.metrics
     events = make_events(30)
-    from consumer.tools.send import send_lines
 
-    send_lines(broker.bootstrap, "uploads", events)
+    kafka.send(events)
     # batch_size 4: later batches are already read and encoding when a partition is rewound;
     # their records of it must not go out (they are read again after the pause)
-    s = settings_for(
-        broker.bootstrap, llm_unavailable="pause", llm_pause_s=0.5, batch_size=batch_size
-    )
-    with running(service(s, core)):
-        out = read_topic(broker.bootstrap, "tags", expect=30, timeout_s=120, settle_s=1.0)
+    s = kafka.settings(llm_unavailable="pause", llm_pause_s=0.5, batch_size=batch_size)
+    with kafka.serve(s, core):
+        out = kafka.read("tags", expect=30, timeout_s=120, settle_s=1.0)
     payloads = [orjson.loads(m.value()) for m in out]
     assert {p["id"] for p in payloads} == {orjson.loads(e)["id"] for e in events}
     # nothing went out while the LLM was down: every event was decided by it
     assert {p["decision"] for p in payloads} == {"llm"} and len(payloads) == 30
     assert metrics.registry.get_sample_value("tagstream_partition_pauses_total") >= 1
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 2) == 30
+    assert kafka.committed(s.group_id, 2) == 30
     core.close()
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
     pipeline: bool,
-    broker: EmbeddedBroker,
+    kafka: KafkaKit,
     encoder: OnnxEncoder,
     sample_ts: TagSystem,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
     """The first LLM request hangs; with the pipeline every other item still goes out, and
     the offset stays committed below the hung item until its answer arrives."""
-    make_topics(broker.bootstrap, 1)
+    kafka.topics(1)
     release = threading.Event()
     calls = itertools.count()
 
@@ -333,22 +306,17 @@ def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
             release.wait(40)
         return 200, completion(f'{{"tags": ["{shortlist_of(req)[0]}"]}}')
 
-    server = fake_llm(reply)
-    metrics = Metrics(CollectorRegistry())
-    tagger = SelectiveTagger(
-        server.base_url, "fake", SecretStr(""), timeout_s=60, metrics=metrics, attempts=1
-    )
-    core = TaggingCore(encoder, force_llm(sample_ts), tagger=tagger, metrics=metrics)
-    from consumer.tools.send import send_lines
+    core = llm_core(encoder, sample_ts, fake_llm(reply))
+    metrics = core.metrics
 
-    send_lines(broker.bootstrap, "uploads", make_events(40))
-    s = settings_for(broker.bootstrap, batch_size=8, pipeline=pipeline)
-    with running(service(s, core)):
-        early = read_topic(broker.bootstrap, "tags", expect=39, timeout_s=8 if pipeline else 4)
-        held_at = committed_total(broker.bootstrap, s.group_id, "uploads", 1)
+    kafka.send(make_events(40))
+    s = kafka.settings(batch_size=8, pipeline=pipeline)
+    with kafka.serve(s, core):
+        early = kafka.read("tags", expect=39, timeout_s=8 if pipeline else 4)
+        held_at = kafka.committed(s.group_id, 1)
         waiting = metrics.registry.get_sample_value("tagstream_llm_waiting_items")
         release.set()
-        out = read_topic(broker.bootstrap, "tags", expect=40, timeout_s=60)
+        out = kafka.read("tags", expect=40, timeout_s=60)
     if pipeline:
         assert len({m.key() for m in early}) == 39
         assert held_at < 8  # the hung item is in the first batch: nothing past it committed
@@ -357,5 +325,5 @@ def test_a_slow_llm_answer_does_not_hold_up_the_items_after_it(
         assert len({m.key() for m in early}) < 8
     assert len({m.key() for m in out}) == 40
     assert {orjson.loads(m.value())["decision"] for m in out} == {"llm"}
-    assert committed_total(broker.bootstrap, s.group_id, "uploads", 1) == 40
+    assert kafka.committed(s.group_id, 1) == 40
     core.close()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +14,9 @@ from pydantic import SecretStr
 from consumer.tagging.config import Settings
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.metrics import Metrics
-from consumer.tools.broker import EmbeddedBroker, free_port
-from consumer.tools.send import send_lines
+from consumer.tools.broker import free_port
 from tests.conftest import FakeOpenAI, Reply, Responder
-from tests.kafka_helpers import make_events, make_topics, read_topic
+from tests.kafka_helpers import KafkaKit, make_events
 
 SECRET = "sk-test-0123456789-SECRET"
 
@@ -56,44 +52,21 @@ def test_kafka_security_settings_pass_through_and_stay_hidden() -> None:
 
 @pytest.mark.broker
 def test_the_llm_key_never_reaches_logs_or_metrics(
-    broker: EmbeddedBroker,
+    kafka: KafkaKit,
     model_dir: Path,
     tmp_path: Path,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
     server = fake_llm(_echo_auth)
-    make_topics(broker.bootstrap, 1)
-    send_lines(broker.bootstrap, "uploads", make_events(36))
+    kafka.topics(1)
+    kafka.send(make_events(36))
     port = free_port()
-    env = os.environ | {
-        "TAGSTREAM_MODEL_DIR": str(model_dir),
-        "TAGSTREAM_LLM_API_KEY": SECRET,
-        "TAGSTREAM_LOG_LEVEL": "debug",
-    }
+    env = {"TAGSTREAM_LLM_API_KEY": SECRET, "TAGSTREAM_LOG_LEVEL": "debug"}
     log = tmp_path / "run.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "run",
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--llm",
-            server.base_url,
-            "--metrics-port",
-            str(port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--llm-attempts",
-            "1",
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    args = ["--llm", server.base_url, "--metrics-port", str(port), "--llm-attempts", "1"]
+    proc = kafka.spawn(model_dir, log, *args, env=env)
     try:
-        read_topic(broker.bootstrap, "tags", expect=36, timeout_s=90)
+        kafka.read("tags", expect=36, timeout_s=90)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             metrics_text = r.read().decode()
         proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,150 @@
+"""`tagstream distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from consumer.cli import logs
+from consumer.cli.options import (
+    DATA_HELP,
+    Bootstrap,
+    DataFormat,
+    EmbeddingCacheOpt,
+    EvalModelOpt,
+    JsonOpt,
+    LevelOpt,
+    LimitOpt,
+    ModelDirOpt,
+    TagTemplateOpt,
+    emit_json,
+    precision_option,
+    print_table,
+    tracked,
+)
+
+
+def distill_cmd(
+    out: Annotated[Path, typer.Option(help="Folder to write the distilled tag system to.")],
+    data: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
+    fmt: Annotated[
+        DataFormat | None, typer.Option("--format", help="kuairec, stackexchange or jsonl.")
+    ] = None,
+    level: LevelOpt = 1,
+    tag_system: Annotated[
+        Path | None,
+        typer.Option(
+            help="Base tag system (default with --data: zero-shot over the file's labels; "
+            "required with --from-topic)."
+        ),
+    ] = None,
+    from_topic: Annotated[
+        str | None,
+        typer.Option(
+            help="Learn from the LLM decisions recorded on this topic (read up to its end "
+            "as seen at start, while the service may go on recording)."
+        ),
+    ] = None,
+    bootstrap_servers: Bootstrap = "127.0.0.1:9092",
+    model: EvalModelOpt = None,
+    model_dir: ModelDirOpt = None,
+    holdout: Annotated[
+        float, typer.Option(min=0.05, max=0.9, help="Share of items held out (by id hash).")
+    ] = 0.3,
+    target_precision: Annotated[
+        float, precision_option("Auto-accept precision the gate aims at.")
+    ] = 0.9,
+    limit: LimitOpt = None,
+    version: Annotated[str | None, typer.Option(help="Version of the new tag system.")] = None,
+    tag_template: TagTemplateOpt = None,
+    embedding_cache: EmbeddingCacheOpt = None,
+    text_features: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "The head also reads the text's hashed character n-grams (1-3 characters; "
+                "docs/QUALITY.md: KuaiRec F1 0.39 -> 0.46, cooking unchanged; slower "
+                "fitting, and tags x buckets x 4 bytes in head.npz)."
+            )
+        ),
+    ] = False,
+    text_buckets: Annotated[
+        int, typer.Option(min=256, max=2**20, help="Hash buckets of --text-features.")
+    ] = 16384,
+    include_steerable: Annotated[
+        bool,
+        typer.Option(
+            help="With --from-topic: learn from generative-mode decisions too (their text "
+            "could steer the tags: left out by default, counted under skipped.steerable)."
+        ),
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Fit a light head on the encoder embeddings from labelled data or recorded LLM
+    decisions, recalibrate the gate, write a new tag-system version; report before/after on
+    held-out items (written to OUT.heldout.jsonl when --data is used).
+
+    auto_ceiling: the most any gate could auto-accept there at the target with that scorer
+    (an oracle picking the items)."""
+    from consumer.tools.distill import (
+        distill,
+        labelled_from_decisions,
+        labelled_from_file,
+        write_heldout,
+    )
+    from tagsys import TagSystem, TagSystemError
+
+    logs.configure("warning")
+    base = TagSystem.load(tag_system) if tag_system else None
+    extra: dict[str, Any] = {}
+    labelled: Any
+    if from_topic:
+        if base is None:
+            raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
+        from consumer.tools.distill_topic import read_decisions
+
+        records = read_decisions(bootstrap_servers, from_topic)
+        labelled, skipped = labelled_from_decisions(
+            records, base, include_steerable=include_steerable
+        )
+        extra.update(decisions=len(records), skipped=skipped)
+    else:
+        if data is None or fmt is None:
+            raise TagSystemError("give --data and --format (labelled data) or --from-topic")
+        with tracked("embedding", "embed") as progress:
+            base, labelled, items, counts = labelled_from_file(
+                data,
+                fmt.value,
+                level=level,
+                base=base,
+                model=model,
+                model_dir=model_dir,
+                limit=limit,
+                progress=progress,
+                tag_template=tag_template,
+                embedding_cache=embedding_cache,
+            )
+        extra.update(counts)
+        heldout = out.with_name(out.name + ".heldout.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        extra["heldout_file"] = str(heldout)
+        extra["heldout_written"] = write_heldout(items, holdout, heldout)
+    from tagsys.textfeat import TextFeatures
+
+    with tracked("fitting", "fit") as progress:
+        new, rep = distill(
+            base,
+            labelled,
+            holdout=holdout,
+            target_precision=target_precision,
+            version=version,
+            text=TextFeatures(buckets=text_buckets) if text_features else None,
+            progress=progress,
+        )
+    new.save(out)
+    res = {**rep, **extra, "out": str(out)}
+    print_table(res, 20)
+    if json:
+        emit_json(res)
