@@ -56,7 +56,7 @@ KNOWN_ENCODERS: dict[str, EncoderSpec] = {
     # attention, mean pooling, two linear layers (folded into one at export). Its prompts
     # make the tag a search query and the content the document searched: on samples of
     # KuaiRec and cooking that beat the classification prompt on two of three files
-    # (docs/QUALITY.md). fp32 only: int8 puts the MLP's outlier activations through a
+    # (docs/EXPERIMENTS.md). fp32 only: int8 puts the MLP's outlier activations through a
     # per-tensor scale (int8 vs fp32 mean cosine 0.887 on KuaiRec text, 0.966 with the MLP's
     # down projections left fp32, for 1.2x the speed), and Gemma's activations overflow fp16.
     "embeddinggemma-300m": EncoderSpec(

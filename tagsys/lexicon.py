@@ -1,7 +1,7 @@
 """Literal mentions of a tag (name or alias) in the text: a cheap signal added to the cosine.
 
 Small encoders miss rare or technical tag words that appear verbatim in the content
-("pretzels", "sous-vide", "钓鱼"). Measured on StackExchange cooking (docs/QUALITY.md), adding
+("pretzels", "sous-vide", "钓鱼"). Measured on StackExchange cooking (docs/EXPERIMENTS.md), adding
 a fixed boost for a literal mention lifts recall@10 by several points with no labels used.
 
 Matching is by dictionary lookup, not by one regex per tag, so it stays cheap at 40k tags:
@@ -12,7 +12,7 @@ at a CJK character is looked up.
 With `stem=True` Latin words are also matched by their Snowball (English) stems, so
 "substitutions" is found in "can I substitute…" and "frying" in "fried": on StackExchange
 cooking that lifts recall@10 by about a point, and by one more with `--adapt`, whose lexical
-prototypes come from these matches (docs/QUALITY.md). CJK terms are matched as before.
+prototypes come from these matches (docs/EXPERIMENTS.md). CJK terms are matched as before.
 """
 
 from __future__ import annotations

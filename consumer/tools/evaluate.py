@@ -55,7 +55,7 @@ DEFAULT_MODEL = {
     "stackexchange": "all-MiniLM-L6-v2",
     "jsonl": "all-MiniLM-L6-v2",
 }
-# measured on StackExchange cooking (docs/QUALITY.md): +5 points recall@10; harmless on KuaiRec
+# measured on StackExchange cooking (docs/EXPERIMENTS.md): +5 points recall@10; harmless on KuaiRec
 ZERO_SHOT_LEXICAL_BOOST = 0.1
 
 
