@@ -23,6 +23,7 @@ from tagsys import TagSystem
 
 if TYPE_CHECKING:
     from tests.kafka_helpers import KafkaKit
+    from tests.mock_cluster import MockCluster
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -65,6 +66,15 @@ def metrics(registry: CollectorRegistry) -> Metrics:
 def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as b:
         yield b
+
+
+@pytest.fixture
+def mock_cluster() -> Iterator[MockCluster]:
+    """librdkafka's mock cluster, 3 brokers, no topics (`tests/mock_cluster.py`)."""
+    from tests.mock_cluster import MockCluster
+
+    with MockCluster(brokers=3) as mc:
+        yield mc
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -113,6 +114,18 @@ def llm_core(
         backoff_max_s=backoff_s[1],
     )
     return TaggingCore(encoder, force_llm(ts), tagger=tagger, metrics=metrics, **kw)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int:
+    """SIGTERM, then the exit code (0 expected: the service finishes, commits, exits)."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout_s)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """In a `finally`: kill what a failed test left running."""
+    if proc.poll() is None:
+        proc.kill()
 
 
 def spawn_run(

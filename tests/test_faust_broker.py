@@ -30,6 +30,8 @@ from tests.kafka_helpers import (
     make_events,
     make_topics,
     read_topic,
+    reap,
+    terminate,
 )
 
 pytestmark = pytest.mark.broker
@@ -205,12 +207,10 @@ def test_faust_runtime_restart_after_kill_loses_nothing(
             reader.poll()
         ids = {orjson.loads(e)["id"].encode() for e in events}
         assert ids <= reader.keys, f"lost {len(ids - reader.keys)}; {log.read_text()[-2000:]}"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert terminate(proc) == 0
     finally:
         reader.close()
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
 
 
 BROKEN_AFTER_FIRST_BATCH = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -34,10 +33,9 @@ from tests.mock_cluster import (
 
 
 @pytest.fixture
-def cluster() -> Iterator[MockCluster]:
-    with MockCluster(brokers=3) as mc:
-        mc.create_topics({"uploads": 3, "tags": 3, "uploads.dlq": 1})
-        yield mc
+def cluster(mock_cluster: MockCluster) -> MockCluster:
+    mock_cluster.create_topics({"uploads": 3, "tags": 3, "uploads.dlq": 1})
+    return mock_cluster
 
 
 def _core(encoder: OnnxEncoder, ts: TagSystem) -> TaggingCore:

@@ -42,9 +42,11 @@ from tests.kafka_helpers import (
     make_topics,
     metric,
     read_topic,
+    reap,
     running,
     settings_for,
     spawn_run,
+    terminate,
     wait_until,
 )
 
@@ -340,12 +342,10 @@ def test_sigterm_mid_stream_with_llm_answers_pending(
         reader.wait_for(150, 120)
         assert {k.decode() for k in reader.keys} == ids_of(events)
         assert wait_until(lambda: _status(port, "/readyz") == 200, 60)  # up, signal handlers on
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert terminate(proc) == 0
     finally:
         reader.close()
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
 
 
 def test_kill_9_keeps_every_llm_decision_record(
@@ -377,12 +377,10 @@ def test_kill_9_keeps_every_llm_decision_record(
     proc = spawn_run(broker.bootstrap, model_dir, log, *args)
     try:
         reader.wait_for(600, 180)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert terminate(proc) == 0
     finally:
         reader.close()
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     assert {k.decode() for k in reader.keys} == ids_of(events)
     llm_ids = {
         orjson.loads(m.value())["id"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,9 +51,8 @@ from tests.mock_cluster import (
 
 
 @pytest.fixture
-def cluster() -> Iterator[MockCluster]:
-    with MockCluster(brokers=3) as mc:
-        yield mc
+def cluster(mock_cluster: MockCluster) -> MockCluster:
+    return mock_cluster  # topics per test (`_topics`)
 
 
 def _topics(mc: MockCluster, partitions: int, *extra: str) -> None:
@@ -107,12 +106,22 @@ def test_dead_letters_too_large_for_producer_or_broker_go_out_truncated(
     core.close()
 
 
-class _ConsumerWithErrors:
+class _Proxy:
+    """The real consumer, with a method or two of a test's own."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _ConsumerWithErrors(_Proxy):
     """The real consumer, except that the record at `offset` comes back as librdkafka's
     error event for it (what a corrupt batch or a failed decompression looks like)."""
 
     def __init__(self, real: Any, offset: int) -> None:
-        self._real = real
+        super().__init__(real)
         self._offset = offset
 
     def consume(self, num: int, timeout: float) -> list[Message]:
@@ -123,9 +132,6 @@ class _ConsumerWithErrors:
                 m = Message(topic=m.topic(), partition=m.partition(), offset=m.offset(), error=err)
             out.append(m)
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 def test_an_unreadable_record_is_dead_lettered_before_the_commit_passes_it(
@@ -224,12 +230,13 @@ def test_lag_is_exported_per_partition_and_removed_when_given_up(
     core.close()
 
 
-class _ConsumerFailingCommits:
+class _ConsumerFailingCommits(_Proxy):
     """The real consumer; `commit` reports an error for `partition` in its result (the
     per-partition shape of librdkafka's answer) without committing that partition."""
 
     def __init__(self, real: Any, partition: int, times: int) -> None:
-        self._real, self._partition, self.times = real, partition, times
+        super().__init__(real)
+        self._partition, self.times = partition, times
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> Any:
         if self.times <= 0:
@@ -248,9 +255,6 @@ class _ConsumerFailingCommits:
             if tp.partition == self._partition
         ]
         return [*result, *failed]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 def test_a_partition_whose_commit_failed_is_committed_again(
