@@ -53,9 +53,11 @@ def test_health_endpoints(registry: CollectorRegistry) -> None:
         state.warmed = True
         state.beat()
         assert http_get(server.port, "/healthz")[0] == 200
-        assert http_get(server.port, "/readyz")[0] == 503  # no partition yet
-        state.assigned = 2
-        assert http_get(server.port, "/readyz")[0] == 200
+        # ready without a partition: an idle replica is not a broken one (rollouts finish)
+        assert state.assigned == 0 and http_get(server.port, "/readyz")[0] == 200
+        state.stopping = True
+        assert http_get(server.port, "/readyz")[0] == 503
+        state.stopping = False
         time.sleep(0.6)  # no poll within max.poll.interval: stalled
         assert http_get(server.port, "/healthz")[0] == 503
         assert http_get(server.port, "/readyz")[0] == 503

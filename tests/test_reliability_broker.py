@@ -32,6 +32,7 @@ from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tests.conftest import FakeOpenAI, Reply, Responder, answer_first
 from tests.kafka_helpers import (
+    KafkaKit,
     TopicReader,
     committed_reaches,
     committed_total,
@@ -391,3 +392,42 @@ def test_kill_9_keeps_every_llm_decision_record(
     decided = read_topic(broker.bootstrap, "decisions", expect=len(llm_ids), timeout_s=60)
     missing = llm_ids - {m.key().decode() for m in decided}
     assert not missing, f"{len(missing)} LLM decisions without their record"
+
+
+def test_a_replica_beyond_the_partition_count_is_ready_and_takes_over(
+    kafka: KafkaKit, encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    """A rollout with as many replicas as partitions: the new pod gets no partition under
+    cooperative-sticky, yet it must be ready (or the rollout never finishes); when the old
+    one leaves, its partition moves to the new one, which tags what comes next."""
+    kafka.topics(1)
+    s = kafka.settings(batch_size=8)
+    core_a = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    core_b = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    a = KafkaService(s, core_a, core_a.metrics)
+    b = KafkaService(s, core_b, core_b.metrics)
+    a.health.warmed = b.health.warmed = True
+    owned = "tagstream_assigned_partitions"
+    stop_a = threading.Event()
+    thread_a = threading.Thread(target=a.run, args=(stop_a,), daemon=True)
+    thread_a.start()
+    try:
+        assert wait_until(lambda: a.health.assigned == 1, 40)
+        with running(b):
+            assert wait_until(lambda: b.health.consuming, 40)
+            time.sleep(8)  # past the rebalance b's join starts: the partition stays with a
+            assert metric(core_a, owned) == 1 and metric(core_b, owned) == 0
+            assert b.health.ready(), "an idle replica must be ready"
+            stop_a.set()  # the old pod goes: its partition moves to b
+            thread_a.join(60)
+            assert wait_until(lambda: b.health.assigned == 1, 40)
+            events = make_events(20, "after")
+            kafka.send(events)
+            out = kafka.read("tags", expect=20)
+            assert {m.key().decode() for m in out} == ids_of(events)
+            assert metric(core_b, owned) == 1
+    finally:
+        stop_a.set()
+        thread_a.join(60)
+    core_a.close()
+    core_b.close()

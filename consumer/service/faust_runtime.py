@@ -84,6 +84,7 @@ def make_app(settings: Settings, stack: Any) -> Any:
     )
     metrics: Metrics = stack.metrics
     health: HealthState = stack.health
+    metrics.assigned_partitions.set_function(lambda: health.assigned)
     core = stack.core
     # before any topic exists: the topics' conductor creates the transport on first use
     app.transport = _transport_class(metrics)(app.conf.broker_consumer, app)

@@ -1,7 +1,11 @@
 """One HTTP port for /metrics, /healthz and /readyz.
 
 /healthz: the poll loop went round within max.poll.interval (liveness).
-/readyz: the encoder is warmed up, the loop is consuming and owns a partition (readiness).
+/readyz: the encoder is warmed up, the loop is consuming (past the start-up topic check) and
+alive, and no shutdown has begun (readiness). Owning a partition is not part of it: a replica
+beyond the partition count is idle, not broken, and a rollout with `maxUnavailable: 0` would
+otherwise wait forever for a new pod that cooperative-sticky gives nothing
+(`tagstream_assigned_partitions` shows it).
 """
 
 from __future__ import annotations
@@ -30,13 +34,7 @@ class HealthState:
         return time.monotonic() - self.last_poll < self.max_poll_interval_s
 
     def ready(self) -> bool:
-        return (
-            self.warmed
-            and self.consuming
-            and self.assigned > 0
-            and not self.stopping
-            and self.alive()
-        )
+        return self.warmed and self.consuming and not self.stopping and self.alive()
 
 
 class HealthServer:

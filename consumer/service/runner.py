@@ -208,6 +208,7 @@ class KafkaService:
         self.metrics = metrics
         poll_interval_s = settings.max_poll_interval_ms / 1000
         self.health = health or HealthState(poll_interval_s)
+        metrics.assigned_partitions.set_function(lambda: self.health.assigned)
         self.tracker = OffsetTracker()
         self.max_produce_attempts = max_produce_attempts
         # Every wait is bounded by the clock that watches it: a batch (LLM answers, acks)

@@ -171,6 +171,11 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.assigned_partitions = Gauge(
+            "tagstream_assigned_partitions",
+            "Input partitions this replica owns (0: idle, e.g. more replicas than partitions).",
+            registry=r,
+        )
         self.producer_recreated = Counter(
             "tagstream_producer_recreated_total",
             "Producers replaced after a fatal error or no acknowledgement for too long.",
