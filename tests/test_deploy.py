@@ -80,31 +80,83 @@ def test_dashboard_covers_what_operators_read() -> None:
         assert needed in text, needed
 
 
+PROM = ROOT / "deploy" / "prometheus"
+
+
+def _alerts() -> dict[str, dict[str, Any]]:
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    return {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def test_alert_rules_are_complete() -> None:
-    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
-    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    alerts = _alerts()
     assert {
+        "TagstreamDown",  # the pods' own gauges cannot say that there are no pods
+        "TagstreamTargetDown",
+        "TagstreamRestarting",
+        "TagstreamBrokerLag",
         "TagstreamLagGrowing",
         "TagstreamNoProgress",
+        "TagstreamCommitErrors",
         "TagstreamDeadLetters",
         "TagstreamLLMErrors",
     } <= set(alerts)
     ops = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    anchors = {_anchor(h) for h in re.findall(r"^#{2,4} (.+)$", ops, re.M)}
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
-        assert name in ops, f"docs/OPERATIONS.md has no runbook entry for {name}"
+        page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert page == "docs/OPERATIONS.md" and anchor == name.lower(), name
+        assert anchor in anchors, f"docs/OPERATIONS.md has no runbook section for {name}"
+        section = ops.split(f"### {name}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        assert "Check" in section and "Fix" in section, f"{name}: runbook lacks checks or fix"
+
+
+def _promtool() -> str:
+    tool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    tool = tool or str(ROOT / ".tools" / "promtool")
+    if not Path(tool).is_file():
+        pytest.skip("promtool not installed: run `make tools` (make test does)")
+    return tool
+
+
+def test_alert_rules_fire_on_their_faults_under_promtool() -> None:
+    """`promtool test rules`: each alert fires on synthetic series of its fault and stays
+    silent on healthy ones (deploy/prometheus/alerts_test.yml)."""
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        out = subprocess.run([_promtool(), *args], cwd=PROM, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_alert_has_a_firing_and_a_silent_case() -> None:
+    cases = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+    checks = [c for case in cases for c in case["alert_rule_test"]]
+    for name in _alerts():
+        mine = [c for c in checks if c["alertname"] == name]
+        assert any(c["exp_alerts"] for c in mine), f"no case where {name} fires"
+        assert any(not c["exp_alerts"] for c in mine), f"no case where {name} stays silent"
 
 
 def test_compose_and_prometheus_files_parse() -> None:
     compose = yaml.safe_load((ROOT / "deploy" / "compose" / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"redpanda", "tagstream", "llm", "prometheus", "grafana"} <= set(services)
+    assert "kafka-exporter" in services  # broker-side lag, for TagstreamBrokerLag
     env = services["tagstream"]["environment"]
     assert env["TAGSTREAM_LLM"].startswith("http://llm:")
     assert "stop_grace_period" in services["tagstream"]
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["tagstream:9108"]
+    jobs = {c["job_name"]: c["static_configs"][0]["targets"] for c in prom["scrape_configs"]}
+    # the alert rules select job="tagstream"; the exporter's port is the one compose runs
+    assert jobs["tagstream"] == ["tagstream:9108"]
+    cmd = " ".join(services["kafka-exporter"]["command"])
+    assert jobs["kafka-exporter"] == ["kafka-exporter:9308"] and "redpanda:9092" in cmd
     for mount in services["grafana"]["volumes"] + services["prometheus"]["volumes"]:
         src = mount.split(":")[0]
         assert (ROOT / "deploy" / "compose" / src).resolve().exists(), src
@@ -136,8 +188,8 @@ def _helm() -> str:
 
 def _render(*sets: str) -> list[dict[str, Any]]:
     args = [_helm(), "template", "t", str(CHART)]
-    for s in sets:
-        args += ["--set", s]
+    for s in sets:  # "key:=value" sets a string (--set-string), "key=value" a typed value
+        args += ["--set-string", s.replace(":=", "=", 1)] if ":=" in s else ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -160,6 +212,15 @@ def test_chart_renders_the_defaults() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # the restricted Pod Security level, no API token, and a changed secret rolls the pods
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["ServiceAccount"]["automountServiceAccountToken"] is False
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert {"checksum/config", "checksum/secret"} <= set(annotations)
+    assert "imagePullSecrets" not in pod and "env" not in c
     cm = docs["ConfigMap"]["data"]
     assert cm["TAGSTREAM_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert not any("API_KEY" in k or "PASSWORD" in k for k in cm)  # secrets stay in the Secret
@@ -180,13 +241,148 @@ def test_chart_renders_the_defaults() -> None:
     }
     parsed = Settings.model_validate(env)
     assert parsed.pipeline is True and parsed.llm_max_pending == 256
-    # the grace period covers the LLM's worst case: timeout x attempts + 60
-    assert pod["terminationGracePeriodSeconds"] >= 30 * 3 + 60
+    # the grace period covers the service's shutdown budget, plus acks, commit and leaving
+    assert pod["terminationGracePeriodSeconds"] >= parsed.shutdown_timeout_s + 60
+    assert "lifecycle" not in c  # no preStop sleep eating the grace period
 
 
-def test_chart_grace_period_follows_the_llm_timeout() -> None:
-    docs = {d["kind"]: d for d in _render("config.llmTimeoutS=120", "config.llmAttempts=4")}
-    assert docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 540
+def _grace(*sets: str) -> int:
+    docs = {d["kind"]: d for d in _render(*sets)}
+    return int(docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+
+
+def test_chart_grace_period_follows_the_shutdown_budget() -> None:
+    assert _grace("config.shutdownTimeoutS=300") == 360
+    assert _grace("config.shutdownTimeoutS=30", "terminationGracePeriodSeconds=200") == 200
+
+
+def test_chart_renders_sasl_keda_auth_and_extra_env() -> None:
+    docs = _render(
+        "keda.enabled=true",
+        "config.securityProtocol=SASL_SSL",
+        "config.saslMechanism=SCRAM-SHA-512",
+        "config.saslUsername=svc-tagstream",
+        "secret.saslPassword=pw",
+        "extraEnv[0].name=TAGSTREAM_LLM_RATE_LIMIT",
+        "extraEnv[0].value:=20",
+        "extraEnvFrom[0].configMapRef.name=more",
+        "imagePullSecrets[0].name=regcred",
+        "serviceAccount.name=sa1",
+    )
+    kinds = {d["kind"]: d for d in docs}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert {"name": "TAGSTREAM_LLM_RATE_LIMIT", "value": "20"} in c["env"]
+    assert c["envFrom"][2] == {"configMapRef": {"name": "more"}}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "sa1" == kinds["ServiceAccount"]["metadata"]["name"]
+    assert kinds["Secret"]["stringData"]["TAGSTREAM_SASL_PASSWORD"] == "pw"
+    trig = kinds["ScaledObject"]["spec"]["triggers"][0]
+    assert trig["metadata"]["sasl"] == "scram_sha512" and trig["metadata"]["tls"] == "enable"
+    auth = kinds["TriggerAuthentication"]
+    assert trig["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    # the scaler logs in as the service does: its username variable and its password key
+    assert auth["spec"]["env"] == [
+        {"parameter": "username", "name": "TAGSTREAM_SASL_USERNAME", "containerName": "tagstream"}
+    ]
+    assert kinds["ConfigMap"]["data"]["TAGSTREAM_SASL_USERNAME"] == "svc-tagstream"
+    assert c["name"] == "tagstream"
+    (pw,) = auth["spec"]["secretTargetRef"]
+    assert pw["parameter"] == "password" and pw["key"] == "TAGSTREAM_SASL_PASSWORD"
+    assert pw["name"] == kinds["Secret"]["metadata"]["name"]
+
+
+def test_chart_keda_auth_variants() -> None:
+    plain = {d["kind"]: d for d in _render("keda.enabled=true")}
+    assert "TriggerAuthentication" not in plain
+    assert "authenticationRef" not in plain["ScaledObject"]["spec"]["triggers"][0]
+    tls = {
+        d["kind"]: d
+        for d in _render(
+            "keda.enabled=true",
+            "config.securityProtocol=SSL",
+            "keda.auth.caSecret.name=kafka-ca",
+        )
+    }
+    assert tls["ScaledObject"]["spec"]["triggers"][0]["metadata"]["tls"] == "enable"
+    assert "sasl" not in tls["ScaledObject"]["spec"]["triggers"][0]["metadata"]
+    ca = tls["TriggerAuthentication"]["spec"]["secretTargetRef"]
+    assert ca == [{"parameter": "ca", "name": "kafka-ca", "key": "ca.crt"}]
+    own = {
+        d["kind"]: d
+        for d in _render(
+            "keda.enabled=true",
+            "config.securityProtocol=SASL_SSL",
+            "config.saslMechanism=PLAIN",
+            "existingSecret=s",
+            "keda.auth.existingTriggerAuthentication=shared",
+            "keda.auth.kind=ClusterTriggerAuthentication",
+        )
+    }
+    assert "TriggerAuthentication" not in own
+    ref = own["ScaledObject"]["spec"]["triggers"][0]["authenticationRef"]
+    assert ref == {"name": "shared", "kind": "ClusterTriggerAuthentication"}
+
+
+def test_chart_refuses_sasl_without_a_password() -> None:
+    out = subprocess.run(
+        [
+            _helm(),
+            "template",
+            "t",
+            str(CHART),
+            "--set",
+            "config.securityProtocol=SASL_SSL",
+            "--set",
+            "config.saslMechanism=SCRAM-SHA-256",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "secret.saslPassword" in out.stderr
+
+
+def test_chart_rules_and_dashboard_come_from_the_one_source(tmp_path: Path) -> None:
+    for link, source in (
+        ("alerts.yml", PROM / "alerts.yml"),
+        ("tagstream-dashboard.json", ROOT / "deploy" / "grafana" / "tagstream-dashboard.json"),
+    ):
+        assert (CHART / "files" / link).resolve() == source.resolve()
+    docs = {
+        d["kind"] + d["metadata"]["name"]: d
+        for d in _render(
+            "prometheusRule.enabled=true",
+            "prometheusRule.labels.release=kps",
+            "prometheusRule.runbookBaseUrl=https://docs.example/tagstream/",
+            "grafanaDashboard.enabled=true",
+            "grafanaDashboard.folder=ML",
+            "config.groupId=g1",
+        )
+    }
+    rule = docs["PrometheusRulet-tagstream"]
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    rendered = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    source = _alerts()
+    assert rendered.keys() == source.keys()
+    for name, r in rendered.items():
+        assert 'job="tagstream"' not in r["expr"] and 'consumergroup="tagstream"' not in r["expr"]
+        want = source[name]["expr"].replace(
+            'job="tagstream"', 'job="t-tagstream", namespace="default"'
+        )
+        assert r["expr"] == want.replace('consumergroup="tagstream"', 'consumergroup="g1"')
+        url = r["annotations"]["runbook_url"]
+        assert url == "https://docs.example/tagstream/" + source[name]["annotations"]["runbook_url"]
+    # what the chart renders is still valid for Prometheus
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    out = subprocess.run(
+        [_promtool(), "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    cm = docs["ConfigMapt-tagstream-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "ML"
+    dash = (ROOT / "deploy" / "grafana" / "tagstream-dashboard.json").read_text()
+    assert json.loads(cm["data"]["tagstream.json"]) == json.loads(dash)
 
 
 def test_chart_renders_keda_servicemonitor_and_cpu_only() -> None:
@@ -220,3 +416,20 @@ def test_chart_schema_rejects_bad_values() -> None:
         text=True,
     )
     assert out.returncode != 0 and "llmUnavailable" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("extraEnv[0].name=not a name", "extraEnv"),
+        ("prometheusRule.runbookBaseUrl=ftp://x", "runbookBaseUrl"),
+        ("keda.auth.kind=Secret", "kind"),
+        ("config.shutdownTimeoutS=0", "shutdownTimeoutS"),
+        ("serviceAccount.automount=false", "serviceAccount"),
+    ],
+)
+def test_chart_schema_covers_the_new_keys(setting: str, key: str) -> None:
+    out = subprocess.run(
+        [_helm(), "template", "t", str(CHART), "--set", setting], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and key in out.stderr, out.stderr

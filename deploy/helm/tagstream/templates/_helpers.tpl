@@ -23,8 +23,32 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "tagstream.fullname" .) .Values.existingSecret -}}
 {{- end -}}
 
-{{/* SIGTERM must be able to finish a batch whose LLM calls time out on every attempt. */}}
+{{- define "tagstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tagstream.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* SIGTERM: the service's shutdown budget, then acks, the commit and leaving the group. */}}
 {{- define "tagstream.gracePeriod" -}}
-{{- $llm := mul (int (ceil .Values.config.llmTimeoutS)) (int .Values.config.llmAttempts) -}}
-{{- max (int .Values.terminationGracePeriodSeconds) (add $llm 60) -}}
+{{- max (int .Values.terminationGracePeriodSeconds) (add (int (ceil .Values.config.shutdownTimeoutS)) 60) -}}
+{{- end -}}
+
+{{/* KEDA's names for librdkafka's SASL mechanisms. */}}
+{{- define "tagstream.kedaSasl" -}}
+{{- $m := upper .Values.config.saslMechanism -}}
+{{- if eq $m "PLAIN" -}}plaintext
+{{- else if eq $m "SCRAM-SHA-256" -}}scram_sha256
+{{- else if eq $m "SCRAM-SHA-512" -}}scram_sha512
+{{- else if eq $m "OAUTHBEARER" -}}oauthbearer
+{{- else if eq $m "GSSAPI" -}}gssapi
+{{- else -}}{{ fail (printf "keda: config.saslMechanism %q has no KEDA equivalent (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER, GSSAPI)" .Values.config.saslMechanism) }}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the KEDA scaler needs authentication: SASL or TLS to the brokers. */}}
+{{- define "tagstream.kedaNeedsAuth" -}}
+{{- if or (hasPrefix "SASL" .Values.config.securityProtocol) (eq .Values.config.securityProtocol "SSL") .Values.keda.auth.caSecret.name -}}true{{- end -}}
 {{- end -}}
