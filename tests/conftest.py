@@ -195,7 +195,7 @@ def build_tags_argv(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def cli_exit(argv: list[str]) -> int | None:
-    """Run `tagstream ARGV` in-process and return its exit code (2: a clear user error)."""
+    """Run `tagstream ARGV` in-process; its exit code (2 usage, 3 configuration or input)."""
     from consumer.cli import main
 
     with pytest.raises(SystemExit) as e:

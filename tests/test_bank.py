@@ -11,6 +11,7 @@ import pytest
 from tagsys import EncoderMismatchError, Tag, TagSystem, TagSystemError
 from tagsys.bank import bank_neighbours, expand_with_bank
 from tagsys.distill import Head
+from tagsys.errors import EXIT_CONFIG
 from tests.conftest import OPAQUE_ROWS, cli_exit, cli_ok, write_labelled_jsonl
 
 
@@ -96,11 +97,11 @@ def test_bank_in_eval_and_import_tags(
     ts = TagSystem.load(tmp_path / "ts")
     assert ts.provenance["bank"]["k"] == 2 and ts.provenance["bank"]["weight"] == 0.7
 
-    # a bank from another encoder is refused with a clear error, exit 2
+    # a bank from another encoder is refused with a clear error, exit 3 (configuration)
     e5 = ["--model", "multilingual-e5-small", *base]
     cli_ok("import-tags", str(bank_vocab), "--format", "list", "--out", str(tmp_path / "e5"), *e5)
     capsys.readouterr()
     bad = ["--bank", str(tmp_path / "e5"), *base]
-    assert cli_exit(["eval", "--data", str(data), "--format", "jsonl", *bad]) == 2
+    assert cli_exit(["eval", "--data", str(data), "--format", "jsonl", *bad]) == EXIT_CONFIG
     said = " ".join(capsys.readouterr().err.split())
     assert "import the bank with --model all-MiniLM-L6-v2" in said

@@ -18,6 +18,7 @@ from consumer.tools.bench import load_items, shared_data_dir
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
 from tagsys.distill import fit_head
+from tagsys.errors import EXIT_CONFIG
 from tagsys.textfeat import TextFeatures
 from tests.conftest import OPAQUE_ROWS
 
@@ -157,7 +158,7 @@ def test_bench_refuses_a_tag_system_of_another_encoder(
         "--no-torch",
         timeout=300,
     )
-    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.returncode == EXIT_CONFIG, out.stderr[-2000:]
     assert "multilingual-e5-small" in out.stderr and "all-MiniLM-L6-v2" in out.stderr
 
 

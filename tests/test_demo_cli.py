@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from consumer.cli import app
 from consumer.tools.demo import run_demo, sample_events
-from tagsys.errors import TagstreamError
+from tagsys.errors import EXIT_CONFIG, TagstreamError
 
 runner = CliRunner()
 
@@ -189,7 +189,7 @@ def test_import_tags_rejects_a_bad_file_with_a_clear_error(tmp_path: Path) -> No
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 2 and "cannot read vocabulary" in out.stderr
+    assert out.returncode == EXIT_CONFIG and "cannot read vocabulary" in out.stderr
     assert "Traceback" not in out.stderr
 
 

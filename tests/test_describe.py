@@ -26,6 +26,7 @@ from consumer.tools.describe import (
 )
 from models_onnx import OnnxEncoder
 from tagsys import Tag, TagSystem
+from tagsys.errors import EXIT_CONFIG
 from tests.conftest import FakeOpenAI, Reply, Responder, text_completion
 
 
@@ -246,13 +247,13 @@ def test_the_tag_template_shapes_the_prompt_not_the_tag(
     assert doc["provenance"]["prompt_template"] == "{name} (cooking)"
     with pytest.raises(SystemExit) as e:
         main([*argv, "--tag-template", "{tag} (cooking)"])
-    assert e.value.code == 2
+    assert e.value.code == EXIT_CONFIG
 
 
 def test_describe_tags_needs_one_source(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["describe-tags", "--out", str(tmp_path / "v.json"), "--llm", "http://x/v1"])
-    assert e.value.code == 2
+    assert e.value.code == EXIT_CONFIG
 
 
 @pytest.mark.llm

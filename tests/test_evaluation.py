@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tagsys import GateConfig, decide
 from tagsys.datasets import DatasetError, load, strip_hashtags
+from tagsys.errors import EXIT_CONFIG
 from tagsys.evaluation import Outcome, auto_ceiling, calibrate, compute
 from tagsys.lexicon import Lexicon
 from tests.conftest import write_labelled_jsonl
@@ -345,11 +346,11 @@ def test_eval_and_calibrate_cli_on_toy_data(
     assert templated["items"] == 18 and templated["tag_system"] != out["tag_system"]
     with pytest.raises(SystemExit) as e:
         main(["eval", *base, "--tag-system", str(cal_dir), "--tag-template", "{name} (x)"])
-    assert e.value.code == 2
+    assert e.value.code == EXIT_CONFIG
     assert "embedded already" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["eval", *base, "--tag-template", "cooking"])
-    assert e.value.code == 2
+    assert e.value.code == EXIT_CONFIG
     assert "exactly once" in capsys.readouterr().err
 
 

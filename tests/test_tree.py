@@ -12,6 +12,7 @@ import pytest
 
 from tagsys import EncoderMismatchError, Tag, TagSystem, TagSystemError
 from tagsys.distill import Head
+from tagsys.errors import EXIT_CONFIG
 from tagsys.tree import children, expand_with_tree, node_path
 from tagsys.vocab import read_vocabulary
 from tests.conftest import OPAQUE_ROWS, cli_exit, cli_ok, write_labelled_jsonl
@@ -172,7 +173,7 @@ def test_tree_in_import_tags_and_eval(
         "weight": 0.4,
         "expanded": 3,
     }
-    # a tree that names none of the tags is refused with a clear error, exit 2
+    # a tree that names none of the tags is refused with a clear error, exit 3 (configuration)
     other = tmp_path / "other.csv"
     other.write_text("top,sub\nanimals,cats\n")
     cli_ok("import-tags", str(other), "--format", "hierarchy", "--out", str(tmp_path / "o"), *base)
@@ -181,7 +182,7 @@ def test_tree_in_import_tags_and_eval(
         cli_exit(
             ["eval", "--data", str(data), "--format", "jsonl", "--tree", str(tmp_path / "o"), *base]
         )
-        == 2
+        == EXIT_CONFIG
     )
     said = " ".join(capsys.readouterr().err.split())
     assert "has children in tree" in said

@@ -7,23 +7,21 @@ once in `options`. The commands are registered here, in the order `--help` lists
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from consumer.cli import bench, build, demo, distill, dlq, evaluate, export, llm, run, vocab
 from consumer.cli.options import err
-from tagsys.errors import TagstreamError
+from tagsys.errors import EXIT_CONFIG, TagstreamError
 
 app = typer.Typer(
-    help="Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, "
-    "selective LLM, tag events out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(run.run)
+app.command(epilog=run.env_only_help())(run.run)
 app.command()(run.send)
 app.command()(demo.demo)
 app.command()(bench.bench)
@@ -38,17 +36,41 @@ app.command("describe-tags")(vocab.describe_tags_cmd)
 app.command("llm-serve")(llm.llm_serve)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tagstream {version('tagstream')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, selective LLM,
+    tag events out.
+
+    Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 configuration or input error,
+    4 a broker or endpoint unreachable (or refusing the credentials)."""
+
+
 def main(argv: list[str] | None = None) -> Any:
     try:
         return app(args=argv, standalone_mode=True)
     except TagstreamError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise SystemExit(2) from None
+        err.print(f"[red]error:[/] {e}", soft_wrap=True)  # one line, for logs and scripts
+        raise SystemExit(e.exit_code) from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        err.print(f"[red]invalid setting[/] {where}: {first['msg']}")
-        raise SystemExit(2) from None
+        err.print(f"[red]invalid setting[/] {where}: {first['msg']}", soft_wrap=True)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 if __name__ == "__main__":

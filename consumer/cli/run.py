@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import SecretStr
 
 from consumer.cli import logs
 from consumer.cli.options import (
@@ -45,14 +44,6 @@ def run(
     llm_model: Annotated[
         str, env_option("llm_model", "Model name sent to the LLM endpoint.")
     ] = "smollm2",
-    llm_api_key: Annotated[
-        str,
-        env_option(
-            "llm_api_key",
-            "API key for the LLM endpoint (kept secret: never logged).",
-            show_default=False,
-        ),
-    ] = "",
     llm_concurrency: Annotated[int, env_option("llm_concurrency", "Concurrent LLM requests.")] = 4,
     llm_timeout_s: Annotated[
         float, env_option("llm_timeout_s", "Timeout of one LLM request, seconds.")
@@ -169,9 +160,24 @@ def run(
     logs.configure(given.pop("log_level"))
     # each other parameter is the `Settings` field of its name (the README lists them all:
     # test_the_readme_names_every_setting_of_run)
-    given["llm_api_key"] = SecretStr(llm_api_key)
     settings = Settings(**{k: v.value if isinstance(v, Enum) else v for k, v in given.items()})
     run_service(settings)
+
+
+def env_only_help() -> str:
+    """`run --help`'s epilog: the settings with no option (secrets, SASL, breaker, limits),
+    named by their environment variables, so --help hides none of them."""
+    import inspect
+
+    from consumer.tagging.config import Settings
+
+    flags = set(inspect.signature(run).parameters)
+    names = [f"TAGSTREAM_{f.upper()}" for f in Settings.model_fields if f not in flags]
+    return (
+        "Environment only (secrets never go on the command line, where `ps` shows them): "
+        + ", ".join(names)
+        + ". The README describes each."
+    )
 
 
 def send(

@@ -44,15 +44,44 @@ from consumer.tagging.dead_letters import (
 )
 from consumer.tagging.events import DecodeError, UploadEvent, ce_headers, decode, now_iso
 from consumer.tagging.metrics import Metrics
-from tagsys.errors import TagstreamError
+from tagsys.errors import RuntimeFailure, TagstreamError, UnavailableError
 
 log = structlog.get_logger(__name__)
+
+
+class RepeatFilter(logging.Filter):
+    """One line per distinct message per `every_s`: librdkafka logs a failed connect at every
+    reconnect (hundreds a minute with a broker down), which buries everything else."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.allow(record.getMessage())
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every_s:
+                return False
+            if len(self._last) > 4096:  # bounded: messages carry addresses and states
+                self._last.clear()
+            self._last[key] = now
+        return True
+
+
 KAFKA_LOGGER = logging.getLogger("librdkafka")  # librdkafka's own log lines, via logging
+KAFKA_LOGGER.addFilter(RepeatFilter())
+KAFKA_ERRORS = RepeatFilter()  # the same for error_cb's non-fatal errors
 
 TP = tuple[str, int]
 
 
-class KafkaRuntimeError(TagstreamError):
+class KafkaRuntimeError(RuntimeFailure):
     """A Kafka failure the loop cannot ride out; `code` is librdkafka's error code."""
 
     def __init__(self, message: str, code: int | None = None) -> None:
@@ -315,7 +344,7 @@ class KafkaService:
     def _on_error(err: KafkaError) -> None:
         if err.fatal():
             log.error("kafka_fatal_error", error=str(err))
-        else:
+        elif KAFKA_ERRORS.allow(str(err)):
             log.warning("kafka_error", error=str(err))
 
     def _on_producer_error(self, err: KafkaError) -> None:
@@ -418,15 +447,25 @@ class KafkaService:
 
     # ---- the loop ------------------------------------------------------------------------
     def check_topics(self, timeout_s: float = 10.0) -> None:
-        """Fail fast, with the fix in the message, when a topic we need does not exist."""
-        md = self.consumer.list_topics(timeout=timeout_s)
+        """Fail fast, with the fix in the message, when the brokers cannot be reached (or
+        refuse the credentials) or a topic we need does not exist."""
+        try:
+            md = self.consumer.list_topics(timeout=timeout_s)
+        except KafkaException as e:
+            kerr = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            reason = kerr.str() if kerr is not None else str(e)
+            raise UnavailableError(
+                f"cannot reach the brokers at {self.s.bootstrap_servers}: {reason} "
+                f"(waited {timeout_s:g} s; check the address, the network and "
+                "--security-protocol / SASL settings)"
+            ) from None
         missing = [
             t
             for t in (self.s.input_topic, self.s.output_topic, self.s.dlq, self.s.decisions_topic)
             if t and (t not in md.topics or md.topics[t].error is not None)
         ]
         if missing:
-            raise KafkaRuntimeError(
+            raise TagstreamError(
                 f"topic(s) {', '.join(missing)} do not exist on {self.s.bootstrap_servers}; "
                 "create them (the dead-letter topic defaults to <input>.dlq, --dlq-topic "
                 "changes it) or pass --no-check-topics if the broker creates topics itself"

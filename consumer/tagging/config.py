@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     # "none", "local" (start the bundled llama.cpp server) or an OpenAI-compatible base URL
     llm: str = "none"
     llm_model: str = "smollm2"
+    # environment (or a file) only: a command-line argument would show in `ps`
     llm_api_key: SecretStr = SecretStr("")
+    llm_api_key_file: Path | None = None  # e.g. a mounted secret; read when llm_api_key is empty
     llm_concurrency: int = Field(4, ge=1, le=256)
     llm_timeout_s: float = Field(30.0, gt=0)
     llm_max_tokens: int = Field(96, ge=8)
@@ -74,6 +76,17 @@ class Settings(BaseSettings):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        """TAGSTREAM_LLM_API_KEY_FILE: the key from a file (a mounted secret), stripped."""
+        if self.llm_api_key_file is not None and not self.llm_api_key.get_secret_value():
+            try:
+                key = self.llm_api_key_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"cannot read llm_api_key_file: {e}") from None
+            self.llm_api_key = SecretStr(key)
+        return self
 
     @property
     def dlq(self) -> str:

@@ -32,12 +32,13 @@ from consumer.tagging.metrics import Metrics
 from models_onnx import OnnxEncoder
 from models_onnx.encoder import TokenizedBatch
 from models_onnx.matcher import MIN_TAGS, OrtMatcher
-from tagsys import Decision, TagstreamError, TagSystem, decide
+from tagsys import Decision, TagSystem, decide
+from tagsys.errors import RuntimeFailure
 
 log = structlog.get_logger(__name__)
 
 
-class CoreBrokenError(TagstreamError):
+class CoreBrokenError(RuntimeFailure):
     """The core fails even on a harmless canary item: the fault is not the input's."""
 
 

@@ -1,0 +1,112 @@
+"""The CLI's conventions: `--version`, exit codes that tell usage, configuration, outage and
+crash apart, a one-line error for an unreachable broker, and no secret on the command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from consumer.cli import app
+from consumer.service.runner import RepeatFilter
+from consumer.tagging.config import Settings
+from consumer.tagging.net import free_port
+from tagsys.errors import (
+    EXIT_CONFIG,
+    EXIT_RUNTIME,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    RuntimeFailure,
+    TagstreamError,
+    UnavailableError,
+)
+from tests.conftest import cli_exit
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_version() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"tagstream {version('tagstream')}"
+
+
+def test_exit_codes_are_distinct(tmp_path: Path) -> None:
+    codes = {EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE}
+    assert len(codes) == 4 and 0 not in codes
+    assert TagstreamError.exit_code == EXIT_CONFIG
+    assert UnavailableError.exit_code == EXIT_UNAVAILABLE
+    assert RuntimeFailure.exit_code == EXIT_RUNTIME
+    assert cli_exit(["run", "--no-such-option"]) == EXIT_USAGE
+    missing = tmp_path / "nope.json"
+    assert cli_exit(["import-tags", str(missing), "--out", str(tmp_path / "o")]) == EXIT_CONFIG
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_4(model_dir: Path, tmp_path: Path) -> None:
+    """Not a traceback: the address, librdkafka's reason and the 'unavailable' code; and the
+    connect failures librdkafka repeats are logged once, not at every retry."""
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "TAGSTREAM_MODEL_DIR": str(model_dir)}
+    cmd = [sys.executable, "-m", "consumer.cli", "run"]
+    cmd += ["--bootstrap-servers", f"127.0.0.1:{port}", "--metrics-port", "0"]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == EXIT_UNAVAILABLE, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-2000:]
+    assert f"cannot reach the brokers at 127.0.0.1:{port}" in errors[0]
+    assert "Broker transport failure" in errors[0] or "Connection refused" in errors[0]
+    assert "Traceback" not in out.stderr
+    noise = out.stdout + out.stderr
+    assert noise.count("Connection refused") <= 6, noise[-3000:]  # once per client, not per retry
+
+
+def test_repeat_filter_lets_each_message_through_once_per_window() -> None:
+    f = RepeatFilter(every_s=60)
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("librdkafka", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert f.filter(rec("connect failed")) and f.filter(rec("other"))
+    assert not f.filter(rec("connect failed"))
+    assert RepeatFilter(every_s=0).filter(rec("x"))
+
+
+def test_the_llm_key_is_not_a_command_line_option(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", "--llm-api-key", "sk-1"])
+    assert res.exit_code == EXIT_USAGE
+    key = tmp_path / "key"
+    key.write_text("sk-from-file\n")
+    assert Settings(llm_api_key_file=key).llm_api_key.get_secret_value() == "sk-from-file"
+    given = Settings(llm_api_key="sk-env", llm_api_key_file=key)
+    assert given.llm_api_key.get_secret_value() == "sk-env"  # the variable wins
+    with pytest.raises(ValueError, match="llm_api_key_file"):
+        Settings(llm_api_key_file=tmp_path / "missing")
+
+
+def test_run_help_names_the_environment_only_settings() -> None:
+    res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(res.output.split())
+    for var in (
+        "TAGSTREAM_LLM_API_KEY",
+        "TAGSTREAM_LLM_API_KEY_FILE",
+        "TAGSTREAM_SASL_PASSWORD",
+        "TAGSTREAM_SASL_MECHANISM",
+        "TAGSTREAM_SECURITY_PROTOCOL",
+        "TAGSTREAM_LLM_BREAKER_FAILURES",
+        "TAGSTREAM_LLM_BREAKER_RESET_S",
+        "TAGSTREAM_SHUTDOWN_TIMEOUT_S",
+    ):
+        assert var in text, var
