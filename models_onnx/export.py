@@ -19,7 +19,15 @@ import numpy as np
 
 from models_onnx.encoder import POOLED
 from models_onnx.manifest import Manifest, ModelIntegrityError, ModelNotFoundError, sha256_file
-from models_onnx.registry import default_model_dir, model_path, resolve_source, spec_for
+from models_onnx.registry import (
+    GEMMA_TERMS_ENV,
+    default_model_dir,
+    model_path,
+    resolve_source,
+    spec_for,
+    terms_accepted,
+)
+from models_onnx.upstream import verify_upstream
 from tagsys.errors import TagstreamError
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,11 @@ def export_encoder(
     if not force and is_exported(spec.name, model_dir):
         say(f"{spec.name}: already exported and verified in {out}")
         return out
+    if not terms_accepted(spec):
+        raise TagstreamError(
+            f"{spec.name} is under licence terms you have not accepted: {spec.terms}. "
+            f"Read them, then set {GEMMA_TERMS_ENV}=1 (or pass --accept-gemma-terms)"
+        )
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from optimum.exporters.onnx import main_export
@@ -88,6 +101,9 @@ def export_encoder(
         else:
             source = resolve_source(spec, say)
         if Path(source).is_dir():
+            checked = verify_upstream(spec.name, Path(source))
+            if checked:
+                say(f"{spec.name}: {', '.join(checked)} match the publisher's digests")
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
         say(f"{spec.name}: exporting {source} to ONNX (opset {OPSET})")
         main_export(
@@ -147,6 +163,8 @@ def export_encoder(
             },
         )
         manifest.save(tmp)
+        if spec.terms:
+            (tmp / "NOTICE").write_text(spec.terms + "\n")
         _check(tmp, manifest, say, dense)
         _check_reference(Path(source), tmp, manifest, say, dense)
         shutil.rmtree(tmp / "hf-checkpoint", ignore_errors=True)

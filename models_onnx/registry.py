@@ -32,6 +32,24 @@ class EncoderSpec:
     # the variants the export writes beside fp32 (the CPU int8 and the GPU fp16 one)
     int8: bool = True
     fp16: bool = True
+    # licence terms that must be accepted before the weights are fetched; the notice is
+    # shipped in the exported folder (NOTICE)
+    terms: str = ""
+
+
+# EmbeddingGemma and Gemma 3 are under the Gemma Terms of Use, which a user accepts explicitly.
+GEMMA_TERMS_ENV = "TAGSTREAM_ACCEPT_GEMMA_TERMS"
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at "
+    "ai.google.dev/gemma/terms"
+)
+
+
+def terms_accepted(spec: EncoderSpec) -> bool:
+    """True for weights with no terms, or when the user accepted the Gemma Terms."""
+    if not spec.terms:
+        return True
+    return os.environ.get(GEMMA_TERMS_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
 KNOWN_ENCODERS: dict[str, EncoderSpec] = {
@@ -71,6 +89,7 @@ KNOWN_ENCODERS: dict[str, EncoderSpec] = {
         synonym_cosine=0.92,
         int8=False,
         fp16=False,
+        terms=GEMMA_NOTICE,
     ),
 }
 

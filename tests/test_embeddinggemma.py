@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 
 from models_onnx import OnnxEncoder
 from models_onnx.chunked import ChunkedCheckpoint, Fetch, assemble
-from models_onnx.export import POOLED, add_pooling, export_encoder, st_dense
-from models_onnx.registry import spec_for
+from models_onnx.export import POOLED, add_pooling, export_encoder, is_exported, st_dense
+from models_onnx.registry import spec_for, terms_accepted
 from tagsys.errors import TagstreamError
 
 MEMBER = "pkg/chunk.bin"
@@ -165,7 +165,12 @@ def test_spec_is_fp32_only_with_its_prompts() -> None:
 
 @pytest.fixture(scope="module")
 def gemma(model_dir: Path) -> OnnxEncoder:
-    """Exported by `make install` (a no-op here then); checked against PyTorch at export."""
+    """Exported by `make install` (a no-op here then); checked against PyTorch at export.
+    Its weights are under the Gemma Terms: without them accepted and no export, skip."""
+    if not is_exported("embeddinggemma-300m", model_dir) and not terms_accepted(
+        spec_for("embeddinggemma-300m")
+    ):
+        pytest.skip("the Gemma Terms are not accepted: ACCEPT_GEMMA_TERMS=1 make install")
     export_encoder("embeddinggemma-300m", model_dir)
     return OnnxEncoder("embeddinggemma-300m", model_dir=model_dir, device="cpu")
 

