@@ -19,7 +19,11 @@ def _minilm() -> Path:
 
 
 def test_the_minilm_wheel_carries_the_publishers_file() -> None:
-    assert verify_upstream("all-MiniLM-L6-v2", _minilm()) == ["model.safetensors"]
+    assert verify_upstream("all-MiniLM-L6-v2", _minilm()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
 
 
 def test_an_altered_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -62,4 +66,4 @@ def test_joined_embeddinggemma_matches_googles_file() -> None:
     folder = default_model_dir().parent / "hf" / "embeddinggemma-300m"
     if not (folder / "model.safetensors").is_file():
         pytest.skip("embeddinggemma-300m was not fetched (Gemma Terms not accepted)")
-    assert verify_upstream("embeddinggemma-300m", folder) == ["model.safetensors"]
+    assert len(verify_upstream("embeddinggemma-300m", folder)) == 15  # every file it reads
