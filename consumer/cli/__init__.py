@@ -12,7 +12,19 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from consumer.cli import bench, build, demo, distill, dlq, evaluate, export, llm, run, vocab
+from consumer.cli import (
+    bench,
+    build,
+    demo,
+    distill,
+    dlq,
+    evaluate,
+    export,
+    llm,
+    run,
+    simulate,
+    vocab,
+)
 from consumer.cli.options import err
 from tagsys.errors import EXIT_CONFIG, TagstreamError
 
@@ -30,6 +42,7 @@ app.command("replay-dlq")(dlq.replay_dlq_cmd)
 app.command("eval")(evaluate.eval_cmd)
 app.command("calibrate")(evaluate.calibrate_cmd)
 app.command("distill")(distill.distill_cmd)
+app.command("simulate")(simulate.simulate_cmd)
 app.command("build-tags")(build.build_tags_cmd)
 app.command("import-tags")(vocab.import_tags)
 app.command("describe-tags")(vocab.describe_tags_cmd)

@@ -26,7 +26,7 @@ from consumer.tagging.llm import (
     PROPOSE_PROMPT_VERSION,
     UNAVAILABLE,
     LLMAnswer,
-    SelectiveTagger,
+    Tagger,
 )
 from consumer.tagging.metrics import Metrics
 from models_onnx import OnnxEncoder
@@ -73,13 +73,34 @@ class TagResult:
         return self.decision is Decision.REVIEW
 
 
+def llm_item(ev: UploadEvent, max_field_chars: int) -> dict[str, Any]:
+    """The item as the LLM is shown it: its non-empty fields, each cut to `max_field_chars`
+    (never its id: the prompt holds the content only)."""
+    item: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "title": ev.title,
+            "caption": ev.caption,
+            "cover_text": ev.cover_text,
+            "ocr": ev.ocr,
+            "asr": ev.asr,
+            "hashtags": ev.hashtags or None,
+        }.items()
+        if v
+    }
+    for k, v in item.items():
+        if isinstance(v, str):
+            item[k] = v[:max_field_chars]
+    return item
+
+
 class TaggingCore:
     def __init__(
         self,
         encoder: OnnxEncoder,
         tag_system: TagSystem,
         *,
-        tagger: SelectiveTagger | None = None,
+        tagger: Tagger | None = None,
         metrics: Metrics | None = None,
         llm_concurrency: int = 4,
         max_field_chars: int = 2000,
@@ -292,21 +313,7 @@ class TaggingCore:
 
     def _ask(self, ts: TagSystem, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
         assert self.tagger is not None
-        item = {
-            k: v
-            for k, v in {
-                "title": ev.title,
-                "caption": ev.caption,
-                "cover_text": ev.cover_text,
-                "ocr": ev.ocr,
-                "asr": ev.asr,
-                "hashtags": ev.hashtags or None,
-            }.items()
-            if v
-        }
-        for k, v in item.items():
-            if isinstance(v, str):
-                item[k] = v[: self.max_field_chars]
+        item = llm_item(ev, self.max_field_chars)
         if self.llm_mode == "generative":
             return self._generate(ts, ev, item)
         names = [ts.names[j] for j, _ in short]

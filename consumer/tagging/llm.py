@@ -11,7 +11,7 @@ import email.utils
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 import orjson
@@ -148,6 +148,21 @@ class _WaitRetryAfter(tenacity.wait.wait_base):
         if ra is not None:
             return min(ra, self.cap_s)
         return float(self.backoff(retry_state))
+
+
+class Tagger(Protocol):
+    """What the tagging core asks of its LLM: `SelectiveTagger` against an endpoint, or a
+    stand-in such as `tagstream simulate`'s, which answers from gold labels."""
+
+    model: str
+
+    def tag(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer: ...
+
+    def propose(
+        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+    ) -> LLMAnswer: ...
+
+    def close(self) -> None: ...
 
 
 class SelectiveTagger:

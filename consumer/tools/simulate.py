@@ -1,0 +1,265 @@
+"""`tagstream simulate`: the learning loop on labelled data, measured.
+
+A labelled file is replayed in its order through the service's `TaggingCore` (the same
+shortlist, gate and LLM step as `run`). The LLM is a stand-in behind the same tagger
+interface that answers from the gold labels: it picks the gold tags that are on the shortlist
+it was shown, and with probability 1 - P a wrong tag from that shortlist instead; it never
+sees tags off the shortlist, as a selective-mode LLM never does. Its decisions are recorded as
+the service records them (`decision_record`), and every N decisions the loop re-distils with
+the code `distill --from-topic` runs (`labelled_from_decisions`, then `distill`), swapping the
+tag system between batches as hot reload does.
+
+No unearned confidence: the starting tag system's gate was never fitted (a zero-shot one
+auto-accepts by score quantiles, at a precision nobody measured), so until the first distil
+nothing is auto-accepted and every item goes to the LLM.
+
+What comes out, per window of items and overall: the LLM's share, the precision of what the
+gate auto-accepted (against the gold labels), final precision / recall / F1, LLM calls and the
+share of calls saved against sending every item to the LLM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import orjson
+
+from consumer.tagging.core import TaggingCore, TagResult, llm_item
+from consumer.tagging.llm import LLMAnswer
+from consumer.tagging.metrics import Metrics
+from consumer.tools.distill import Labelled, distill, labelled_from_decisions
+from consumer.tools.evaluate import to_event
+from models_onnx import OnnxEncoder
+from tagsys import Decision, TagSystem
+from tagsys.datasets import DatasetError, Item
+from tagsys.errors import TagstreamError
+from tagsys.evaluation import Outcome, auto_ceiling, compute, gate_outcomes
+
+Progress = Callable[[int, int], None]
+# the unfitted gate: no score reaches it, so nothing is auto-accepted
+UNREACHABLE = 2.0
+
+
+def _key(item: dict[str, Any]) -> str:
+    return orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode()
+
+
+class SimulatedLLM:
+    """Answers from gold labels, right with probability `accuracy` (per item, seeded by the
+    item's content, so the same item gets the same answer in any thread order)."""
+
+    model = "simulated"
+
+    def __init__(self, gold: dict[str, frozenset[str]], accuracy: float, *, seed: int = 0) -> None:
+        self.gold = gold  # _key(llm_item(event)) -> gold tag names
+        self.accuracy = accuracy
+        self.seed = seed
+        self.calls = 0
+
+    def tag(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
+        self.calls += 1
+        key = _key(item)
+        gold = self.gold.get(key)
+        if gold is None:
+            return LLMAnswer(status="invalid", error="the simulated LLM knows no such item")
+        rng = random.Random(f"{self.seed}:{key}")
+        right = [n for n in shortlist if n in gold][:max_tags]
+        wrong = [n for n in shortlist if n not in gold]
+        if rng.random() >= self.accuracy and wrong:
+            return LLMAnswer(status="ok", tags=[rng.choice(wrong)])
+        return LLMAnswer(status="ok", tags=right)
+
+    def propose(
+        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+    ) -> LLMAnswer:
+        raise TagstreamError("simulate runs the selective LLM step only")
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class Fit:
+    at_item: int
+    decisions: int
+    version: str
+    report: dict[str, Any]
+
+
+@dataclass
+class SimResult:
+    outcomes: list[Outcome]
+    fits: list[Fit] = field(default_factory=list)
+    llm_calls: int = 0
+    swapped_at: list[int] = field(default_factory=list)  # item positions: batch starts only
+    final: TagSystem | None = None
+
+
+def unfitted(ts: TagSystem) -> TagSystem:
+    """`ts` with a gate that accepts nothing: the LLM decides every item until a fit."""
+    return replace(ts, gate=replace(ts.gate, accept_threshold=UNREACHABLE, tag_thresholds={}))
+
+
+def run_loop(
+    start: TagSystem,
+    encoder: OnnxEncoder,
+    items: list[Item],
+    data: Labelled,
+    *,
+    llm_accuracy: float,
+    distill_every: int,
+    target_precision: float,
+    batch_size: int = 64,
+    holdout: float = 0.2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> SimResult:
+    """Replay `items` (embedded in `data`, same order) through the core with the simulated
+    LLM, re-distilling from its recorded decisions every `distill_every` of them."""
+    if not 0.0 <= llm_accuracy <= 1.0:
+        raise TagstreamError(f"--llm-accuracy must be in [0, 1], not {llm_accuracy}")
+    if distill_every < 10:
+        raise TagstreamError("--distill-every must be at least 10 decisions")
+    events = [to_event(it) for it in items]
+    gold_names: dict[str, frozenset[str]] = {}
+    for ev, g in zip(events, data.gold, strict=True):
+        k = _key(llm_item(ev, 2000))
+        gold_names[k] = gold_names.get(k, frozenset()) | {start.names[j] for j in g}
+    llm = SimulatedLLM(gold_names, llm_accuracy, seed=seed)
+    core = TaggingCore(encoder, unfitted(start), tagger=llm, metrics=Metrics())
+    res = SimResult(outcomes=[])
+    records: list[dict[str, Any]] = []
+    since_fit = 0
+    try:
+        for lo in range(0, len(events), batch_size):
+            hi = min(lo + batch_size, len(events))
+            results = core.decide(events[lo:hi], data.emb[lo:hi], data.texts[lo:hi])
+            for r, g in zip(results, data.gold[lo:hi], strict=True):
+                res.outcomes.append(_outcome(start, r, g))
+                rec = core.decision_record(r)
+                if rec is not None:
+                    records.append(rec)
+                    since_fit += 1
+            if progress:
+                progress(hi, len(events))
+            if since_fit >= distill_every and hi < len(events):
+                fitted = _refit(start, records, holdout, target_precision, hi)
+                if fitted is not None:
+                    core.swap_tag_system(fitted.version_ts)  # between batches, as hot reload
+                    res.fits.append(fitted.fit)
+                    res.swapped_at.append(hi)
+                    since_fit = 0
+        res.final = core.tag_system
+    finally:
+        core.close()
+    res.llm_calls = llm.calls
+    return res
+
+
+@dataclass
+class _Fitted:
+    fit: Fit
+    version_ts: TagSystem
+
+
+def _refit(
+    start: TagSystem,
+    records: list[dict[str, Any]],
+    holdout: float,
+    target: float,
+    at: int,
+) -> _Fitted | None:
+    """`distill --from-topic` on the decisions so far; None while they are too few."""
+    labelled, _ = labelled_from_decisions(records, start)
+    version = f"{start.version}+loop{at}"
+    try:
+        new, report = distill(
+            start, labelled, holdout=holdout, target_precision=target, version=version
+        )
+    except DatasetError:
+        return None
+    return _Fitted(Fit(at, len(records), new.version_id, report), new)
+
+
+def _outcome(start: TagSystem, r: TagResult, gold: frozenset[int]) -> Outcome:
+    """One item's outcome in `start`'s tag indices (every version keeps the vocabulary)."""
+
+    def to_start(j: int) -> int:
+        k = start.index_of(r.tag_system.tag_ids[j])
+        return -1 if k is None else k
+
+    return Outcome(
+        gold=gold,
+        ranked=[to_start(j) for j, _ in r.shortlist],
+        auto=r.decision is Decision.ENCODER,
+        routed_llm=r.llm_asked,
+        final=[to_start(j) for j, _, _ in r.tags],
+    )
+
+
+def _window(outcomes: list[Outcome], n_tags: int, lo: int, hi: int) -> dict[str, Any]:
+    part = outcomes[lo:hi]
+    m = compute(part, n_tags)
+    calls = sum(o.routed_llm for o in part)
+    return {
+        "from_item": lo,
+        "to_item": hi,
+        "items": len(part),
+        "llm_calls": calls,
+        "llm_share": calls / len(part) if part else None,
+        "auto_share": m["auto_fraction"],
+        "auto_precision": m["auto_precision"],
+        "precision": m["precision"],
+        "recall": m["recall"],
+        "f1": m["f1"],
+    }
+
+
+def report(
+    res: SimResult,
+    data: Labelled,
+    start: TagSystem,
+    *,
+    target_precision: float,
+    windows: int = 10,
+) -> dict[str, Any]:
+    """The figures `simulate --json` prints (its last line)."""
+    n = len(res.outcomes)
+    if n == 0:
+        raise DatasetError("no items to simulate")
+    n_tags = len(start.tags)
+    bounds = np.linspace(0, n, num=min(windows, n) + 1).astype(int)
+    wins = [_window(res.outcomes, n_tags, int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    overall = _window(res.outcomes, n_tags, 0, n)
+    last = _window(res.outcomes, n_tags, n - max(1, n // 5), n)
+    ceiling = None
+    if res.final is not None and res.fits:
+        lo = n - max(1, n // 5)
+        tail = Labelled(data.ids[lo:], data.emb[lo:], data.texts[lo:], data.gold[lo:])
+        ts = res.final
+        idx, scores = ts.shortlist(tail.emb, tail.texts, k=max(20, ts.gate.top_k))
+        ceiling = auto_ceiling(gate_outcomes(ts, idx, scores, tail.gold), target_precision)
+    return {
+        "items": n,
+        "llm_calls": res.llm_calls,
+        "llm_share": overall["llm_share"],
+        "llm_share_last_fifth": last["llm_share"],
+        "auto_precision": overall["auto_precision"],
+        "auto_precision_last_fifth": last["auto_precision"],
+        "auto_ceiling": ceiling,
+        "calls_saved_fraction": 1.0 - res.llm_calls / n,
+        "precision": overall["precision"],
+        "recall": overall["recall"],
+        "f1": overall["f1"],
+        "target_precision": target_precision,
+        "fits": [
+            {"at_item": f.at_item, "decisions": f.decisions, "tag_system": f.version}
+            for f in res.fits
+        ],
+        "windows": wins,
+    }

@@ -1,0 +1,154 @@
+"""`tagstream simulate` on toy data with known answers: the learning loop through the
+service's core, with an LLM that answers from the gold labels."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.tools.distill import labelled_from_file
+from consumer.tools.simulate import SimulatedLLM, report, run_loop, unfitted
+from models_onnx import OnnxEncoder
+from tests.conftest import cli_exit
+
+TOPICS = {
+    "baking": ["sourdough bread", "a sponge cake", "croissant dough", "rye loaves", "muffins"],
+    "grilling": ["ribeye steak", "pork ribs", "chicken skewers", "burgers", "lamb chops"],
+    "coffee": ["espresso shots", "a pour-over", "cold brew", "cappuccino foam", "a french press"],
+    "pickling": [
+        "cucumbers in brine",
+        "kimchi",
+        "sauerkraut",
+        "pickled onions",
+        "fermented hot sauce",
+    ],
+}
+VERBS = {
+    "baking": ["How long do I bake {x} in the oven?", "My {x} did not rise, why?"],
+    "grilling": ["How hot should the grill be for {x}?", "Should I sear {x} over charcoal?"],
+    "coffee": ["How fine should I grind beans for {x}?", "Why does my {x} taste bitter?"],
+    "pickling": ["How much salt for {x}?", "How long do {x} need to ferment?"],
+}
+
+
+def _toy(tmp: Path, n: int = 480, seed: int = 0) -> Path:
+    """A separable labelled stream: each item is about one of four topics."""
+    rng = random.Random(seed)
+    path = tmp / "toy.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            tag = rng.choice(sorted(TOPICS))
+            text = rng.choice(VERBS[tag]).format(x=rng.choice(TOPICS[tag]))
+            f.write(json.dumps({"id": f"t{i}", "title": text, "labels": [tag]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = _toy(tmp_path_factory.mktemp("sim"))
+    ts, data, items, _ = labelled_from_file(
+        path,
+        "jsonl",
+        level=1,
+        base=None,
+        model="all-MiniLM-L6-v2",
+        model_dir=model_dir,
+        limit=None,
+        progress=None,
+    )
+    return ts, data, items, OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu")
+
+
+def _run(toy: Any, accuracy: float, every: int = 60) -> dict[str, Any]:
+    ts, data, items, enc = toy
+    res = run_loop(
+        ts,
+        enc,
+        items,
+        data,
+        llm_accuracy=accuracy,
+        distill_every=every,
+        target_precision=0.9,
+        batch_size=32,
+    )
+    out = report(res, data, ts, target_precision=0.9, windows=6)
+    out["swapped_at"] = res.swapped_at
+    out["routed"] = [o.routed_llm for o in res.outcomes]
+    return out
+
+
+def test_a_perfect_llm_drives_the_llm_share_towards_zero(toy: Any) -> None:
+    out = _run(toy, 1.0)
+    wins = out["windows"]
+    assert out["fits"], "the loop never distilled"
+    # until the first fit the gate is unfitted and accepts nothing: every item to the LLM
+    assert all(out["routed"][: out["swapped_at"][0]])
+    assert wins[-1]["llm_share"] < 0.3 and out["llm_share_last_fifth"] < 0.3, wins
+    assert out["auto_precision_last_fifth"] >= 0.9
+    assert out["calls_saved_fraction"] == pytest.approx(1 - out["llm_calls"] / out["items"])
+    assert out["calls_saved_fraction"] > 0.3
+    assert out["llm_calls"] == sum(w["llm_calls"] for w in wins)
+    assert out["auto_ceiling"] is not None and out["auto_ceiling"] > 0.5
+
+
+def test_swaps_happen_between_batches_only(toy: Any) -> None:
+    out = _run(toy, 1.0, every=50)
+    assert out["swapped_at"] and all(pos % 32 == 0 for pos in out["swapped_at"])
+    assert [f["at_item"] for f in out["fits"]] == out["swapped_at"]
+    assert len({f["tag_system"] for f in out["fits"]}) == len(out["fits"])  # new versions
+
+
+def test_a_wrong_llm_never_raises_auto_precision(toy: Any) -> None:
+    right, wrong = _run(toy, 1.0), _run(toy, 0.0)
+    assert wrong["auto_precision"] is None or wrong["auto_precision"] < 0.5
+    assert (wrong["auto_precision"] or 0.0) <= (right["auto_precision"] or 0.0)
+    assert wrong["precision"] < right["precision"]
+
+
+def test_the_simulated_llm_only_picks_from_the_shortlist() -> None:
+    item = {"title": "x"}
+    key = json.dumps(item, separators=(",", ":"), sort_keys=True)
+    always = SimulatedLLM({key: frozenset({"a", "z"})}, 1.0)
+    assert always.tag(item, ["b", "a", "c"], 3).tags == ["a"]  # z is off the shortlist
+    never = SimulatedLLM({key: frozenset({"a"})}, 0.0)
+    assert never.tag(item, ["b", "a", "c"], 3).tags[0] in {"b", "c"}
+    assert never.tag({"title": "unknown"}, ["a"], 3).status == "invalid"
+
+
+def test_unfitted_gate_accepts_nothing(toy: Any) -> None:
+    ts = toy[0]
+    assert unfitted(ts).gate.accept_threshold > 1.0 and unfitted(ts).tags == ts.tags
+
+
+def test_simulate_cli_prints_the_report(
+    toy: Any, model_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    path = _toy(tmp_path, 200, seed=1)
+    png = tmp_path / "loop.png"
+    args = ["simulate", "--data", str(path), "--format", "jsonl", "--llm-accuracy", "1.0"]
+    args += ["--distill-every", "60", "--target-precision", "0.9", "--json"]
+    args += ["--model-dir", str(model_dir), "--plot", str(png)]
+    code = cli_exit(args)
+    assert code in (0, None)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in (
+        "items",
+        "llm_calls",
+        "llm_share",
+        "llm_share_last_fifth",
+        "auto_precision",
+        "auto_precision_last_fifth",
+        "auto_ceiling",
+        "calls_saved_fraction",
+        "precision",
+        "recall",
+        "f1",
+        "windows",
+    ):
+        assert key in out, key
+    assert out["items"] == 200 and len(out["windows"]) == 10
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
