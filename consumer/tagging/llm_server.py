@@ -27,7 +27,7 @@ from types import TracebackType
 
 from consumer.tagging.net import free_port
 from models_onnx.registry import default_model_dir
-from tagsys.errors import TagstreamError
+from tagsys.errors import RuntimeFailure, TagstreamError, UnavailableError
 
 MODEL_NAME = "smollm2"
 GEMMA = "gemma3-270m"
@@ -150,7 +150,7 @@ class LocalLLM:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise TagstreamError(f"the local LLM exited with code {self._proc.returncode}")
+                raise RuntimeFailure(f"the local LLM exited with code {self._proc.returncode}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
                     if r.status == 200:
@@ -158,7 +158,7 @@ class LocalLLM:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise TagstreamError(f"the local LLM did not answer within {timeout_s}s")
+        raise UnavailableError(f"the local LLM did not answer within {timeout_s}s")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

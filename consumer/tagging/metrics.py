@@ -203,6 +203,11 @@ class Metrics:
         for d in ("encoder", "llm", "review"):
             self.produced.labels(decision=d)
         self.consumed.labels(outcome="ok")
+        # counters alerts take `increase()` of exist at 0 from the start: the first error
+        # then counts (a series that first appears at 1 has no increase)
+        for result in ("ok", "error"):
+            self.tag_system_reloads.labels(result=result)
+            self.commits.labels(result=result)
 
     def set_build(self, encoder: str, tag_system: str) -> None:
         self.build_info.info(

@@ -150,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         if reason is not None:
             print(f"gpu-check: no GPU to check: {reason}", file=sys.stderr)
         return NO_GPU if reason else 0
-    return run(a.out, a.model_dir)
+    try:
+        return run(a.out, a.model_dir)
+    except TagstreamError as e:  # a driver but no working CUDA path: say so in one line
+        print(f"gpu-check: the CUDA path failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,13 +42,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if eq $m "PLAIN" -}}plaintext
 {{- else if eq $m "SCRAM-SHA-256" -}}scram_sha256
 {{- else if eq $m "SCRAM-SHA-512" -}}scram_sha512
-{{- else if eq $m "OAUTHBEARER" -}}oauthbearer
-{{- else if eq $m "GSSAPI" -}}gssapi
-{{- else -}}{{ fail (printf "keda: config.saslMechanism %q has no KEDA equivalent (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER, GSSAPI)" .Values.config.saslMechanism) }}
+{{- else -}}{{ fail (printf "keda: the chart's TriggerAuthentication logs in with a username and password (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), not %q: give keda.auth.existingTriggerAuthentication (OAUTHBEARER needs a token endpoint, GSSAPI a keytab)" .Values.config.saslMechanism) }}
 {{- end -}}
 {{- end -}}
 
-{{/* Whether the KEDA scaler needs authentication: SASL or TLS to the brokers. */}}
+{{/* Whether the KEDA scaler needs a TriggerAuthentication: SASL credentials or a CA. */}}
 {{- define "tagstream.kedaNeedsAuth" -}}
-{{- if or (hasPrefix "SASL" .Values.config.securityProtocol) (eq .Values.config.securityProtocol "SSL") .Values.keda.auth.caSecret.name -}}true{{- end -}}
+{{- if or (hasPrefix "SASL" .Values.config.securityProtocol) .Values.keda.auth.caSecret.name -}}true{{- end -}}
 {{- end -}}
