@@ -258,7 +258,15 @@ def report(
         "f1": overall["f1"],
         "target_precision": target_precision,
         "fits": [
-            {"at_item": f.at_item, "decisions": f.decisions, "tag_system": f.version}
+            {
+                "at_item": f.at_item,
+                "decisions": f.decisions,
+                "tag_system": f.version,
+                # `distill`'s own check on the decisions it held out (LLM answers, not gold)
+                "fit_items": f.report["train_items"],
+                "heldout_auto_fraction": f.report["after"]["auto_fraction"],
+                "heldout_auto_precision": f.report["after"]["auto_precision"],
+            }
             for f in res.fits
         ],
         "windows": wins,
