@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -531,3 +532,71 @@ def test_chart_schema_covers_the_new_keys(setting: str, key: str) -> None:
         [_helm(), "template", "t", str(CHART), "--set", setting], capture_output=True, text=True
     )
     assert out.returncode != 0 and key in out.stderr, out.stderr
+
+
+def test_learning_loop_cronjob_publishes_atomically(tmp_path: Path) -> None:
+    """The CronJob's script, run as it is rendered (with `tagstream` stubbed): each run
+    publishes a complete new version by re-pointing `current`, keeps the newest ones, and a
+    failed distil publishes nothing."""
+    sets = ("learningLoop.enabled=true", "config.decisionsTopic=decisions")
+    docs = {
+        d["kind"]: d
+        for d in _render(
+            *sets, "learningLoop.volume.emptyDir.medium=Memory", "learningLoop.keepVersions=2"
+        )
+    }
+    job = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    c = job["containers"][0]
+    assert c["command"] == ["/bin/sh", "-ec"] and job["restartPolicy"] == "Never"
+    assert docs["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
+    assert docs["ConfigMap"]["data"]["TAGSTREAM_TAG_SYSTEM"] == "/tag-systems/current"
+    assert docs["ConfigMap"]["data"]["TAGSTREAM_DECISIONS_TOPIC"] == "decisions"
+    mounts = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "tag-systems", "mountPath": "/tag-systems", "readOnly": True} in mounts
+    root, stub = tmp_path / "ts", tmp_path / "bin"
+    (root / "base").mkdir(parents=True)
+    stub.mkdir()
+    (stub / "tagstream").write_text(
+        "#!/bin/sh\n"
+        'echo "$@" >> "$ROOT/calls"\n'
+        '[ -f "$ROOT/fail" ] && exit 1\n'
+        'while [ "$1" != "--out" ]; do shift; done\n'
+        'mkdir -p "$2" && echo "{}" > "$2/tagsystem.json"\n'
+    )
+    (stub / "tagstream").chmod(0o755)
+    env = {e["name"]: e["value"] for e in c["env"]} | {"ROOT": str(root)}
+    env |= {"PATH": f"{stub}:{os.environ['PATH']}", "TAGSTREAM_DECISIONS_TOPIC": "decisions"}
+    env["TAGSTREAM_BOOTSTRAP_SERVERS"] = "kafka:9092"
+
+    def run() -> int:
+        return subprocess.run(["/bin/sh", "-ec", c["args"][0]], env=env, timeout=30).returncode
+
+    published = []
+    for _ in range(3):
+        assert run() == 0
+        published.append((root / "current").resolve())
+        time.sleep(1.1)  # versions are named by the second
+    versions = sorted((root / "versions").iterdir())
+    assert len(set(published)) == 3 and published[-1] == versions[-1]
+    assert len(versions) == 2 and not list(root.glob("**/*.partial"))  # the newest two stay
+    assert (root / "current").is_symlink() and not (root / "current.next").exists()
+    calls = (root / "calls").read_text().splitlines()
+    assert all(f"--tag-system {root}/base" in c and "--from-topic decisions" in c for c in calls)
+    (root / "fail").touch()
+    assert run() != 0
+    assert (root / "current").resolve() == published[-1]  # the old version keeps tagging
+
+
+def test_learning_loop_needs_its_topic_and_volume() -> None:
+    for sets, said in (
+        (
+            ["learningLoop.enabled=true", "learningLoop.volume.emptyDir.medium=Memory"],
+            "decisionsTopic",
+        ),
+        (["learningLoop.enabled=true", "config.decisionsTopic=d"], "learningLoop.volume"),
+    ):
+        args = [_helm(), "template", "t", str(CHART)]
+        for s in sets:
+            args += ["--set", s]
+        out = subprocess.run(args, capture_output=True, text=True)
+        assert out.returncode != 0 and said in out.stderr, out.stderr

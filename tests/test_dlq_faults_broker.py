@@ -23,6 +23,7 @@ from consumer.tagging.resilience import CircuitBreaker
 from consumer.tools.dlq import replay_dlq
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem
+from tagsys.errors import EXIT_CONFIG, TagstreamError
 from tests.conftest import FakeOpenAI, Reply, Responder, completion, shortlist_of
 from tests.kafka_helpers import (
     KafkaKit,
@@ -174,8 +175,9 @@ def test_missing_topics_fail_fast_with_the_fix(
 ) -> None:
     core = _core(encoder, sample_ts)
     svc = KafkaService(kafka.settings(), core, core.metrics)
-    with pytest.raises(KafkaRuntimeError, match=r"uploads\.dlq"):
+    with pytest.raises(TagstreamError, match=r"uploads\.dlq") as e:
         svc.run(threading.Event())
+    assert e.value.exit_code == EXIT_CONFIG  # a topic to create, not a crash (exit 3)
 
 
 FAULTS: list[Callable[[dict[str, Any]], Reply]] = [

@@ -105,7 +105,12 @@ def distill_cmd(
             raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
         from consumer.tools.distill_topic import read_decisions
 
-        records = read_decisions(bootstrap_servers, from_topic)
+        from consumer.tagging.config import Settings
+
+        # the brokers' security settings as the service reads them (TAGSTREAM_SECURITY_*,
+        # TAGSTREAM_SASL_*): a CronJob beside the service needs the same login
+        kafka = Settings(bootstrap_servers=bootstrap_servers).kafka_common()
+        records = read_decisions(bootstrap_servers, from_topic, kafka=kafka)
         labelled, skipped = labelled_from_decisions(
             records, base, include_steerable=include_steerable
         )
