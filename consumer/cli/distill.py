@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,6 +24,40 @@ from consumer.cli.options import (
     print_table,
     tracked,
 )
+
+if TYPE_CHECKING:
+    from consumer.tools.distill import Labelled
+    from tagsys import TagSystem
+    from tagsys.datasets import Item
+
+
+def load_labelled(
+    data: Path,
+    fmt: DataFormat,
+    level: int,
+    base: TagSystem | None,
+    model: str | None,
+    model_dir: Path | None,
+    limit: int | None,
+    tag_template: str | None,
+    embedding_cache: Path | None,
+) -> tuple[TagSystem, Labelled, list[Item], dict[str, int]]:
+    """`labelled_from_file` behind a progress bar, for the commands that learn from a file."""
+    from consumer.tools.distill import labelled_from_file
+
+    with tracked("embedding", "embed") as progress:
+        return labelled_from_file(
+            data,
+            fmt.value,
+            level=level,
+            base=base,
+            model=model,
+            model_dir=model_dir,
+            limit=limit,
+            progress=progress,
+            tag_template=tag_template,
+            embedding_cache=embedding_cache,
+        )
 
 
 def distill_cmd(
@@ -91,7 +125,6 @@ def distill_cmd(
     from consumer.tools.distill import (
         distill,
         labelled_from_decisions,
-        labelled_from_file,
         write_heldout,
     )
     from tagsys import TagSystem, TagSystemError
@@ -103,9 +136,8 @@ def distill_cmd(
     if from_topic:
         if base is None:
             raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
-        from consumer.tools.distill_topic import read_decisions
-
         from consumer.tagging.config import Settings
+        from consumer.tools.distill_topic import read_decisions
 
         # the brokers' security settings as the service reads them (TAGSTREAM_SECURITY_*,
         # TAGSTREAM_SASL_*): a CronJob beside the service needs the same login
@@ -118,19 +150,9 @@ def distill_cmd(
     else:
         if data is None or fmt is None:
             raise TagSystemError("give --data and --format (labelled data) or --from-topic")
-        with tracked("embedding", "embed") as progress:
-            base, labelled, items, counts = labelled_from_file(
-                data,
-                fmt.value,
-                level=level,
-                base=base,
-                model=model,
-                model_dir=model_dir,
-                limit=limit,
-                progress=progress,
-                tag_template=tag_template,
-                embedding_cache=embedding_cache,
-            )
+        base, labelled, items, counts = load_labelled(
+            data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache
+        )
         extra.update(counts)
         heldout = out.with_name(out.name + ".heldout.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,26 +68,16 @@ def simulate_cmd(
     re-distilled from its decisions every --distill-every. Until the first fit the gate
     accepts nothing (no unearned confidence). Reports per window and overall: LLM share,
     auto-accept precision against gold, final precision / recall / F1, LLM calls saved."""
-    from consumer.tools.distill import labelled_from_file
+    from consumer.cli.distill import load_labelled
     from consumer.tools.simulate import report, run_loop
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem
 
     logs.configure("warning")
     base = TagSystem.load(tag_system) if tag_system else None
-    with tracked("embedding", "embed") as progress:
-        start, labelled, items, counts = labelled_from_file(
-            data,
-            fmt.value,
-            level=level,
-            base=base,
-            model=model,
-            model_dir=model_dir,
-            limit=limit,
-            progress=progress,
-            tag_template=tag_template,
-            embedding_cache=embedding_cache,
-        )
+    start, labelled, items, counts = load_labelled(
+        data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache
+    )
     encoder = OnnxEncoder(start.encoder, model_dir=model_dir)
     with tracked("simulating", "items") as progress:
         res = run_loop(
