@@ -253,6 +253,12 @@ class TagSystem:
             boost=self.gate.lexical_boost,
         )
 
+    @property
+    def gate_fitted(self) -> bool:
+        """Whether the gate's thresholds were fitted on labels or LLM decisions (`calibrate`,
+        `distill`): only then is its confidence measured rather than assumed."""
+        return "calibrated" in self.provenance
+
     def check_encoder(self, encoder_name: str, dim: int) -> None:
         if encoder_name != self.encoder:
             raise EncoderMismatchError(

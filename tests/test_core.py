@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import jsonschema
@@ -35,7 +36,29 @@ def _core(
     tagger: SelectiveTagger | None = None,
     **kw: Any,
 ) -> TaggingCore:
+    """The sample's gate is hand-set, never fitted: these tests exercise the gate itself, so
+    they trust it (`test_an_unfitted_gate_accepts_nothing` checks the default)."""
+    kw.setdefault("trust_unfitted_gate", True)
     return TaggingCore(encoder, ts, tagger=tagger, metrics=metrics, **kw)
+
+
+def test_an_unfitted_gate_accepts_nothing(
+    encoder: OnnxEncoder, sample_ts: TagSystem, metrics: Metrics
+) -> None:
+    """No unearned confidence: by default the item a trusted gate would accept goes to the
+    LLM (here none: review), until the gate is fitted (calibrate / distill)."""
+    assert not sample_ts.gate_fitted
+    core = TaggingCore(encoder, sample_ts, metrics=metrics)
+    (res,) = core.process([CLEAR])
+    assert res.decision is Decision.REVIEW and res.needs_review
+    assert sample_ts.names[res.tags[0][0]] == "coffee"  # the encoder's tags, flagged
+    assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 0
+    fitted = replace(sample_ts, provenance={**sample_ts.provenance, "calibrated": {}})
+    core.swap_tag_system(fitted)
+    (res,) = core.process([CLEAR])
+    assert res.decision is Decision.ENCODER and not res.needs_review
+    assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 1
+    core.close()
 
 
 def test_confident_item_gets_encoder_tags(

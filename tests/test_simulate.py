@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from consumer.tools.distill import labelled_from_file
-from consumer.tools.simulate import SimulatedLLM, report, run_loop, unfitted
+from consumer.tools.simulate import SimulatedLLM, report, run_loop
 from models_onnx import OnnxEncoder
 from tests.conftest import cli_exit
 
@@ -119,9 +119,8 @@ def test_the_simulated_llm_only_picks_from_the_shortlist() -> None:
     assert never.tag({"title": "unknown"}, ["a"], 3).status == "invalid"
 
 
-def test_unfitted_gate_accepts_nothing(toy: Any) -> None:
-    ts = toy[0]
-    assert unfitted(ts).gate.accept_threshold > 1.0 and unfitted(ts).tags == ts.tags
+def test_the_zero_shot_start_is_unfitted(toy: Any) -> None:
+    assert not toy[0].gate_fitted  # so the core sends everything to the LLM until a fit
 
 
 def test_simulate_cli_prints_the_report(

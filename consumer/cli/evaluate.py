@@ -21,6 +21,7 @@ from consumer.cli.options import (
     ModelDirOpt,
     TagSystemOpt,
     TagVectors,
+    UnfittedChoice,
     emit_json,
     env_option,
     err,
@@ -81,6 +82,14 @@ def eval_cmd(
     adapt: AdaptOpt = False,
     vectors: TagVectors = TagVectors(),
     embedding_cache: EmbeddingCacheOpt = None,
+    unfitted_gate: Annotated[
+        UnfittedChoice,
+        env_option(
+            "unfitted_gate",
+            "As `run`: 'llm' (a zero-shot gate auto-accepts nothing) or 'trust' (measure what "
+            "its label-free thresholds would accept).",
+        ),
+    ] = UnfittedChoice.llm,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -102,6 +111,7 @@ def eval_cmd(
         llm=llm,
         llm_model=llm_model,
         llm_api_key=Settings().llm_api_key,
+        trust_unfitted_gate=unfitted_gate is UnfittedChoice.trust,
     )
     out = report(run_)
     for k, v in out.items():

@@ -65,6 +65,7 @@ def tracked(label: str, task: str, total: int | None = None) -> Iterator[Progres
 
 # the choices of options: each member's value is its name
 UnavailableChoice = StrEnum("UnavailableChoice", ["review", "pause"])
+UnfittedChoice = StrEnum("UnfittedChoice", ["llm", "trust"])
 RuntimeChoice = StrEnum("RuntimeChoice", ["kafka", "faust"])
 LLMMode = StrEnum("LLMMode", ["selective", "generative"])
 DeviceChoice = StrEnum("DeviceChoice", ["auto", "cpu", "cuda"])

@@ -19,6 +19,7 @@ from consumer.cli.options import (
     ModelOpt,
     RuntimeChoice,
     UnavailableChoice,
+    UnfittedChoice,
     env_option,
     err,
 )
@@ -94,6 +95,15 @@ def run(
             "pauses the partition and re-reads from the item later.",
         ),
     ] = UnavailableChoice.review,
+    unfitted_gate: Annotated[
+        UnfittedChoice,
+        env_option(
+            "unfitted_gate",
+            "A tag system whose gate was never fitted on labels or LLM decisions (zero-shot, "
+            "the sample): 'llm' auto-accepts nothing (items go to the LLM, or out as review), "
+            "'trust' applies its thresholds anyway. Fit one with calibrate or distill.",
+        ),
+    ] = UnfittedChoice.llm,
     llm_attempts: Annotated[int, env_option("llm_attempts", "Tries per LLM request.")] = 3,
     llm_mode: Annotated[
         LLMMode,

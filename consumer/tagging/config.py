@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # when the LLM is unavailable: "review" (encoder tags, needs_review) or "pause" (pause the
     # partition, re-read from the item later, quix-streams style)
     llm_unavailable: Literal["review", "pause"] = "review"
+    # a gate never fitted on labels or LLM decisions (zero-shot, the sample): "llm" accepts
+    # nothing on its own (items go to the LLM, or out as review); "trust" applies its
+    # thresholds anyway
+    unfitted_gate: Literal["llm", "trust"] = "llm"
     # selective: the LLM picks from the shortlist; generative: it proposes free tags that are
     # mapped onto the vocabulary (cosine >= generative_threshold), the rest are candidates
     llm_mode: Literal["selective", "generative"] = "selective"

@@ -110,6 +110,7 @@ class TaggingCore:
         llm_mode: str = "selective",
         generative_threshold: float = 0.8,
         new_tags_file: Path | None = None,
+        trust_unfitted_gate: bool = False,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -126,6 +127,8 @@ class TaggingCore:
             max_workers=max(1, llm_concurrency), thread_name_prefix="llm"
         )
         self.metrics.set_build(encoder.id, tag_system.version_id)
+        self.trust_unfitted_gate = trust_unfitted_gate
+        self.metrics.gate_fitted.set(1 if tag_system.gate_fitted else 0)
         self.llm_mode = llm_mode
         self.generative_threshold = generative_threshold
         self.new_tags_file = new_tags_file
@@ -140,6 +143,7 @@ class TaggingCore:
         ts.check_encoder(self.encoder.name, self.encoder.dim)
         self.tag_system = ts
         self.metrics.set_build(self.encoder.id, ts.version_id)
+        self.metrics.gate_fitted.set(1 if ts.gate_fitted else 0)
 
     def close(self) -> None:
         """Stop the LLM work: requests still running are cut (the client is closed), so
@@ -218,6 +222,8 @@ class TaggingCore:
         with self._timed("match"):
             idx, scores = self._shortlist(ts, emb, texts)
             gates = [decide(idx[i], scores[i], ts.tag_ids, ts.gate) for i in range(len(events))]
+        # no unearned confidence: an unfitted gate's "sure" was never measured
+        trusted = ts.gate_fitted or self.trust_unfitted_gate
         results: list[TagResult] = []
         pending: list[tuple[int, Any]] = []
         for i, (ev, g) in enumerate(zip(events, gates, strict=True)):
@@ -231,7 +237,7 @@ class TaggingCore:
                 embedding=emb[i],  # kept for decision records; on the event only if asked
                 tag_system=ts,
             )
-            if g.decision_hint is Decision.LLM:
+            if g.decision_hint is Decision.LLM or not trusted:
                 self.metrics.llm_routed.inc()
                 res.decision = Decision.REVIEW
                 if self.tagger is not None:

@@ -192,6 +192,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.gate_fitted = Gauge(
+            "tagstream_gate_fitted",
+            "1 when the running tag system's gate was fitted on labels or LLM decisions; 0: "
+            "its confidence is unmeasured and it auto-accepts nothing (TAGSTREAM_UNFITTED_GATE).",
+            registry=r,
+        )
         self.build_info = Info(
             "tagstream_build", "Version of tagstream, encoder and tag system.", registry=r
         )

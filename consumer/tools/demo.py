@@ -107,13 +107,18 @@ def _run(
             model_dir=model_dir,
             session_timeout_ms=6000,
             metrics_port=0,
+            # the sample's hand-set gate, trusted so the demo shows all three decisions; `run`
+            # sends what an unfitted gate would accept to the LLM instead (unfitted_gate)
+            unfitted_gate="trust",
         )
         if llm == "local":
             con.print("[bold]llm[/] starting SmolLM2-135M-Instruct (llama.cpp) …")
         with build_stack(settings, CollectorRegistry()) as stack:
             con.print(
                 f"[bold]encoder[/] {stack.core.encoder.id} on {stack.core.encoder.device}; "
-                f"[bold]tag system[/] {stack.core.tag_system.version_id}"
+                f"[bold]tag system[/] {stack.core.tag_system.version_id} (its gate is "
+                "hand-set, trusted for the demo; `run` sends what an unfitted gate would "
+                "accept to the LLM)"
             )
             sent = send_lines(broker.bootstrap, INPUT, events)
             con.print(f"[bold]sent[/] {sent} sample events to '{INPUT}'")

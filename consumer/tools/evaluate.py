@@ -218,6 +218,7 @@ def run_eval(
     tag_template: str | None = None,
     embedding_cache: Path | None = None,
     progress: Progress | None = None,
+    trust_unfitted_gate: bool = False,
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
@@ -233,7 +234,9 @@ def run_eval(
     metrics = Metrics()
     outcomes: list[Outcome] = []
     with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
-        core = TaggingCore(encoder, ts, tagger=tagger, metrics=metrics)
+        core = TaggingCore(
+            encoder, ts, tagger=tagger, metrics=metrics, trust_unfitted_gate=trust_unfitted_gate
+        )
         try:
             emb, texts = embed_items(core, ds.items, progress, embedding_cache)
             if loaded is None:

@@ -9,9 +9,9 @@ the service records them (`decision_record`), and every N decisions the loop re-
 the code `distill --from-topic` runs (`labelled_from_decisions`, then `distill`), swapping the
 tag system between batches as hot reload does.
 
-No unearned confidence: the starting tag system's gate was never fitted (a zero-shot one
-auto-accepts by score quantiles, at a precision nobody measured), so until the first distil
-nothing is auto-accepted and every item goes to the LLM.
+No unearned confidence, as in the service (`unfitted_gate`): a zero-shot tag system's gate was
+never fitted, so until the first distil nothing is auto-accepted and every item goes to the
+LLM.
 
 What comes out, per window of items and overall: the LLM's share, the precision of what the
 gate auto-accepted (against the gold labels), final precision / recall / F1, LLM calls and the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,8 +41,6 @@ from tagsys.errors import TagstreamError
 from tagsys.evaluation import Outcome, auto_ceiling, compute, gate_outcomes
 
 Progress = Callable[[int, int], None]
-# the unfitted gate: no score reaches it, so nothing is auto-accepted
-UNREACHABLE = 2.0
 
 
 def _key(item: dict[str, Any]) -> str:
@@ -100,11 +98,6 @@ class SimResult:
     final: TagSystem | None = None
 
 
-def unfitted(ts: TagSystem) -> TagSystem:
-    """`ts` with a gate that accepts nothing: the LLM decides every item until a fit."""
-    return replace(ts, gate=replace(ts.gate, accept_threshold=UNREACHABLE, tag_thresholds={}))
-
-
 def run_loop(
     start: TagSystem,
     encoder: OnnxEncoder,
@@ -131,7 +124,8 @@ def run_loop(
         k = _key(llm_item(ev, 2000))
         gold_names[k] = gold_names.get(k, frozenset()) | {start.names[j] for j in g}
     llm = SimulatedLLM(gold_names, llm_accuracy, seed=seed)
-    core = TaggingCore(encoder, unfitted(start), tagger=llm, metrics=Metrics())
+    # the service's own rule: an unfitted gate (zero-shot) accepts nothing; each fit is trusted
+    core = TaggingCore(encoder, start, tagger=llm, metrics=Metrics())
     res = SimResult(outcomes=[])
     records: list[dict[str, Any]] = []
     since_fit = 0
