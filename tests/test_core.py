@@ -302,3 +302,49 @@ def test_an_llm_answer_after_a_reload_keeps_the_version_that_asked(
     assert payload["tags"][0]["name"] == chosen
     assert payload["tag_system_version"] == sample_ts.version_id != v2.version_id
     core.close()
+
+
+def test_the_audit_sample_asks_the_llm_about_accepted_items_and_never_applies_it(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    metrics: Metrics,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """An audited item keeps the encoder's decision and tags; the LLM's answer measures the
+    gate (agreement per version) and is recorded for distillation (`audit: true`)."""
+    calls: list[str] = []
+
+    def answer(req: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        # the first agrees with the encoder's "coffee", the second picks the last shortlist tag
+        pick = "coffee" if not calls else shortlist_of(req)[-1]
+        calls.append(pick)
+        return 200, completion(f'{{"tags": ["{pick}"]}}')
+
+    server = fake_llm(answer)
+    tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
+    core = _core(encoder, sample_ts, metrics, tagger, audit_fraction=1.0)
+    first, second = core.process([CLEAR]), core.process([CLEAR.model_copy(update={"id": "c2"})])
+    for (res,) in (first, second):
+        assert res.audit and res.decision is Decision.ENCODER and not res.llm_asked
+        assert sample_ts.names[res.tags[0][0]] == "coffee"
+        assert core.to_payload(res)["tags"][0]["source"] == "encoder"
+    r = metrics.registry
+    assert r.get_sample_value("tagstream_audits_total", {"result": "agree"}) == 1
+    assert r.get_sample_value("tagstream_audits_total", {"result": "disagree"}) == 1
+    version = {"tag_system": sample_ts.version_id}
+    assert r.get_sample_value("tagstream_gate_agreement", version) == 0.5
+    rec = core.decision_record(second[0])
+    assert calls[1] != "coffee"
+    assert rec is not None and rec["audit"] is True and rec["chosen"] == [calls[1]]
+    jsonschema.validate(rec, load_schema("decision"))
+    core.close()
+
+
+def test_audits_are_a_stable_share_by_id() -> None:
+    from consumer.tagging.core import audited
+
+    ids = [f"item-{i}" for i in range(20_000)]
+    picked = [i for i in ids if audited(i, 0.1)]
+    assert 0.09 < len(picked) / len(ids) < 0.11
+    assert picked == [i for i in ids if audited(i, 0.1)]  # the same on a re-read
+    assert not any(audited(i, 0.0) for i in ids[:100]) and all(audited(i, 1.0) for i in ids[:100])

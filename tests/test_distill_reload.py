@@ -212,3 +212,43 @@ def test_llm_decisions_are_recorded_and_distill_reads_them(
     kept, _ = labelled_from_decisions(mixed, ts, include_steerable=True)
     assert len(kept.ids) == 40
     assert labelled.emb.shape == (40, encoder.dim)
+
+
+@pytest.mark.broker
+def test_audited_items_go_out_as_the_gate_decided_and_their_answers_are_recorded(
+    kafka: KafkaKit,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    """Through the Kafka runtime: every item is auto-accepted and audited; each tag event
+    keeps the encoder's decision, each LLM answer is recorded (`audit: true`), and every
+    input is committed once both are acknowledged."""
+    kafka.topics(1)
+    create_topics(kafka.bootstrap, {"decisions": 1})
+    server = fake_llm(lambda body: (200, completion(json.dumps({"tags": shortlist_of(body)[:1]}))))
+    metrics = Metrics(CollectorRegistry())
+    tagger = SelectiveTagger(server.base_url, "fake-llm", SecretStr(""), metrics=metrics)
+    gate = replace(sample_ts.gate, accept_threshold=-1.0, min_score=-1.0, min_margin=0.0)
+    ts = replace(sample_ts, gate=gate)  # every item confident
+    core = TaggingCore(
+        encoder, ts, tagger=tagger, metrics=metrics, trust_unfitted_gate=True, audit_fraction=1.0
+    )
+    s = kafka.settings(decisions_topic="decisions")
+    events = make_events(40, "a")
+    kafka.send(events)
+    with kafka.serve(s, core):
+        out = [orjson.loads(m.value()) for m in kafka.read("tags", expect=40)]
+        _wait(lambda: metrics.decisions_recorded._value.get() >= 40)
+    assert {p["decision"] for p in out} == {"encoder"} and len(out) == 40
+    assert all(t["source"] == "encoder" for p in out for t in p["tags"])
+    records = read_decisions(kafka.bootstrap, "decisions")
+    assert len(records) == 40 and all(r["audit"] for r in records)
+    r = metrics.registry
+    audited = sum(
+        r.get_sample_value("tagstream_audits_total", {"result": k}) or 0
+        for k in ("agree", "disagree")
+    )
+    assert audited == 40 and len(server.requests) == 40
+    assert r.get_sample_value("tagstream_gate_agreement", {"tag_system": ts.version_id}) is not None
+    assert kafka.committed(s.group_id, 1) == 40

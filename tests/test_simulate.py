@@ -63,7 +63,7 @@ def toy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     return ts, data, items, OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu")
 
 
-def _run(toy: Any, accuracy: float, every: int = 60) -> dict[str, Any]:
+def _run(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> dict[str, Any]:
     ts, data, items, enc = toy
     res = run_loop(
         ts,
@@ -74,6 +74,7 @@ def _run(toy: Any, accuracy: float, every: int = 60) -> dict[str, Any]:
         distill_every=every,
         target_precision=0.9,
         batch_size=32,
+        audit_fraction=audit,
     )
     out = report(res, data, ts, target_precision=0.9, windows=6)
     out["swapped_at"] = res.swapped_at
@@ -151,3 +152,15 @@ def test_simulate_cli_prints_the_report(
         assert key in out, key
     assert out["items"] == 200 and len(out["windows"]) == 10
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_audit_sample_measures_the_gate_against_the_llm(toy: Any) -> None:
+    """Auto-accepted items audited by a right LLM mostly agree, by a wrong one less (a head
+    that learnt the wrong LLM agrees with it where its mistakes repeat); the audit calls are
+    paid for (counted with the LLM calls)."""
+    right, wrong, none = _run(toy, 1.0, audit=0.5), _run(toy, 0.0, audit=0.5), _run(toy, 1.0)
+    assert right["audits"] > 20 and right["gate_agreement"] > 0.8
+    assert wrong["audits"] > 0 and wrong["gate_agreement"] < right["gate_agreement"] - 0.2
+    assert none["audits"] == 0 and none["gate_agreement"] is None
+    routed = sum(w["llm_calls"] for w in right["windows"])
+    assert right["llm_calls"] == routed + right["audits"]

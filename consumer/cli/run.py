@@ -104,6 +104,17 @@ def run(
             "'trust' applies its thresholds anyway. Fit one with calibrate or distill.",
         ),
     ] = UnfittedChoice.llm,
+    audit_fraction: Annotated[
+        float,
+        env_option(
+            "audit_fraction",
+            "Share of auto-accepted items the LLM is asked about too (their tag events wait "
+            "for it): tagstream_gate_agreement per tag-system version, and with "
+            "--decisions-topic, records a re-fitted gate learns from.",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = 0.0,
     llm_attempts: Annotated[int, env_option("llm_attempts", "Tries per LLM request.")] = 3,
     llm_mode: Annotated[
         LLMMode,

@@ -54,6 +54,15 @@ def simulate_cmd(
         float, typer.Option(min=0.05, max=0.9, help="Share of decisions each fit holds out.")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM's mistakes.")] = 0,
+    audit_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of auto-accepted items the LLM is asked about too (as `run`): their "
+            "agreement is reported, and the answers join the decisions each fit learns from.",
+        ),
+    ] = 0.0,
     limit: LimitOpt = None,
     tag_template: TagTemplateOpt = None,
     embedding_cache: EmbeddingCacheOpt = None,
@@ -91,6 +100,7 @@ def simulate_cmd(
             batch_size=batch_size,
             holdout=holdout,
             seed=seed,
+            audit_fraction=audit_fraction,
             progress=progress,
         )
     out = report(res, labelled, start, target_precision=target_precision, windows=windows)
@@ -98,6 +108,8 @@ def simulate_cmd(
     for k in ("items", "llm_calls", "llm_share", "llm_share_last_fifth", "auto_precision"):
         err.print(f"{k:<26} {_fmt(out[k])}")
     for k in ("auto_precision_last_fifth", "auto_ceiling", "calls_saved_fraction", "f1"):
+        err.print(f"{k:<26} {_fmt(out[k])}")
+    for k in ("audits", "gate_agreement"):
         err.print(f"{k:<26} {_fmt(out[k])}")
     err.print(f"{'fits':<26} {len(out['fits'])}")
     err.print("window      items  llm_share  auto_precision  f1")

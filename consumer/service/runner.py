@@ -684,6 +684,9 @@ class KafkaService:
                     self.core.complete_llm(r)
                 except Exception as e:
                     results[i] = e
+            elif r.audit:  # an audit never holds up what the gate accepted
+                r.llm_future.cancel()
+                r.llm_future, r.llm_status = None, "timeout"
             elif self.core.defer_when_llm_unavailable:
                 r.llm_future.cancel()
                 r.llm_future, r.llm_status, r.deferred = None, "timeout", True

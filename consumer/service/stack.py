@@ -69,6 +69,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             new_tags_file=settings.new_tags_file,
             max_batch_tokens=settings.max_batch_tokens,
             trust_unfitted_gate=settings.unfitted_gate == "trust",
+            audit_fraction=settings.audit_fraction,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

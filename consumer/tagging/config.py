@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # nothing on its own (items go to the LLM, or out as review); "trust" applies its
     # thresholds anyway
     unfitted_gate: Literal["llm", "trust"] = "llm"
+    # a share of auto-accepted items the LLM is asked about too: agreement per tag-system
+    # version (tagstream_gate_agreement), and decision records a re-fit learns from
+    audit_fraction: float = Field(0.0, ge=0.0, le=1.0)
     # selective: the LLM picks from the shortlist; generative: it proposes free tags that are
     # mapped onto the vocabulary (cosine >= generative_threshold), the rest are candidates
     llm_mode: Literal["selective", "generative"] = "selective"

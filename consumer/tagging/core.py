@@ -6,6 +6,7 @@ one class, so a quality figure is a figure of the product.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from models_onnx import OnnxEncoder
 from models_onnx.encoder import TokenizedBatch
 from models_onnx.matcher import MIN_TAGS, OrtMatcher
 from tagsys import Decision, TagSystem, decide
-from tagsys.errors import RuntimeFailure
+from tagsys.errors import RuntimeFailure, TagstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -67,10 +68,23 @@ class TagResult:
     deferred: bool = False
     # `decide(wait_llm=False)`: the LLM's answer still to come (`complete_llm` applies it)
     llm_future: Future[LLMAnswer] | None = None
+    # an auto-accepted item the LLM is asked about too (the audit sample): its answer is
+    # compared with the encoder's tags and recorded for distillation, never applied
+    audit: bool = False
+    audit_tags: list[str] | None = None  # the LLM's answer, when it gave one
 
     @property
     def needs_review(self) -> bool:
         return self.decision is Decision.REVIEW
+
+
+def audited(item_id: str, fraction: float) -> bool:
+    """Whether an item is in the audit sample: by a hash of its id, so a re-read item (a
+    restart, a rebalance) is audited again or not, the same either way."""
+    if fraction <= 0.0:
+        return False
+    h = int.from_bytes(hashlib.sha256(b"audit:" + item_id.encode()).digest()[:4], "big")
+    return h / 2**32 < fraction
 
 
 def llm_item(ev: UploadEvent, max_field_chars: int) -> dict[str, Any]:
@@ -111,6 +125,7 @@ class TaggingCore:
         generative_threshold: float = 0.8,
         new_tags_file: Path | None = None,
         trust_unfitted_gate: bool = False,
+        audit_fraction: float = 0.0,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -128,6 +143,10 @@ class TaggingCore:
         )
         self.metrics.set_build(encoder.id, tag_system.version_id)
         self.trust_unfitted_gate = trust_unfitted_gate
+        if not 0.0 <= audit_fraction <= 1.0:
+            raise TagstreamError(f"audit_fraction must be in [0, 1], not {audit_fraction}")
+        self.audit_fraction = audit_fraction
+        self._agree: dict[str, list[int]] = {}  # tag-system version -> [agreed, audited]
         self.metrics.gate_fitted.set(1 if tag_system.gate_fitted else 0)
         self.llm_mode = llm_mode
         self.generative_threshold = generative_threshold
@@ -237,7 +256,15 @@ class TaggingCore:
                 embedding=emb[i],  # kept for decision records; on the event only if asked
                 tag_system=ts,
             )
-            if g.decision_hint is Decision.LLM or not trusted:
+            if (
+                g.decision_hint is Decision.ENCODER
+                and trusted
+                and self.tagger is not None
+                and audited(ev.id, self.audit_fraction)
+            ):
+                res.audit = True  # the decision stays the encoder's: llm_asked stays False
+                pending.append((i, self._pool.submit(self._ask, ts, ev, short)))
+            elif g.decision_hint is Decision.LLM or not trusted:
                 self.metrics.llm_routed.inc()
                 res.decision = Decision.REVIEW
                 if self.tagger is not None:
@@ -381,6 +408,9 @@ class TaggingCore:
 
     def _apply_llm(self, res: TagResult, answer: LLMAnswer) -> None:
         res.llm_status = answer.status
+        if res.audit:
+            self._audit(res, answer)
+            return
         if answer.status in UNAVAILABLE and self.defer_when_llm_unavailable:
             res.deferred = True
             return
@@ -398,10 +428,31 @@ class TaggingCore:
             res.decision = Decision.LLM
             res.tags = chosen
 
+    def _audit(self, res: TagResult, answer: LLMAnswer) -> None:
+        """An audited item keeps the encoder's decision; the LLM's answer only measures the
+        gate (agreement per tag-system version) and teaches distillation."""
+        if answer.status != "ok" or not answer.tags:
+            self.metrics.audits.labels(result="no_answer").inc()
+            return
+        ts = res.tag_system
+        res.audit_tags = [n for n in answer.tags if ts.index_of(n) is not None]
+        agreed = set(res.audit_tags) == {ts.names[j] for j, _, _ in res.tags}
+        self.metrics.audits.labels(result="agree" if agreed else "disagree").inc()
+        counts = self._agree.setdefault(ts.version_id, [0, 0])
+        counts[0] += int(agreed)
+        counts[1] += 1
+        self.metrics.gate_agreement.labels(tag_system=ts.version_id).set(counts[0] / counts[1])
+
     def decision_record(self, res: TagResult) -> dict[str, Any] | None:
         """What the LLM decided for one item, with what distillation needs to learn from it
-        (schema consumer/schemas/decision.v1.json); None when the LLM did not decide."""
-        if res.decision is not Decision.LLM or self.tagger is None or res.embedding is None:
+        (schema consumer/schemas/decision.v1.json); None when the LLM did not decide. An
+        audited item's record holds the LLM's answer (`audit: true`): the unbiased sample of
+        what the gate accepts, so a re-fitted gate learns where it was wrong."""
+        if self.tagger is None or res.embedding is None:
+            return None
+        if res.audit and not res.audit_tags:
+            return None
+        if not res.audit and res.decision is not Decision.LLM:
             return None
         ts = res.tag_system
         return {
@@ -411,7 +462,10 @@ class TaggingCore:
             "embedding": [round(float(x), 6) for x in res.embedding],
             "encoder": self.encoder.id,
             "shortlist": [{"name": ts.names[j], "score": round(s, 5)} for j, s in res.shortlist],
-            "chosen": [ts.names[j] for j, _, _ in res.tags],
+            "chosen": res.audit_tags
+            if res.audit and res.audit_tags
+            else [ts.names[j] for j, _, _ in res.tags],
+            "audit": res.audit,
             "llm_mode": self.llm_mode,
             # generative mode maps free tags onto the whole vocabulary, so the item's own text
             # can steer which tags it gets (prompt injection): distill leaves these out

@@ -192,6 +192,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.audits = Counter(
+            "tagstream_audits_total",
+            "Auto-accepted items the LLM was asked about too (the audit sample), by whether "
+            "its answer agreed with the encoder's tags (agree, disagree, no_answer).",
+            ["result"],
+            registry=r,
+        )
+        self.gate_agreement = Gauge(
+            "tagstream_gate_agreement",
+            "Share of audited auto-accepted items whose LLM answer is the encoder's tags, per "
+            "tag-system version (since this process started).",
+            ["tag_system"],
+            registry=r,
+        )
         self.gate_fitted = Gauge(
             "tagstream_gate_fitted",
             "1 when the running tag system's gate was fitted on labels or LLM decisions; 0: "

@@ -92,6 +92,8 @@ class Fit:
 @dataclass
 class SimResult:
     outcomes: list[Outcome]
+    # per item: None when not audited, else whether the LLM's answer was the encoder's tags
+    audits: list[bool | None] = field(default_factory=list)
     fits: list[Fit] = field(default_factory=list)
     llm_calls: int = 0
     swapped_at: list[int] = field(default_factory=list)  # item positions: batch starts only
@@ -110,6 +112,7 @@ def run_loop(
     batch_size: int = 64,
     holdout: float = 0.2,
     seed: int = 0,
+    audit_fraction: float = 0.0,
     progress: Progress | None = None,
 ) -> SimResult:
     """Replay `items` (embedded in `data`, same order) through the core with the simulated
@@ -125,7 +128,7 @@ def run_loop(
         gold_names[k] = gold_names.get(k, frozenset()) | {start.names[j] for j in g}
     llm = SimulatedLLM(gold_names, llm_accuracy, seed=seed)
     # the service's own rule: an unfitted gate (zero-shot) accepts nothing; each fit is trusted
-    core = TaggingCore(encoder, start, tagger=llm, metrics=Metrics())
+    core = TaggingCore(encoder, start, tagger=llm, metrics=Metrics(), audit_fraction=audit_fraction)
     res = SimResult(outcomes=[])
     records: list[dict[str, Any]] = []
     since_fit = 0
@@ -135,6 +138,7 @@ def run_loop(
             results = core.decide(events[lo:hi], data.emb[lo:hi], data.texts[lo:hi])
             for r, g in zip(results, data.gold[lo:hi], strict=True):
                 res.outcomes.append(_outcome(start, r, g))
+                res.audits.append(_agreed(r))
                 rec = core.decision_record(r)
                 if rec is not None:
                     records.append(rec)
@@ -180,6 +184,13 @@ def _refit(
     return _Fitted(Fit(at, len(records), new.version_id, report), new)
 
 
+def _agreed(r: TagResult) -> bool | None:
+    if not r.audit:
+        return None
+    names = {r.tag_system.names[j] for j, _, _ in r.tags}
+    return r.audit_tags is not None and set(r.audit_tags) == names
+
+
 def _outcome(start: TagSystem, r: TagResult, gold: frozenset[int]) -> Outcome:
     """One item's outcome in `start`'s tag indices (every version keeps the vocabulary)."""
 
@@ -196,10 +207,13 @@ def _outcome(start: TagSystem, r: TagResult, gold: frozenset[int]) -> Outcome:
     )
 
 
-def _window(outcomes: list[Outcome], n_tags: int, lo: int, hi: int) -> dict[str, Any]:
+def _window(
+    outcomes: list[Outcome], audits: list[bool | None], n_tags: int, lo: int, hi: int
+) -> dict[str, Any]:
     part = outcomes[lo:hi]
     m = compute(part, n_tags)
     calls = sum(o.routed_llm for o in part)
+    checked = [a for a in audits[lo:hi] if a is not None]
     return {
         "from_item": lo,
         "to_item": hi,
@@ -211,6 +225,8 @@ def _window(outcomes: list[Outcome], n_tags: int, lo: int, hi: int) -> dict[str,
         "precision": m["precision"],
         "recall": m["recall"],
         "f1": m["f1"],
+        "audits": len(checked),
+        "gate_agreement": sum(checked) / len(checked) if checked else None,
     }
 
 
@@ -228,9 +244,12 @@ def report(
         raise DatasetError("no items to simulate")
     n_tags = len(start.tags)
     bounds = np.linspace(0, n, num=min(windows, n) + 1).astype(int)
-    wins = [_window(res.outcomes, n_tags, int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-    overall = _window(res.outcomes, n_tags, 0, n)
-    last = _window(res.outcomes, n_tags, n - max(1, n // 5), n)
+    wins = [
+        _window(res.outcomes, res.audits, n_tags, int(a), int(b))
+        for a, b in itertools.pairwise(bounds)
+    ]
+    overall = _window(res.outcomes, res.audits, n_tags, 0, n)
+    last = _window(res.outcomes, res.audits, n_tags, n - max(1, n // 5), n)
     ceiling = None
     if res.final is not None and res.fits:
         lo = n - max(1, n // 5)
@@ -247,6 +266,8 @@ def report(
         "auto_precision_last_fifth": last["auto_precision"],
         "auto_ceiling": ceiling,
         "calls_saved_fraction": 1.0 - res.llm_calls / n,
+        "audits": overall["audits"],
+        "gate_agreement": overall["gate_agreement"],
         "precision": overall["precision"],
         "recall": overall["recall"],
         "f1": overall["f1"],
