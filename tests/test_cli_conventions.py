@@ -129,3 +129,29 @@ def test_run_help_names_the_environment_only_settings() -> None:
         "TAGSTREAM_SHUTDOWN_TIMEOUT_S",
     ):
         assert var in text, var
+
+
+def test_a_taken_metrics_port_is_one_line_and_exit_3(model_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "TAGSTREAM_MODEL_DIR": str(model_dir)}
+        cmd = [sys.executable, "-m", "consumer.cli", "run", "--metrics-port", str(port)]
+        cmd += ["--bootstrap-servers", "127.0.0.1:1"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == EXIT_CONFIG, out.stderr[-2000:]
+    assert f"cannot serve metrics on 0.0.0.0:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_unreadable_key_file_is_a_named_setting_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TAGSTREAM_LLM_API_KEY_FILE", str(tmp_path / "missing"))
+    monkeypatch.delenv("TAGSTREAM_LLM_API_KEY", raising=False)
+    assert cli_exit(["run"]) == EXIT_CONFIG
+    said = " ".join(capsys.readouterr().err.split())
+    assert "invalid setting: " in said and "cannot read llm_api_key_file" in said

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        err.print(f"[red]invalid setting[/] {where}: {first['msg']}", soft_wrap=True)
+        at = f" {where}" if where else ""
+        err.print(f"[red]invalid setting[/]{at}: {first['msg']}", soft_wrap=True)
         raise SystemExit(EXIT_CONFIG) from None
 
 

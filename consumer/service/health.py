@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tagsys.errors import TagstreamError
+
 
 class HealthState:
     def __init__(self, max_poll_interval_s: float) -> None:
@@ -75,7 +77,13 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:  # the port is taken, or the address is not this host's
+            raise TagstreamError(
+                f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
+                "(--metrics-port / --metrics-host)"
+            ) from None
         self.httpd.daemon_threads = True
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
