@@ -375,9 +375,14 @@ def test_kill_9_keeps_every_llm_decision_record(
         assert proc.poll() is None and before < len(reader.keys) < 600, "not mid-stream"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc = spawn_run(broker.bootstrap, model_dir, log, *args)
+    port = free_port()
+    last = [*args[: args.index("--metrics-port")], *args[args.index("--metrics-port") + 2 :]]
+    proc = spawn_run(broker.bootstrap, model_dir, log, *last, "--metrics-port", str(port))
     try:
         reader.wait_for(600, 180)
+        # the killed runs may have sent the last events already: wait until this one is up
+        # (its signal handlers installed) before SIGTERM, which must then end it cleanly
+        assert wait_until(lambda: _status(port, "/readyz") == 200, 60), log.read_text()[-2000:]
         assert terminate(proc) == 0
     finally:
         reader.close()
