@@ -90,6 +90,10 @@ def eval_cmd(
             "its label-free thresholds would accept).",
         ),
     ] = UnfittedChoice.llm,
+    llm_handbook: Annotated[
+        Path | None,
+        typer.Option(help="Interest handbook guiding the LLM, as `run --llm-handbook`."),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -112,6 +116,7 @@ def eval_cmd(
         llm_model=llm_model,
         llm_api_key=Settings().llm_api_key,
         trust_unfitted_gate=unfitted_gate is UnfittedChoice.trust,
+        handbook=llm_handbook,
     )
     out = report(run_)
     for k, v in out.items():

@@ -104,6 +104,15 @@ def run(
             "'trust' applies its thresholds anyway. Fit one with calibrate or distill.",
         ),
     ] = UnfittedChoice.llm,
+    llm_handbook: Annotated[
+        str | None,
+        env_option(
+            "llm_handbook",
+            "Interest handbook (JSON, consumer/schemas/handbook.v1.json; 'sample' for the "
+            "one bundled for the sample vocabulary): the section of an item's category "
+            "guides the LLM, and its version is recorded with each decision.",
+        ),
+    ] = None,
     audit_fraction: Annotated[
         float,
         env_option(

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from consumer.service.health import HealthState
 from consumer.tagging.config import Settings
 from consumer.tagging.core import TaggingCore
+from consumer.tagging.handbook import Handbook
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.llm_server import GEMMA, MODEL_NAME, LocalLLM
 from consumer.tagging.metrics import Metrics
@@ -70,6 +71,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             max_batch_tokens=settings.max_batch_tokens,
             trust_unfitted_gate=settings.unfitted_gate == "trust",
             audit_fraction=settings.audit_fraction,
+            handbook=Handbook.load(settings.llm_handbook) if settings.llm_handbook else None,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # a share of auto-accepted items the LLM is asked about too: agreement per tag-system
     # version (tagstream_gate_agreement), and decision records a re-fit learns from
     audit_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # the interest handbook (a file, or "sample"): per category, what users care about; its
+    # section for an item's category guides the selective LLM (consumer/tagging/handbook.py)
+    llm_handbook: str | None = None
     # selective: the LLM picks from the shortlist; generative: it proposes free tags that are
     # mapped onto the vocabulary (cosine >= generative_threshold), the rest are candidates
     llm_mode: Literal["selective", "generative"] = "selective"

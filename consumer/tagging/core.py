@@ -22,6 +22,7 @@ import orjson
 import structlog
 
 from consumer.tagging.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
+from consumer.tagging.handbook import Handbook
 from consumer.tagging.llm import (
     PROMPT_VERSION,
     PROPOSE_PROMPT_VERSION,
@@ -126,6 +127,7 @@ class TaggingCore:
         new_tags_file: Path | None = None,
         trust_unfitted_gate: bool = False,
         audit_fraction: float = 0.0,
+        handbook: Handbook | None = None,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -143,6 +145,7 @@ class TaggingCore:
         )
         self.metrics.set_build(encoder.id, tag_system.version_id)
         self.trust_unfitted_gate = trust_unfitted_gate
+        self.handbook = handbook
         if not 0.0 <= audit_fraction <= 1.0:
             raise TagstreamError(f"audit_fraction must be in [0, 1], not {audit_fraction}")
         self.audit_fraction = audit_fraction
@@ -350,7 +353,11 @@ class TaggingCore:
         if self.llm_mode == "generative":
             return self._generate(ts, ev, item)
         names = [ts.names[j] for j, _ in short]
-        return self.tagger.tag(item, names, ts.gate.max_tags)
+        guidance = None
+        if self.handbook is not None:  # the section of the item's category, if it has one
+            top = ts.tags[short[0][0]].category if short else None
+            guidance = self.handbook.section(top) or self.handbook.section(ev.content_type)
+        return self.tagger.tag(item, names, ts.gate.max_tags, guidance)
 
     def _generate(self, ts: TagSystem, ev: UploadEvent, item: dict[str, Any]) -> LLMAnswer:
         """Free LLM tags, each mapped to its nearest vocabulary tag (name or alias first);
@@ -475,6 +482,7 @@ class TaggingCore:
             if self.llm_mode == "generative"
             else PROMPT_VERSION,
             "tag_system_version": ts.version_id,
+            "handbook_version": self.handbook.version_id if self.handbook else None,
             "decided_at": now_iso(),
         }
 
@@ -499,6 +507,9 @@ class TaggingCore:
             "encoder": self.encoder.id,
             "llm_asked": res.llm_asked,
             "llm_model": self.tagger.model if res.llm_asked and self.tagger else None,
+            "handbook_version": self.handbook.version_id
+            if res.llm_asked and self.handbook
+            else None,
             "needs_review": res.needs_review,
             "processed_at": now_iso(),
         }

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from consumer.tagging.config import Settings
 from consumer.tagging.core import TaggingCore
 from consumer.tagging.events import UploadEvent
+from consumer.tagging.handbook import Handbook
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.llm_server import LocalLLM
 from consumer.tagging.metrics import Metrics
@@ -219,6 +220,7 @@ def run_eval(
     embedding_cache: Path | None = None,
     progress: Progress | None = None,
     trust_unfitted_gate: bool = False,
+    handbook: Path | None = None,
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
@@ -235,7 +237,12 @@ def run_eval(
     outcomes: list[Outcome] = []
     with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
         core = TaggingCore(
-            encoder, ts, tagger=tagger, metrics=metrics, trust_unfitted_gate=trust_unfitted_gate
+            encoder,
+            ts,
+            tagger=tagger,
+            metrics=metrics,
+            trust_unfitted_gate=trust_unfitted_gate,
+            handbook=Handbook.load(handbook) if handbook else None,
         )
         try:
             emb, texts = embed_items(core, ds.items, progress, embedding_cache)

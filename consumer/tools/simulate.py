@@ -59,7 +59,13 @@ class SimulatedLLM:
         self.seed = seed
         self.calls = 0
 
-    def tag(self, item: dict[str, Any], shortlist: list[str], max_tags: int) -> LLMAnswer:
+    def tag(
+        self,
+        item: dict[str, Any],
+        shortlist: list[str],
+        max_tags: int,
+        guidance: str | None = None,
+    ) -> LLMAnswer:
         self.calls += 1
         key = _key(item)
         gold = self.gold.get(key)
