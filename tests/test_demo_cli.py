@@ -130,6 +130,26 @@ def test_demo_with_the_local_llm(model_dir: Path) -> None:
     assert all(t["name"] in names for o in res.outputs for t in o["tags"])
 
 
+@pytest.mark.llm
+def test_demo_with_the_local_llm_extracting_facts(model_dir: Path) -> None:
+    """--llm-extract end to end with the bundled model: every LLM-decided event carries a
+    bounded extract (whatever a 135M model writes in it) and the schema accepts it."""
+    import jsonschema
+
+    from consumer.tagging.events import load_schema
+
+    res = run_demo(llm="local", model_dir=model_dir, llm_extract=True)
+    assert res.events_out == res.events_in and res.llm_status.get("ok", 0) >= 1
+    decided = [o for o in res.outputs if o["decision"] == "llm"]
+    assert decided and all(
+        set(o["extract"]) == {"subject", "entities", "scene", "intent"} for o in decided
+    )
+    schema = load_schema("tag-event")
+    for o in res.outputs:
+        jsonschema.validate(o, schema)
+    assert res.llm_tokens["prompt"] > 0 and res.llm_tokens["completion"] > 0
+
+
 def test_import_tags_writes_a_loadable_tag_system(model_dir: Path, tmp_path: Path) -> None:
     vocab = tmp_path / "vocab.json"
     vocab.write_text(

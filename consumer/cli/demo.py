@@ -25,13 +25,17 @@ def demo(
     ] = "local",
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
+    llm_extract: Annotated[
+        bool,
+        typer.Option(help="The LLM extracts each item's facts first (as `run --llm-extract`)."),
+    ] = False,
     log_level: LogLevel = "warning",
 ) -> None:
     """Embedded broker + local LLM + the sample events through the whole path, then a summary."""
     from consumer.tools.demo import print_report, run_demo
 
     logs.configure(log_level)
-    res = run_demo(llm=llm, model=model, model_dir=model_dir, console=err)
+    res = run_demo(llm=llm, model=model, model_dir=model_dir, console=err, llm_extract=llm_extract)
     print_report(res, err)
     if json:
         emit_json(res.summary())

@@ -113,6 +113,18 @@ def run(
             "guides the LLM, and its version is recorded with each decision.",
         ),
     ] = None,
+    llm_extract: Annotated[
+        bool,
+        env_option(
+            "llm_extract",
+            "The LLM first extracts the item's facts (subject, entities, scene, intent; "
+            "validated, bounded), then picks tags: one when one fits, extras only when the "
+            "facts name them. Recorded in decision records.",
+        ),
+    ] = False,
+    emit_extract: Annotated[
+        bool, env_option("emit_extract", "Put the LLM's extract on the tag event too.")
+    ] = False,
     audit_fraction: Annotated[
         float,
         env_option(

@@ -72,6 +72,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             trust_unfitted_gate=settings.unfitted_gate == "trust",
             audit_fraction=settings.audit_fraction,
             handbook=Handbook.load(settings.llm_handbook) if settings.llm_handbook else None,
+            emit_extract=settings.emit_extract,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # the interest handbook (a file, or "sample"): per category, what users care about; its
     # section for an item's category guides the selective LLM (consumer/tagging/handbook.py)
     llm_handbook: str | None = None
+    # the LLM extracts the item's facts (subject, entities, scene, intent) before choosing;
+    # emit_extract puts them on the tag event too
+    llm_extract: bool = False
+    emit_extract: bool = False
     # selective: the LLM picks from the shortlist; generative: it proposes free tags that are
     # mapped onto the vocabulary (cosine >= generative_threshold), the rest are candidates
     llm_mode: Literal["selective", "generative"] = "selective"

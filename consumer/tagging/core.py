@@ -73,6 +73,7 @@ class TagResult:
     # compared with the encoder's tags and recorded for distillation, never applied
     audit: bool = False
     audit_tags: list[str] | None = None  # the LLM's answer, when it gave one
+    extract: dict[str, Any] | None = None  # --llm-extract: the facts behind the LLM's tags
 
     @property
     def needs_review(self) -> bool:
@@ -128,6 +129,7 @@ class TaggingCore:
         trust_unfitted_gate: bool = False,
         audit_fraction: float = 0.0,
         handbook: Handbook | None = None,
+        emit_extract: bool = False,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
         self.encoder = encoder
@@ -146,6 +148,7 @@ class TaggingCore:
         self.metrics.set_build(encoder.id, tag_system.version_id)
         self.trust_unfitted_gate = trust_unfitted_gate
         self.handbook = handbook
+        self.emit_extract = emit_extract
         if not 0.0 <= audit_fraction <= 1.0:
             raise TagstreamError(f"audit_fraction must be in [0, 1], not {audit_fraction}")
         self.audit_fraction = audit_fraction
@@ -423,6 +426,7 @@ class TaggingCore:
             return
         if answer.status != "ok" or not answer.tags:
             return  # stays REVIEW with the encoder's tags
+        res.extract = answer.extract
         score_of = {j: s for j, s in res.shortlist}
         chosen = []
         for name in answer.tags:
@@ -480,7 +484,8 @@ class TaggingCore:
             "llm_model": self.tagger.model,
             "prompt_version": PROPOSE_PROMPT_VERSION
             if self.llm_mode == "generative"
-            else PROMPT_VERSION,
+            else getattr(self.tagger, "selective_prompt_version", PROMPT_VERSION),
+            "extract": res.extract,
             "tag_system_version": ts.version_id,
             "handbook_version": self.handbook.version_id if self.handbook else None,
             "decided_at": now_iso(),
@@ -513,6 +518,8 @@ class TaggingCore:
             "needs_review": res.needs_review,
             "processed_at": now_iso(),
         }
+        if self.emit_extract and res.extract is not None:
+            out["extract"] = res.extract  # cold-start features: what the LLM saw in the item
         if self.emit_embedding and res.embedding is not None:
             out["embedding"] = [round(float(x), 6) for x in res.embedding]
         return out

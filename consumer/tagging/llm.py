@@ -34,6 +34,16 @@ SYSTEM_PROMPT = (
 )
 
 
+# --llm-extract: the facts first, then the tags (TagLLM's chain-of-thought extraction)
+EXTRACT_PROMPT_VERSION = "selective-extract-v1"
+EXTRACT_PROMPT = (
+    "First fill `extract` with the item's facts, a few words each: its main subject, the named "
+    "entities in it, the scene, and the uploader's intent. Then choose the tags. One tag is a "
+    "complete answer when one fits; add another only when the extract names what it is about."
+)
+EXTRACT_LIMITS = {"subject": 120, "scene": 120, "intent": 120}
+MAX_ENTITIES, MAX_ENTITY_CHARS = 5, 60
+
 PROPOSE_PROMPT_VERSION = "generative-v1"
 PROPOSE_PROMPT = (
     "You tag uploaded content. You get one item as JSON. Propose at most {max_tags} short "
@@ -90,6 +100,8 @@ class LLMAnswer:
     error: str | None = None
     # generative mode: similarity of each mapped vocabulary tag to the free tag it came from
     scores: dict[str, float] = field(default_factory=dict)
+    # --llm-extract: the facts the model extracted before choosing (validated)
+    extract: dict[str, Any] | None = None
 
 
 def _tags_list(content: str | None) -> list[Any] | LLMAnswer:
@@ -104,6 +116,45 @@ def _tags_list(content: str | None) -> list[Any] | LLMAnswer:
         return LLMAnswer(status="invalid", error="answer has no tags list")
     tags: list[Any] = data["tags"]
     return tags
+
+
+def valid_extract(raw: Any) -> dict[str, Any] | None:
+    """The extract, if it has every fact within its bounds; None otherwise."""
+    if not isinstance(raw, dict) or set(raw) != {*EXTRACT_LIMITS, "entities"}:
+        return None
+    for k, n in EXTRACT_LIMITS.items():
+        if not isinstance(raw[k], str) or len(raw[k]) > n:
+            return None
+    ents = raw["entities"]
+    if not isinstance(ents, list) or len(ents) > MAX_ENTITIES:
+        return None
+    if not all(isinstance(e, str) and len(e) <= MAX_ENTITY_CHARS for e in ents):
+        return None
+    return {k: raw[k] for k in ("subject", "entities", "scene", "intent")}
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()}
+
+
+def with_extract(answer: LLMAnswer, content: str | None, metrics: Metrics | None) -> LLMAnswer:
+    """Attach the validated extract; an answer whose extract is missing or out of bounds is
+    invalid (retried once, then review). Tags after the first stay only when the extract
+    names what they are about (a word of the tag in the facts): no padding to max_tags."""
+    try:
+        data = orjson.loads(content or "")
+    except orjson.JSONDecodeError:
+        data = None
+    facts = valid_extract(data.get("extract") if isinstance(data, dict) else None)
+    if metrics is not None:
+        metrics.llm_extracts.labels(result="ok" if facts else "invalid").inc()
+    if facts is None:
+        return LLMAnswer(status="invalid", error="answer has no valid extract")
+    said = _words(" ".join([facts["subject"], facts["scene"], facts["intent"], *facts["entities"]]))
+    kept = answer.tags[:1] + [t for t in answer.tags[1:] if _words(t) & said]
+    answer.rejected += len(answer.tags) - len(kept)
+    answer.tags, answer.extract = kept, facts
+    return answer
 
 
 class _UnusableAnswer(Exception):
@@ -191,8 +242,10 @@ class SelectiveTagger:
         invalid_retries: int = 1,
         breaker: CircuitBreaker | None = None,
         limiter: RateLimiter | None = None,
+        extract: bool = False,
     ) -> None:
         self.model = model
+        self.extract = extract
         self.max_tokens = max_tokens
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -208,14 +261,24 @@ class SelectiveTagger:
     def close(self) -> None:
         self.client.close()
 
+    @property
+    def selective_prompt_version(self) -> str:
+        return EXTRACT_PROMPT_VERSION if self.extract else PROMPT_VERSION
+
     @staticmethod
     def build_messages(
-        item: dict[str, Any], shortlist: list[str], max_tags: int, guidance: str | None = None
+        item: dict[str, Any],
+        shortlist: list[str],
+        max_tags: int,
+        guidance: str | None = None,
+        extract: bool = False,
     ) -> list[Any]:
         """The operator's guidance (a handbook section) joins the instructions in the system
         message; the item stays quoted data in the user message."""
         listing = "\n".join(f"{i + 1}. {name}" for i, name in enumerate(shortlist))
         system = SYSTEM_PROMPT.format(max_tags=max_tags)
+        if extract:
+            system += " " + EXTRACT_PROMPT
         if guidance:
             system += "\n\n" + guidance
         user = (
@@ -230,17 +293,43 @@ class SelectiveTagger:
         ]
 
     @staticmethod
-    def response_schema(shortlist: list[str], max_tags: int) -> dict[str, Any]:
+    def response_schema(
+        shortlist: list[str], max_tags: int, extract: bool = False
+    ) -> dict[str, Any]:
+        """The answer's shape; with `extract` the facts come first (property order is the
+        order a constrained decoder writes them in), bounded in length."""
+        tags = {
+            "type": "array",
+            "items": {"type": "string", "enum": shortlist},
+            "maxItems": max_tags,
+        }
+        if not extract:
+            return {
+                "type": "object",
+                "properties": {"tags": tags},
+                "required": ["tags"],
+                "additionalProperties": False,
+            }
+        facts: dict[str, Any] = {
+            k: {"type": "string", "maxLength": n} for k, n in EXTRACT_LIMITS.items()
+        }
+        facts["entities"] = {
+            "type": "array",
+            "items": {"type": "string", "maxLength": MAX_ENTITY_CHARS},
+            "maxItems": MAX_ENTITIES,
+        }
         return {
             "type": "object",
             "properties": {
-                "tags": {
-                    "type": "array",
-                    "items": {"type": "string", "enum": shortlist},
-                    "maxItems": max_tags,
-                }
+                "extract": {
+                    "type": "object",
+                    "properties": facts,
+                    "required": ["subject", "entities", "scene", "intent"],
+                    "additionalProperties": False,
+                },
+                "tags": tags,
             },
-            "required": ["tags"],
+            "required": ["extract", "tags"],
             "additionalProperties": False,
         }
 
@@ -296,11 +385,16 @@ class SelectiveTagger:
         guidance: str | None = None,
     ) -> LLMAnswer:
         content, usage = self._complete(
-            self.build_messages(item, shortlist, max_tags, guidance),
-            self.response_schema(shortlist, max_tags),
+            self.build_messages(item, shortlist, max_tags, guidance, self.extract),
+            self.response_schema(shortlist, max_tags, self.extract),
             0.0,
+            # the facts come before the tags: room for them
+            max(self.max_tokens, 256) if self.extract else None,
         )
-        return self._with_usage(self.parse(content, shortlist, max_tags), usage)
+        answer = self.parse(content, shortlist, max_tags)
+        if self.extract and answer.status == "ok":
+            answer = with_extract(answer, content, self.metrics)
+        return self._with_usage(answer, usage)
 
     # -- generative mode: free tags, mapped onto the vocabulary by the caller -------------
 

@@ -192,6 +192,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.llm_extracts = Counter(
+            "tagstream_llm_extracts_total",
+            "--llm-extract answers by whether their extract (subject, entities, scene, intent) "
+            "was valid: ok, or invalid (the answer is retried once, then the item is review).",
+            ["result"],
+            registry=r,
+        )
         self.audits = Counter(
             "tagstream_audits_total",
             "Auto-accepted items the LLM was asked about too (the audit sample), by whether "

@@ -48,4 +48,5 @@ def make_tagger(
         attempts=settings.llm_attempts,
         breaker=CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_reset_s),
         limiter=RateLimiter(settings.llm_rate_limit) if settings.llm_rate_limit > 0 else None,
+        extract=settings.llm_extract,
     )

@@ -50,6 +50,7 @@ class DemoResult:
     tag_system: str
     encoder: str
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    llm_tokens: dict[str, int] = field(default_factory=dict)  # prompt / completion
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class DemoResult:
             "decisions": self.decisions,
             "tag_system": self.tag_system,
             "encoder": self.encoder,
+            "llm_tokens": self.llm_tokens,
         }
 
 
@@ -71,12 +73,13 @@ def run_demo(
     model_dir: Path | None = None,
     timeout_s: float = 300.0,
     console: Console | None = None,
+    llm_extract: bool = False,
 ) -> DemoResult:
     con = console or Console(stderr=True)
     # the broker's log matters only when the demo fails: kept then (and named), else removed
     logdir = Path(tempfile.mkdtemp(prefix="tagstream-demo-"))
     try:
-        result = _run(llm, model, model_dir, timeout_s, con, logdir / "broker.log")
+        result = _run(llm, model, model_dir, timeout_s, con, logdir / "broker.log", llm_extract)
     except BaseException:
         con.print(f"[yellow]the embedded broker's log is kept at {logdir / 'broker.log'}[/]")
         raise
@@ -91,6 +94,7 @@ def _run(
     timeout_s: float,
     con: Console,
     broker_log: Path,
+    llm_extract: bool = False,
 ) -> DemoResult:
     events = sample_events()
     t0 = time.monotonic()
@@ -110,6 +114,8 @@ def _run(
             # the sample's hand-set gate, trusted so the demo shows all three decisions; `run`
             # sends what an unfitted gate would accept to the LLM instead (unfitted_gate)
             unfitted_gate="trust",
+            llm_extract=llm_extract,
+            emit_extract=llm_extract,
         )
         if llm == "local":
             con.print("[bold]llm[/] starting SmolLM2-135M-Instruct (llama.cpp) …")
@@ -151,6 +157,10 @@ def _run(
                 tag_system=stack.core.tag_system.version_id,
                 encoder=stack.core.encoder.id,
                 outputs=list(outputs.values()),
+                llm_tokens={
+                    k: int(reg.get_sample_value("tagstream_llm_tokens_total", {"kind": k}) or 0)
+                    for k in ("prompt", "completion")
+                },
             )
     return result
 
@@ -216,6 +226,7 @@ def print_report(res: DemoResult, con: Console, show: int = 6) -> None:
         flag = " [yellow]needs review[/]" if o["needs_review"] else ""
         table.add_row(o["id"], o["decision"] + flag, tags or "—")
     con.print(table)
-    if rows:
+    if rows:  # one the LLM decided, when there is one: it shows the most
+        full = next((o for o in rows if o["decision"] == "llm"), rows[0])
         con.print("one tag event in full:")
-        con.print_json(orjson.dumps(rows[0]).decode())
+        con.print_json(orjson.dumps(full).decode())
