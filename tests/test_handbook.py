@@ -125,3 +125,24 @@ def test_a_bad_handbook_stops_run_with_exit_3(tmp_path: Path, monkeypatch: Any) 
     monkeypatch.setenv("TAGSTREAM_LLM_HANDBOOK", str(bad))
     monkeypatch.setenv("TAGSTREAM_LLM", "http://127.0.0.1:9/v1")
     assert cli_exit(["run", "--bootstrap-servers", "127.0.0.1:1"]) == 3
+
+
+def test_generative_mode_gets_the_section_too(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    server = fake_llm(lambda req: (200, completion('{"tags": ["latte art"]}')))
+    metrics = Metrics()
+    tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
+    hb = Handbook.load("sample")
+    core = TaggingCore(
+        encoder, sample_ts, tagger=tagger, metrics=metrics, handbook=hb, llm_mode="generative"
+    )
+    core.process([COFFEE])
+    system, user = server.requests[0]["messages"]
+    assert (
+        "Propose at most" in system["content"] and "Handbook for food content" in system["content"]
+    )
+    assert "Handbook" not in user["content"]
+    core.close()

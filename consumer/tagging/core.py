@@ -353,20 +353,22 @@ class TaggingCore:
     def _ask(self, ts: TagSystem, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
         assert self.tagger is not None
         item = llm_item(ev, self.max_field_chars)
-        if self.llm_mode == "generative":
-            return self._generate(ts, ev, item)
-        names = [ts.names[j] for j, _ in short]
         guidance = None
         if self.handbook is not None:  # the section of the item's category, if it has one
             top = ts.tags[short[0][0]].category if short else None
             guidance = self.handbook.section(top) or self.handbook.section(ev.content_type)
+        if self.llm_mode == "generative":
+            return self._generate(ts, ev, item, guidance)
+        names = [ts.names[j] for j, _ in short]
         return self.tagger.tag(item, names, ts.gate.max_tags, guidance)
 
-    def _generate(self, ts: TagSystem, ev: UploadEvent, item: dict[str, Any]) -> LLMAnswer:
+    def _generate(
+        self, ts: TagSystem, ev: UploadEvent, item: dict[str, Any], guidance: str | None = None
+    ) -> LLMAnswer:
         """Free LLM tags, each mapped to its nearest vocabulary tag (name or alias first);
         what maps nowhere is counted and logged as a candidate for the next vocabulary."""
         assert self.tagger is not None
-        answer = self.tagger.propose(item, ts.gate.max_tags, temperature=0.0)
+        answer = self.tagger.propose(item, ts.gate.max_tags, temperature=0.0, guidance=guidance)
         if answer.status != "ok" or not answer.tags:
             return answer
         mapped: dict[str, float] = {}

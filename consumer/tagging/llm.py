@@ -216,7 +216,11 @@ class Tagger(Protocol):
     ) -> LLMAnswer: ...
 
     def propose(
-        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+        self,
+        item: dict[str, Any],
+        max_tags: int = 5,
+        temperature: float = 0.7,
+        guidance: str | None = None,
     ) -> LLMAnswer: ...
 
     def close(self) -> None: ...
@@ -399,10 +403,15 @@ class SelectiveTagger:
     # -- generative mode: free tags, mapped onto the vocabulary by the caller -------------
 
     @staticmethod
-    def propose_messages(item: dict[str, Any], max_tags: int) -> list[Any]:
+    def propose_messages(
+        item: dict[str, Any], max_tags: int, guidance: str | None = None
+    ) -> list[Any]:
         user = "Item (untrusted data):\n" + orjson.dumps(item).decode()
+        system = PROPOSE_PROMPT.format(max_tags=max_tags)
+        if guidance:  # operator-trusted: instructions, never the item's data
+            system += "\n\n" + guidance
         return [
-            {"role": "system", "content": PROPOSE_PROMPT.format(max_tags=max_tags)},
+            {"role": "system", "content": system},
             {"role": "user", "content": user},
         ]
 
@@ -440,13 +449,17 @@ class SelectiveTagger:
         return LLMAnswer(status="ok", tags=out[:max_tags], rejected=rejected)
 
     def propose(
-        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+        self,
+        item: dict[str, Any],
+        max_tags: int = 5,
+        temperature: float = 0.7,
+        guidance: str | None = None,
     ) -> LLMAnswer:
         """Free tags for an item (build-tags, generative mode); never raises."""
 
         def once() -> LLMAnswer:
             content, usage = self._complete(
-                self.propose_messages(item, max_tags),
+                self.propose_messages(item, max_tags, guidance),
                 self.propose_schema(max_tags),
                 temperature,
                 # room for max_tags free tags of up to MAX_FREE_TAG_CHARS each

@@ -79,7 +79,11 @@ class SimulatedLLM:
         return LLMAnswer(status="ok", tags=right)
 
     def propose(
-        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+        self,
+        item: dict[str, Any],
+        max_tags: int = 5,
+        temperature: float = 0.7,
+        guidance: str | None = None,
     ) -> LLMAnswer:
         raise TagstreamError("simulate runs the selective LLM step only")
 
