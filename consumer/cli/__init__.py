@@ -46,6 +46,7 @@ app.command("simulate")(simulate.simulate_cmd)
 app.command("build-tags")(build.build_tags_cmd)
 app.command("import-tags")(vocab.import_tags)
 app.command("describe-tags")(vocab.describe_tags_cmd)
+app.command("handbook-draft")(vocab.handbook_draft_cmd)
 app.command("llm-serve")(llm.llm_serve)
 
 

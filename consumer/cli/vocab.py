@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 from pydantic import SecretStr
 
@@ -12,7 +13,9 @@ from consumer.cli import logs
 from consumer.cli.options import (
     ConcurrencyOpt,
     DataFormat,
+    DataOpt,
     DescribeStyle,
+    FormatOpt,
     JsonOpt,
     LevelOpt,
     ModelDirOpt,
@@ -269,3 +272,66 @@ def describe_tags_cmd(
         )
     if json:
         emit_json(res)
+
+
+def handbook_draft_cmd(
+    data: DataOpt,
+    fmt: FormatOpt,
+    out: Annotated[Path, typer.Option(help="Handbook file to write (JSON).")],
+    level: LevelOpt = 1,
+    tag_system: Annotated[
+        Path | None,
+        typer.Option(help="Tag system whose tags' categories group the handbook (else labels)."),
+    ] = None,
+    llm: Annotated[
+        str, env_option("llm", "'local' (bundled SmolLM2) or an OpenAI-compatible base URL.")
+    ] = "local",
+    llm_model: Annotated[str, env_option("llm_model")] = "smollm2",
+    name: Annotated[str, typer.Option(help="Handbook name.")] = "drafted",
+    version: Annotated[str, typer.Option(help="Handbook version.")] = "1",
+    examples: Annotated[int, typer.Option(min=1, max=10, help="Items shown per category.")] = 5,
+    max_categories: Annotated[
+        int, typer.Option(min=1, help="Draft the categories with the most items, up to this.")
+    ] = 40,
+    json: JsonOpt = False,
+) -> None:
+    """Draft an interest handbook from your own data with the LLM, for review: per category,
+    what its users care about, which facets a tag should name, good and too-vague tags."""
+    import contextlib
+
+    from consumer.tagging.config import Settings
+    from consumer.tagging.llm import SelectiveTagger
+    from consumer.tagging.llm_server import LocalLLM
+    from consumer.tools.handbook_draft import draft
+    from tagsys import TagSystem
+
+    logs.configure("warning")
+    ts = TagSystem.load(tag_system) if tag_system else None
+    with contextlib.ExitStack() as stack:
+        if llm.strip().lower() == "local":
+            local = stack.enter_context(LocalLLM())
+            url, model, key = local.base_url, local.model, SecretStr("")
+        else:
+            url, model, key = llm, llm_model, Settings().llm_api_key
+        tagger = SelectiveTagger(url, model, key, timeout_s=120.0)
+        stack.callback(tagger.close)
+        with tracked("drafting", "categories") as progress:
+            doc, report = draft(
+                tagger,
+                data,
+                fmt.value,
+                level=level,
+                tag_system=ts,
+                name=name,
+                version=version,
+                examples=examples,
+                max_categories=max_categories,
+                progress=progress,
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    report["out"] = str(out)
+    print_table(report, 20)
+    err.print("review it before use: `tagstream run --llm-handbook FILE`")
+    if json:
+        emit_json(report)

@@ -14,7 +14,7 @@ import hashlib
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +41,8 @@ class HandbookFile(BaseModel):
     name: str = Field(min_length=1, max_length=60)
     version: str = Field(min_length=1, max_length=40)
     categories: list[Category] = Field(min_length=1)
+    # how it was made (`handbook-draft` records its model and data): for the reviewer
+    provenance: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
