@@ -109,3 +109,23 @@ def test_without_extract_the_prompt_and_answer_are_unchanged(
     assert len(res.tags) == 2 and res.extract is None  # no extract, no pruning
     assert "extract" not in server.requests[0]["messages"][0]["content"]
     core.close()
+
+
+def test_eval_asks_for_the_facts_with_llm_extract(
+    model_dir: Any, tmp_path: Any, fake_llm: Callable[[Responder], FakeOpenAI]
+) -> None:
+    from consumer.tools.evaluate import run_eval
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"id": "1", "title": "Sourdough starter", "labels": ["baking"]}]
+    rows.append({"id": "2", "title": "Grilled ribs", "labels": ["grilling"]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def answer(req: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return 200, completion(json.dumps({"extract": FACTS, "tags": shortlist_of(req)[:1]}))
+
+    server = fake_llm(answer)
+    run_eval(data, "jsonl", model_dir=model_dir, llm=server.base_url, llm_extract=True)
+    assert server.requests and all(
+        "First fill `extract`" in r["messages"][0]["content"] for r in server.requests
+    )

@@ -94,6 +94,9 @@ def eval_cmd(
         Path | None,
         typer.Option(help="Interest handbook guiding the LLM, as `run --llm-handbook`."),
     ] = None,
+    llm_extract: Annotated[
+        bool, typer.Option(help="The LLM states the facts first, as `run --llm-extract`.")
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -117,6 +120,7 @@ def eval_cmd(
         llm_api_key=Settings().llm_api_key,
         trust_unfitted_gate=unfitted_gate is UnfittedChoice.trust,
         handbook=llm_handbook,
+        llm_extract=llm_extract,
     )
     out = report(run_)
     for k, v in out.items():

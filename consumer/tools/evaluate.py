@@ -108,13 +108,13 @@ def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 
 @contextlib.contextmanager
 def _tagger(
-    llm: str, model: str, key: SecretStr, metrics: Metrics
+    llm: str, model: str, key: SecretStr, metrics: Metrics, extract: bool = False
 ) -> Iterator[SelectiveTagger | None]:
     spec = llm.strip()
     if spec.lower() in ("", "none", "off"):
         yield None
         return
-    settings = Settings()
+    settings = Settings(llm_extract=True) if extract else Settings()
     if spec.lower() == "local":
         with LocalLLM() as local:
             yield make_tagger(settings, local.base_url, local.model, SecretStr(""), metrics)
@@ -221,6 +221,7 @@ def run_eval(
     progress: Progress | None = None,
     trust_unfitted_gate: bool = False,
     handbook: Path | None = None,
+    llm_extract: bool = False,
 ) -> EvalRun:
     ds = load(data, fmt, level=level, limit=limit)
     if not ds.items:
@@ -235,7 +236,7 @@ def run_eval(
     )
     metrics = Metrics()
     outcomes: list[Outcome] = []
-    with _tagger(llm, llm_model, llm_api_key, metrics) as tagger:
+    with _tagger(llm, llm_model, llm_api_key, metrics, llm_extract) as tagger:
         core = TaggingCore(
             encoder,
             ts,
