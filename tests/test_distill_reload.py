@@ -211,6 +211,21 @@ def test_llm_decisions_are_recorded_and_distill_reads_them(
     assert len(kept.ids) == 30 and skipped["steerable"] == 10
     kept, _ = labelled_from_decisions(mixed, ts, include_steerable=True)
     assert len(kept.ids) == 40
+    # prompts are never mixed: older decisions made with another prompt or handbook are left
+    # out, and the latest decision's prompt is the one learnt from
+    old = [
+        {**r, "handbook_version": "h@1#aa", "decided_at": "2000-01-01T00:00:00Z"} if i < 15 else r
+        for i, r in enumerate(records)
+    ]
+    kept, skipped = labelled_from_decisions(old, ts)
+    assert len(kept.ids) == 25 and skipped["other_prompt"] == 15
+    newer = [
+        {**r, "prompt_version": "selective-extract-v1"} if i < 5 else r
+        for i, r in enumerate(records)
+    ]
+    newer[0]["decided_at"] = "2999-01-01T00:00:00Z"
+    kept, skipped = labelled_from_decisions(newer, ts)
+    assert len(kept.ids) == 5 and skipped["other_prompt"] == 35
     assert labelled.emb.shape == (40, encoder.dim)
 
 

@@ -197,10 +197,23 @@ def labelled_from_decisions(
     """Decision records (consumer/schemas/decision.v1.json) -> training data. Records the
     item's own text could steer (`steerable`: generative mode, where a caption can pull a
     tag from anywhere in the vocabulary) are left out unless asked for: a head learnt from
-    them would learn the injection."""
+    them would learn the injection. Prompts are never mixed: only the records made with the
+    prompt and handbook of the latest decision are used (`other_prompt` counts the rest), so
+    a changed prompt starts its own training data."""
     ids, embs, texts, gold = [], [], [], []
-    skipped = {"no_embedding": 0, "no_known_tag": 0, "other_encoder": 0, "steerable": 0}
+    skipped = {
+        "no_embedding": 0,
+        "no_known_tag": 0,
+        "other_encoder": 0,
+        "steerable": 0,
+        "other_prompt": 0,
+    }
+    latest = max(records, key=lambda r: str(r.get("decided_at", "")), default=None)
+    current = _prompt_of(latest) if latest is not None else None
     for r in records:
+        if _prompt_of(r) != current:
+            skipped["other_prompt"] += 1
+            continue
         if r.get("steerable") and not include_steerable:
             skipped["steerable"] += 1
             continue
@@ -223,6 +236,11 @@ def labelled_from_decisions(
     if len(emb):
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return Labelled(ids, emb, texts, gold), skipped
+
+
+def _prompt_of(record: dict[str, Any]) -> tuple[str, str]:
+    """What shaped a decision besides the item: the prompt and the handbook versions."""
+    return str(record.get("prompt_version", "")), str(record.get("handbook_version") or "")
 
 
 def write_heldout(items: list[Item], holdout: float, path: Path) -> int:
