@@ -114,10 +114,7 @@ def bench(model: str, model_dir: Path | None) -> dict[str, Any]:
 
 
 def run(out: Path, model_dir: Path | None = None) -> int:
-    reason = gpu_absent_reason()
-    if reason is not None:
-        print(f"gpu-check: no GPU to check: {reason}", file=sys.stderr)
-        return NO_GPU
+    """The checks and the report; `main` has made sure a GPU is there."""
     import orjson
 
     from consumer.tagging.events import decode, event_text
@@ -145,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=None, help="Exported models folder")
     p.add_argument("--preflight", action="store_true", help="Only say whether a GPU is usable")
     a = p.parse_args(argv)
+    reason = gpu_absent_reason()
+    if reason is not None:
+        print(f"gpu-check: no GPU to check: {reason}", file=sys.stderr)
+        return NO_GPU
     if a.preflight:
-        reason = gpu_absent_reason()
-        if reason is not None:
-            print(f"gpu-check: no GPU to check: {reason}", file=sys.stderr)
-        return NO_GPU if reason else 0
+        return 0
     try:
         return run(a.out, a.model_dir)
     except TagstreamError as e:  # a driver but no working CUDA path: say so in one line

@@ -95,7 +95,7 @@ class SimulatedLLM:
 class Fit:
     at_item: int
     decisions: int
-    version: str
+    tag_system: TagSystem  # the version that went live
     report: dict[str, Any]
 
 
@@ -158,8 +158,8 @@ def run_loop(
             if since_fit >= distill_every and hi < len(events):
                 fitted = _refit(start, records, holdout, target_precision, hi)
                 if fitted is not None:
-                    core.swap_tag_system(fitted.version_ts)  # between batches, as hot reload
-                    res.fits.append(fitted.fit)
+                    core.swap_tag_system(fitted.tag_system)  # between batches, as hot reload
+                    res.fits.append(fitted)
                     res.swapped_at.append(hi)
                     since_fit = 0
         res.final = core.tag_system
@@ -169,19 +169,13 @@ def run_loop(
     return res
 
 
-@dataclass
-class _Fitted:
-    fit: Fit
-    version_ts: TagSystem
-
-
 def _refit(
     start: TagSystem,
     records: list[dict[str, Any]],
     holdout: float,
     target: float,
     at: int,
-) -> _Fitted | None:
+) -> Fit | None:
     """`distill --from-topic` on the decisions so far; None while they are too few."""
     labelled, _ = labelled_from_decisions(records, start)
     version = f"{start.version}+loop{at}"
@@ -191,7 +185,7 @@ def _refit(
         )
     except DatasetError:
         return None
-    return _Fitted(Fit(at, len(records), new.version_id, report), new)
+    return Fit(at, len(records), new, report)
 
 
 def _agreed(r: TagResult) -> bool | None:
@@ -286,7 +280,7 @@ def report(
             {
                 "at_item": f.at_item,
                 "decisions": f.decisions,
-                "tag_system": f.version,
+                "tag_system": f.tag_system.version_id,
                 # `distill`'s own check on the decisions it held out (LLM answers, not gold)
                 "fit_items": f.report["train_items"],
                 "heldout_auto_fraction": f.report["after"]["auto_fraction"],
