@@ -120,6 +120,8 @@ def read_jsonl(path: Path) -> Iterator[Item | str]:
             tags = obj.get("hashtags")
             if isinstance(tags, list):
                 fields["hashtags"] = [str(t) for t in tags if isinstance(t, str | int)]
+            if isinstance(obj.get("content_type"), str):  # picks a handbook section
+                fields["content_type"] = obj["content_type"]
             if not any(fields.get(k) for k in _TEXT_KEYS):
                 yield "no_text"
                 continue

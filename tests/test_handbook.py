@@ -188,7 +188,7 @@ def test_handbook_draft_writes_a_loadable_reviewable_handbook(
     ts_dir = tmp_path / "ts"
     sample_ts.save(ts_dir)
     out = tmp_path / "hb.json"
-    args = ["handbook-draft", "--data", str(_labelled(tmp_path)), "--format", "jsonl"]
+    args = ["handbook", "draft", "--data", str(_labelled(tmp_path)), "--format", "jsonl"]
     args += ["--tag-system", str(ts_dir), "--llm", server.base_url, "--llm-model", "fake"]
     args += ["--out", str(out), "--name", "mine", "--json"]
     assert cli_exit(args) in (0, None)
@@ -205,3 +205,23 @@ def test_handbook_draft_writes_a_loadable_reviewable_handbook(
     food_req = next(r for r in server.requests if '"food"' in r["messages"][1]["content"])
     assert "crypto" in food_req["messages"][1]["content"]
     assert "crypto" not in food_req["messages"][0]["content"]
+
+
+def test_handbook_check_loads_it_as_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import cli_exit
+
+    assert cli_exit(["handbook", "check", "sample", "--category", "Food", "--json"]) in (0, None)
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["handbook_version"] == Handbook.load("sample").version_id
+    assert "food" in report["categories"] and report["section"] == Handbook.load(
+        "sample"
+    ).section("food")
+    assert "Handbook for food content" in out
+    bad = tmp_path / "h.json"
+    bad.write_text('{"schema_version": 1}')
+    assert cli_exit(["handbook", "check", str(bad)]) == 3
+    assert "not a handbook" in capsys.readouterr().err
+    assert cli_exit(["handbook", "check", "sample", "--category", "astronomy"]) == 2

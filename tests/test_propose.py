@@ -228,6 +228,16 @@ def test_unlabelled_data_has_no_gold_figures(
             ],
             "needs a chat model",
         ),
+        # a base model's few-shot prompt has no instructions a handbook could guide
+        (["--llm-handbook", "sample"], "chat prompts only"),
+        (["--handbook-category", "food"], "needs --llm-handbook"),
+        (
+            [
+                *("--llm", "http://127.0.0.1:9/v1", "--llm-model", "m"),
+                *("--llm-handbook", "sample", "--handbook-category", "astronomy"),
+            ],
+            "no category 'astronomy'",
+        ),
     ],
 )
 def test_build_tags_refuses_what_cannot_work_before_starting_anything(

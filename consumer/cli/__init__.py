@@ -46,7 +46,13 @@ app.command("simulate")(simulate.simulate_cmd)
 app.command("build-tags")(build.build_tags_cmd)
 app.command("import-tags")(vocab.import_tags)
 app.command("describe-tags")(vocab.describe_tags_cmd)
-app.command("handbook-draft")(vocab.handbook_draft_cmd)
+handbook = typer.Typer(
+    no_args_is_help=True,
+    help="The interest handbook that guides the LLM: draft one from your data, check one.",
+)
+handbook.command("draft")(vocab.handbook_draft_cmd)
+handbook.command("check")(vocab.handbook_check_cmd)
+app.add_typer(handbook, name="handbook")
 app.command("llm-serve")(llm.llm_serve)
 
 

@@ -115,6 +115,20 @@ def build_tags_cmd(
             "or descriptions, as describe-tags --style."
         ),
     ] = DescribeStyle.examples,
+    llm_handbook: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Interest handbook guiding the proposals (chat prompts only), as `run "
+                "--llm-handbook`: each item gets the section of its `content_type`, else of "
+                "--handbook-category."
+            )
+        ),
+    ] = None,
+    handbook_category: Annotated[
+        str | None,
+        typer.Option(help="The handbook section for items without a content_type of its own."),
+    ] = None,
     name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: Annotated[
@@ -135,10 +149,11 @@ def build_tags_cmd(
     import os
 
     from consumer.tagging.config import Settings
+    from consumer.tagging.handbook import Handbook
     from consumer.tagging.llm_server import BASE_MODELS, GEMMA, MODELS, LocalLLM
     from consumer.tagging.metrics import Metrics
     from consumer.tagging.parts import make_tagger
-    from consumer.tools.build_tags import Proposer, build_tags
+    from consumer.tools.build_tags import GuidedProposer, Proposer, build_tags
     from consumer.tools.describe import Describer
     from consumer.tools.evaluate import DEFAULT_MODEL, template_for
     from consumer.tools.propose import FewShotProposer
@@ -168,6 +183,24 @@ def build_tags_cmd(
             "list); use --hierarchy alone, or --prompt chat with an instruction-tuned model",
             param_hint="--llm-categories",
         )
+    if handbook_category is not None and llm_handbook is None:
+        raise typer.BadParameter("needs --llm-handbook", param_hint="--handbook-category")
+    handbook = None
+    if llm_handbook is not None:
+        if style is PromptStyle.fewshot:
+            raise typer.BadParameter(
+                "a handbook guides chat prompts only (a base model continues examples and "
+                "has no instructions to guide); use --prompt chat with an instruction-tuned "
+                "model",
+                param_hint="--llm-handbook",
+            )
+        handbook = Handbook.load(llm_handbook)
+        if handbook_category is not None and handbook.section(handbook_category) is None:
+            raise typer.BadParameter(
+                f"no category {handbook_category!r} in {handbook.version_id} (it has: "
+                f"{', '.join(sorted(handbook.categories))})",
+                param_hint="--handbook-category",
+            )
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model or DEFAULT_MODEL[fmt.value], model_dir=model_dir)
@@ -181,6 +214,8 @@ def build_tags_cmd(
             url, key = llm, settings.llm_api_key
         tagger = make_tagger(settings, url, llm_model, key, metrics)
         proposer: Proposer = tagger
+        if handbook is not None:
+            proposer = GuidedProposer(tagger, handbook, handbook_category)
         describer = None
         if style is PromptStyle.fewshot:
             proposer = FewShotProposer(url, llm_model, key)

@@ -1,4 +1,4 @@
-"""`tagstream import-tags` and `tagstream describe-tags`."""
+"""`tagstream import-tags`, `describe-tags` and `handbook draft|check`."""
 
 from __future__ import annotations
 
@@ -332,6 +332,39 @@ def handbook_draft_cmd(
     out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     report["out"] = str(out)
     print_table(report, 20)
-    err.print("review it before use: `tagstream run --llm-handbook FILE`")
+    err.print(
+        f"review it (`tagstream handbook check {out}`), then use it: "
+        "`tagstream run --llm-handbook FILE`"
+    )
     if json:
         emit_json(report)
+
+
+def handbook_check_cmd(
+    path: Annotated[str, typer.Argument(help="Handbook file, or 'sample'.")],
+    category: Annotated[
+        str | None, typer.Option(help="Print this category's section as the LLM gets it.")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Check a handbook as `run --llm-handbook` loads it (exit 3 and the reason if it is not
+    one) and print its version, categories and, with --category, the section the LLM gets."""
+    from consumer.tagging.handbook import Handbook
+
+    hb = Handbook.load(path)
+    section = hb.section(category) if category is not None else None
+    if category is not None and section is None:
+        raise typer.BadParameter(
+            f"no category {category!r} (it has: {', '.join(sorted(hb.categories))})",
+            param_hint="--category",
+        )
+    res: dict[str, Any] = {
+        "handbook_version": hb.version_id,
+        "categories": sorted(c.name for c in hb.categories.values()),
+    }
+    print_table({k: (", ".join(v) if isinstance(v, list) else v) for k, v in res.items()}, 18)
+    if section is not None:
+        typer.echo(section)
+        res["section"] = section
+    if json:
+        emit_json(res)

@@ -41,7 +41,7 @@ class HandbookFile(BaseModel):
     name: str = Field(min_length=1, max_length=60)
     version: str = Field(min_length=1, max_length=40)
     categories: list[Category] = Field(min_length=1)
-    # how it was made (`handbook-draft` records its model and data): for the reviewer
+    # how it was made (`handbook draft` records its model and data): for the reviewer
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 

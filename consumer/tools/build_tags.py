@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from consumer.tagging.events import event_text, unmark_hashtags
+from consumer.tagging.handbook import Handbook
 from consumer.tagging.llm import LLMAnswer, SelectiveTagger
 from consumer.tools.describe import PROMPT_VERSIONS, Describer
 from consumer.tools.evaluate import to_event
@@ -61,6 +62,35 @@ class Proposer(Protocol):
     ) -> LLMAnswer: ...
 
 
+class GuidedProposer:
+    """A chat proposer whose system message carries the handbook's section for each item's
+    category: the item's `content_type` where the handbook has that section, else the
+    `category` given for the whole corpus. Its prompt version names the handbook's version,
+    so the proposal log never mixes proposals made under another handbook (or none)."""
+
+    def __init__(self, inner: SelectiveTagger, handbook: Handbook, category: str | None) -> None:
+        if category is not None and handbook.section(category) is None:
+            raise TagSystemError(
+                f"the handbook {handbook.version_id} has no category {category!r} "
+                f"(it has: {', '.join(sorted(handbook.categories))})"
+            )
+        self.inner = inner
+        self.handbook = handbook
+        self.category = category
+        self.model = inner.model
+        self.prompt_version = f"{inner.prompt_version}+{handbook.version_id}"
+
+    def guidance(self, item: dict[str, Any]) -> str | None:
+        return self.handbook.section(item.get("content_type")) or self.handbook.section(
+            self.category
+        )
+
+    def propose(
+        self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
+    ) -> LLMAnswer:
+        return self.inner.propose(item, max_tags, temperature, guidance=self.guidance(item))
+
+
 @dataclass
 class BuildReport:
     items: int = 0
@@ -74,6 +104,7 @@ class BuildReport:
     described: int = 0
     stale: int = 0  # cached proposals of another model or prompt: not used
     unreadable: int = 0  # kept tags the encoder cannot read (unknown tokens): never merged
+    guided: int | None = None  # items whose proposals a handbook section guided (with one)
     gold_labels: int | None = None  # distinct gold labels of the items, when the data has any
     gold_recovered: int | None = None  # of them, named by a built tag (name or alias)
     gold_coverage: float | None = None  # share of the items' gold label occurrences
@@ -100,6 +131,7 @@ class BuildReport:
             "described": self.described,
             **({"stale_cache": self.stale} if self.stale else {}),
             **({"unreadable": self.unreadable} if self.unreadable else {}),
+            **({"handbook_guided": self.guided} if self.guided is not None else {}),
             **gold,
         }
 
@@ -232,6 +264,8 @@ def build_tags(
     if not ds.items:
         raise TagSystemError(f"{data}: no items with text ({dict(ds.skipped)})")
     proposer = proposer or tagger
+    if isinstance(proposer, GuidedProposer):
+        report.guided = sum(proposer.guidance(_fields(it)) is not None for it in ds.items)
     proposals = collect_proposals(
         ds.items,
         proposer,
@@ -330,6 +364,11 @@ def build_tags(
             "data": data.name,
             "llm_model": proposer.model,
             "prompt": proposer.prompt_version,
+            **(
+                {"handbook": proposer.handbook.version_id}
+                if isinstance(proposer, GuidedProposer)
+                else {}
+            ),
             "samples": samples,
             "min_items": min_items,
             "merge_threshold": merge_threshold,

@@ -1,4 +1,4 @@
-"""`tagstream handbook-draft`: a first interest handbook drafted by the LLM from the operator's
+"""`tagstream handbook draft`: a first interest handbook drafted by the LLM from the operator's
 own data, for a person to review and edit before it guides anything.
 
 Per category of the tag system (a tag's `category`, or the label itself when tags have
