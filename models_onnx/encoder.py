@@ -66,6 +66,47 @@ def cuda_usable() -> bool:
 # _fuse_transformer); its CPU kernels for these fused ops are the slower ones on this path.
 # CUDA keeps them: there the fused kernels are the fast ones.
 CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion", "FastGeluFusion"]
+# `Manifest.pooling` of a CLIP-family image/text pair (models_onnx.clip): not a text encoder
+CLIP_POOLING = "clip"
+
+
+def wants_cuda(device: Device) -> bool:
+    """Whether `device` means CUDA here: "auto" only when CUDA is usable; "cuda" on a
+    machine without it is a configuration error, not a silent CPU run."""
+    if device == "cuda" and not cuda_usable():
+        raise TagstreamError("--device cuda asked, but CUDA is not usable on this machine")
+    return device == "cuda" or (device == "auto" and cuda_usable())
+
+
+def pick_variant(manifest: Manifest, use_cuda: bool) -> str:
+    """fp16 on a GPU, int8 on a CPU, else fp32: each where its kernels are the fast ones."""
+    order = ["fp16", "fp32"] if use_cuda else ["int8", "fp32"]
+    for v in order:
+        if v in manifest.files:
+            return v
+    raise ModelNotFoundError(f"encoder {manifest.name} has none of {order}")
+
+
+def make_session(path: Path, *, use_cuda: bool, threads: int | None) -> ort.InferenceSession:
+    """An onnxruntime session with the providers passed explicitly (CUDA then CPU, or CPU
+    alone) and the CPU's slow fusions off; raises when CUDA was asked and did not start."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.log_severity_level = 3
+    providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+    if use_cuda:
+        providers = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+    session = ort.InferenceSession(
+        str(path),
+        sess_options=opts,
+        providers=providers,
+        disabled_optimizers=[] if use_cuda else CPU_DISABLED_FUSIONS,
+    )
+    active = session.get_providers()
+    if use_cuda and active[0] != "CUDAExecutionProvider":
+        raise TagstreamError(f"CUDA provider failed to start (active: {active})")
+    return session
 
 
 class OnnxEncoder:
@@ -87,27 +128,14 @@ class OnnxEncoder:
         self.folder = folder
         self.manifest = Manifest.load(folder)
         self.name = self.manifest.name
-        use_cuda = device == "cuda" or (device == "auto" and cuda_usable())
-        if device == "cuda" and not cuda_usable():
-            raise TagstreamError("--device cuda asked, but CUDA is not usable on this machine")
-        variant = variant or self._pick_variant(use_cuda)
+        if self.manifest.pooling == CLIP_POOLING:
+            raise TagstreamError(
+                f"{folder} holds a CLIP image/text pair; load it with models_onnx.clip.ClipEncoder"
+            )
+        use_cuda = wants_cuda(device)
+        variant = variant or pick_variant(self.manifest, use_cuda)
         path = self.manifest.verify(folder, variant)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.log_severity_level = 3
-        providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
-        if use_cuda:
-            providers = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(
-            str(path),
-            sess_options=opts,
-            providers=providers,
-            disabled_optimizers=[] if use_cuda else CPU_DISABLED_FUSIONS,
-        )
-        active = self.session.get_providers()
-        if use_cuda and active[0] != "CUDAExecutionProvider":
-            raise TagstreamError(f"CUDA provider failed to start (active: {active})")
+        self.session = make_session(path, use_cuda=use_cuda, threads=threads)
         self.variant = variant
         self.threads = threads
         self.device = "cuda" if use_cuda else "cpu"
@@ -134,13 +162,6 @@ class OnnxEncoder:
         pad = self.tokenizer.padding or {}
         self._pad_id = int(pad.get("pad_id", 0))
         self.dim = self.manifest.dim
-
-    def _pick_variant(self, use_cuda: bool) -> str:
-        order = ["fp16", "fp32"] if use_cuda else ["int8", "fp32"]
-        for v in order:
-            if v in self.manifest.files:
-                return v
-        raise ModelNotFoundError(f"encoder {self.manifest.name} has none of {order}")
 
     @property
     def default_batch_tokens(self) -> int:

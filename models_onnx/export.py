@@ -47,6 +47,18 @@ def _pkg_version(name: str) -> str:
         return "absent"
 
 
+def exported_with() -> dict[str, str]:
+    """The recipe, opset and package versions a manifest records, to tell exports apart."""
+    return {
+        "recipe": EXPORT_RECIPE,
+        "opset": str(OPSET),
+        "optimum-onnx": _pkg_version("optimum-onnx"),
+        "transformers": _pkg_version("transformers"),
+        "torch": _pkg_version("torch"),
+        "onnxruntime-gpu": _pkg_version("onnxruntime-gpu"),
+    }
+
+
 def is_exported(name: str, model_dir: Path | None = None) -> bool:
     """True when a manifest of the current export recipe exists and every file in it
     matches its sha256."""
@@ -81,7 +93,7 @@ def export_encoder(
             f"Read them, then set {GEMMA_TERMS_ENV}=1 (or pass --accept-gemma-terms)"
         )
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import quantize_dynamic  # noqa: F401 (checked here)
         from optimum.exporters.onnx import main_export
     except ImportError as e:
         raise TagstreamError(
@@ -121,19 +133,13 @@ def export_encoder(
         if spec.int8:
             say(f"{spec.name}: int8 per-channel dynamic quantisation (CPU variant)")
             to_quantize = _fuse_transformer(tmp, fp32, say) or fp32
-            quantize_dynamic(
-                str(to_quantize),
-                str(tmp / "model_int8.onnx"),
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                extra_options={"DefaultTensorType": 1},  # FLOAT, for the fused ops' outputs
-            )
+            quantize_int8(to_quantize, tmp / "model_int8.onnx")
             if to_quantize != fp32:
                 to_quantize.unlink()
             files["int8"] = "model_int8.onnx"
         if fp16 and spec.fp16:
             say(f"{spec.name}: fp16 conversion (GPU variant)")
-            _to_fp16(fp32, tmp / "model_fp16.onnx")
+            to_fp16(fp32, tmp / "model_fp16.onnx")
             files["fp16"] = "model_fp16.onnx"
         dense = st_dense(Path(source))
         for f in files.values():
@@ -153,14 +159,7 @@ def export_encoder(
             passage_prefix=spec.passage_prefix,
             files={v: {"path": f, "sha256": sha256_file(tmp / f)} for v, f in files.items()},
             tokenizer={"path": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
-            exported_with={
-                "recipe": EXPORT_RECIPE,
-                "opset": str(OPSET),
-                "optimum-onnx": _pkg_version("optimum-onnx"),
-                "transformers": _pkg_version("transformers"),
-                "torch": _pkg_version("torch"),
-                "onnxruntime-gpu": _pkg_version("onnxruntime-gpu"),
-            },
+            exported_with=exported_with(),
         )
         manifest.save(tmp)
         if spec.terms:
@@ -300,7 +299,24 @@ def _fuse_transformer(folder: Path, fp32: Path, say: Step) -> Path | None:
     return fused
 
 
-def _to_fp16(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path, *, op_types: list[str] | None = None) -> None:
+    """The CPU variant: int8 per-channel dynamic quantisation of the weights (activations
+    quantised at run time, so no calibration data is needed). `op_types` limits it to those
+    ops (default: every op onnxruntime can quantise)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=op_types,
+        extra_options={"DefaultTensorType": 1},  # FLOAT, for the fused ops' outputs
+    )
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """The GPU variant: weights and activations in fp16, inputs and outputs as before."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -8,7 +8,9 @@ from tagsys.errors import EncoderMismatchError, TagstreamError, TagSystemError
 from tagsys.gate import Decision, GateConfig, GateResult, decide
 from tagsys.shortlist import shortlist
 from tagsys.tagsystem import (
+    DEFAULT_IMAGE_TEMPLATE,
     DEFAULT_TEMPLATE,
+    ImageSpace,
     Tag,
     TagSystem,
     build_tag_system,
@@ -20,11 +22,13 @@ from tagsys.tagsystem import (
 )
 
 __all__ = [
+    "DEFAULT_IMAGE_TEMPLATE",
     "DEFAULT_TEMPLATE",
     "Decision",
     "EncoderMismatchError",
     "GateConfig",
     "GateResult",
+    "ImageSpace",
     "Tag",
     "TagSystem",
     "TagSystemError",

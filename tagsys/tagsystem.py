@@ -32,6 +32,8 @@ META_FILE = "tagsystem.json"
 EMB_FILE = "embeddings.npy"
 BIAS_FILE = "bias.npy"
 HEAD_FILE = "head.npz"
+IMAGE_EMB_FILE = "image_embeddings.npy"
+FUSION_RULES = ("max", "weighted")
 MAX_PROMPT_ALIASES = 8
 # weight of a described tag's own prompt vector against the mean of its descriptions'
 DESCRIPTION_NAME_WEIGHT = 0.5
@@ -84,6 +86,9 @@ class Tag:
 
 
 DEFAULT_TEMPLATE = "{name}"
+# CLIP was trained on captions: "a photo of a dog." matches images better than "dog"
+# (Radford et al. 2021, on prompt engineering); recorded in the tag system's provenance
+DEFAULT_IMAGE_TEMPLATE = "a photo of {name}."
 
 
 def check_template(template: str) -> str:
@@ -163,6 +168,64 @@ def _normalise(m: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return out
 
 
+@dataclass(frozen=True)
+class ImageSpace:
+    """The tags embedded a second time, by the text tower of an image/text encoder pair
+    (CLIP-style), so an image can be scored against the same tags (Tag2Text / RAM's path).
+
+    An image score is calibrated onto the text scores' scale (`scale` × cosine + `shift`:
+    CLIP cosines sit near 0.2–0.35 where the text encoder's spread wider), then fused per
+    tag by `rule`: `max` (the default) takes the larger of the two, `weighted` mixes them
+    as (1 − `weight`) × text + `weight` × image. All of it is part of the content hash."""
+
+    model: str  # the image encoder's name (its manifest's), checked at load like `encoder`
+    embeddings: npt.NDArray[np.float32]
+    rule: str = "max"
+    scale: float = 1.0
+    shift: float = 0.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.rule not in FUSION_RULES:
+            raise TagSystemError(f"fusion rule {self.rule!r}: use one of {FUSION_RULES}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise TagSystemError(f"fusion weight must be in [0, 1], got {self.weight}")
+        emb = _normalise(np.ascontiguousarray(self.embeddings, dtype=np.float32))
+        object.__setattr__(self, "embeddings", emb)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dim": self.dim,
+            "rule": self.rule,
+            "scale": self.scale,
+            "shift": self.shift,
+            "weight": self.weight,
+        }
+
+    def scores(self, image_emb: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Calibrated image scores, (items, tags)."""
+        out: npt.NDArray[np.float32] = (
+            image_emb @ self.embeddings.T * np.float32(self.scale) + np.float32(self.shift)
+        ).astype(np.float32)
+        return out
+
+    def fuse(
+        self, text: npt.NDArray[np.float32], image: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """(fused scores, where the image's score decided): per tag, by this space's rule."""
+        won = image > text
+        if self.rule == "max":
+            return np.maximum(text, image), won
+        w = np.float32(self.weight)
+        fused: npt.NDArray[np.float32] = ((1 - w) * text + w * image).astype(np.float32)
+        return fused, won
+
+
 @dataclass
 class TagSystem:
     name: str
@@ -178,6 +241,8 @@ class TagSystem:
     provenance: dict[str, Any] = field(default_factory=dict)
     # a distilled linear head (tagsys/distill.py); when set it replaces the cosine
     head: Head | None = None
+    # the tags in an image/text encoder's space (import-tags --image-model); None = text only
+    image: ImageSpace | None = None
 
     def __post_init__(self) -> None:
         if len(self.tags) == 0:
@@ -195,6 +260,11 @@ class TagSystem:
             self.bias = np.ascontiguousarray(self.bias, dtype=np.float32).reshape(-1)
             if self.bias.shape[0] != len(self.tags):
                 raise TagSystemError(f"bias has {self.bias.shape[0]} values for {len(ids)} tags")
+        if self.image is not None and self.image.embeddings.shape[0] != len(self.tags):
+            raise TagSystemError(
+                f"image embeddings have {self.image.embeddings.shape[0]} rows for "
+                f"{len(self.tags)} tags"
+            )
         if self.head is not None and self.head.weights.shape != self.embeddings.shape:
             raise TagSystemError(
                 f"head weights {self.head.weights.shape} do not match {self.embeddings.shape}"
@@ -253,6 +323,59 @@ class TagSystem:
             boost=self.gate.lexical_boost,
         )
 
+    def shortlist_fused(
+        self,
+        emb: npt.NDArray[np.float32],
+        texts: Sequence[str],
+        image_emb: npt.NDArray[np.float32],
+        has_image: npt.NDArray[np.bool_],
+        k: int | None = None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """`shortlist` with the image's scores fused in for the items that have an image:
+        (indices, scores, whether each shortlisted tag's score came from the image)."""
+        if self.image is None:
+            raise TagSystemError(f"tag system {self.version_id} has no image embeddings")
+        if self.head is not None:
+            text = self.head.scores(emb, texts)
+        else:
+            text = (emb @ self.embeddings.T).astype(np.float32)
+            if self.bias is not None:
+                text -= self.bias[None, :]
+        fused, won = self.image.fuse(text, self.image.scores(image_emb))
+        rows = has_image.reshape(-1, 1)
+        fused = np.where(rows, fused, text).astype(np.float32)
+        won = won & rows
+        # the lexical boost counts as text: a tag the text names is the text's
+        mentions = self.mentions(texts)
+        if mentions is not None:
+            for i, hits in enumerate(mentions):
+                if hits:
+                    won[i, list(hits)] = False
+        idx, scores = top_k(
+            fused, k or self.gate.top_k, mentions=mentions, boost=self.gate.lexical_boost
+        )
+        return idx, scores, np.take_along_axis(won, idx, axis=1)
+
+    def check_image_model(self, model: str, dim: int) -> None:
+        """Like `check_encoder`, for the image encoder: a tag system embedded by one CLIP
+        never scores another's image vectors."""
+        if self.image is None:
+            raise EncoderMismatchError(
+                f"tag system {self.version_id} has no image embeddings: import its tags with "
+                f"--image-model {model}, or run without an image model"
+            )
+        if model != self.image.model:
+            raise EncoderMismatchError(
+                f"tag system {self.version_id} embedded its tags for images with "
+                f"{self.image.model!r}, but the service runs {model!r}; re-import the tags "
+                f"with --image-model {model} or run with --image-model {self.image.model}"
+            )
+        if dim != self.image.dim:
+            raise EncoderMismatchError(
+                f"image tag embeddings have dimension {self.image.dim}, the image encoder "
+                f"gives {dim}"
+            )
+
     @property
     def gate_fitted(self) -> bool:
         """Whether the gate's thresholds were fitted on labels or LLM decisions (`calibrate`,
@@ -282,6 +405,8 @@ class TagSystem:
             "gate": self.gate.to_dict(),
             "provenance": self.provenance,
             "tags": [t.to_dict() for t in self.tags],
+            # only when present: text-only artifacts keep their content hash
+            **({"image": self.image.meta()} if self.image is not None else {}),
         }
 
     def _hash(self) -> str:
@@ -301,6 +426,8 @@ class TagSystem:
             if self.head.text_weights is not None and self.head.text is not None:
                 h.update(b"text" + self.head.text.to_array().tobytes())
                 h.update(self.head.text_weights.tobytes())
+        if self.image is not None:
+            h.update(b"image" + self.image.embeddings.tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -327,6 +454,10 @@ class TagSystem:
             )
         elif (out / HEAD_FILE).exists():
             (out / HEAD_FILE).unlink()
+        if self.image is not None:
+            np.save(out / IMAGE_EMB_FILE, self.image.embeddings)
+        elif (out / IMAGE_EMB_FILE).exists():
+            (out / IMAGE_EMB_FILE).unlink()
         meta = self._meta() | {"content_hash": self.content_hash}
         (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
         return out
@@ -353,6 +484,17 @@ class TagSystem:
                         text_weights=z["text_weights"].astype(np.float32) if has_text else None,
                         text=TextFeatures.from_array(z["text_features"]) if has_text else None,
                     )
+            image = None
+            if "image" in meta:
+                im = meta["image"]
+                image = ImageSpace(
+                    model=str(im["model"]),
+                    embeddings=np.load(folder / IMAGE_EMB_FILE, allow_pickle=False),
+                    rule=str(im.get("rule", "max")),
+                    scale=float(im.get("scale", 1.0)),
+                    shift=float(im.get("shift", 0.0)),
+                    weight=float(im.get("weight", 0.5)),
+                )
         except (OSError, ValueError, KeyError) as e:
             raise TagSystemError(f"cannot read tag system {folder}: {e}") from e
         if meta.get("format") != FORMAT_VERSION:
@@ -369,6 +511,7 @@ class TagSystem:
                 bias=bias,
                 provenance=meta.get("provenance") or {},
                 head=head,
+                image=image,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TagSystemError(f"{folder}: malformed tag system: {e}") from e

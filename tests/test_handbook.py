@@ -216,9 +216,9 @@ def test_handbook_check_loads_it_as_run_does(
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["handbook_version"] == Handbook.load("sample").version_id
-    assert "food" in report["categories"] and report["section"] == Handbook.load(
-        "sample"
-    ).section("food")
+    assert "food" in report["categories"] and report["section"] == Handbook.load("sample").section(
+        "food"
+    )
     assert "Handbook for food content" in out
     bad = tmp_path / "h.json"
     bad.write_text('{"schema_version": 1}')

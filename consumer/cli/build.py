@@ -14,6 +14,8 @@ from consumer.cli.options import (
     DataOpt,
     DescribeStyle,
     FormatOpt,
+    ImageModelOpt,
+    ImageTemplateOpt,
     JsonOpt,
     ModelDirOpt,
     OutOpt,
@@ -26,6 +28,7 @@ from consumer.cli.options import (
     progress_bar,
     samples_option,
 )
+from tagsys import DEFAULT_IMAGE_TEMPLATE
 
 
 def build_tags_cmd(
@@ -129,6 +132,8 @@ def build_tags_cmd(
         str | None,
         typer.Option(help="The handbook section for items without a content_type of its own."),
     ] = None,
+    image_model: ImageModelOpt = None,
+    image_template: ImageTemplateOpt = DEFAULT_IMAGE_TEMPLATE,
     name: Annotated[str, typer.Option(help="Tag-system name.")] = "built",
     version: Annotated[str, typer.Option(help="Tag-system version.")] = "1",
     model: Annotated[
@@ -201,6 +206,11 @@ def build_tags_cmd(
                 f"{', '.join(sorted(handbook.categories))})",
                 param_hint="--handbook-category",
             )
+    if image_model is not None:  # a missing image model fails now, not after the LLM's hours
+        from consumer.tools.image_tags import image_model_folder
+        from models_onnx.manifest import Manifest
+
+        Manifest.load(image_model_folder(image_model, model_dir))
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model or DEFAULT_MODEL[fmt.value], model_dir=model_dir)
@@ -259,6 +269,11 @@ def build_tags_cmd(
                 describer=describer,
                 level=level,
             )
+    if image_model is not None:  # the built tags embedded for images too, same folder
+        from consumer.tools.image_tags import with_image_space
+
+        ts = with_image_space(ts, image_model, model_dir=model_dir, template=image_template)
+        ts.save(out)
     res = {"tag_system": ts.version_id, "out": str(out), **rep.to_dict()}
     print_table(res, 14)
     if rep.unreadable:

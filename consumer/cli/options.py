@@ -135,6 +135,17 @@ TagTemplateOpt = Annotated[
         "system. Default: the name alone.",
     ),
 ]
+ImageModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Embed the tags for images too, with this image/text encoder pair's text tower "
+        "(a folder from `export-onnx --clip`, or its name under --model-dir): `run "
+        "--image-model` then scores images against them.",
+    ),
+]
+ImageTemplateOpt = Annotated[
+    str, typer.Option(help="With --image-model: how a tag is put for the image side.")
+]
 EmbeddingCacheOpt = Annotated[
     Path | None,
     env_option(

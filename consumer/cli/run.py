@@ -136,6 +136,39 @@ def run(
             max=1.0,
         ),
     ] = 0.0,
+    image_model: Annotated[
+        str | None,
+        env_option(
+            "image_model",
+            "An image/text encoder pair exported with `export-onnx --clip` (a folder, or a "
+            "name under --model-dir): cover_url, frame_urls and cover_b64 are scored against "
+            "the tag system's image embeddings (import-tags --image-model). Off by default.",
+        ),
+    ] = None,
+    image_hosts: Annotated[
+        str,
+        env_option(
+            "image_hosts",
+            "Where images may be fetched from, comma-separated: hostnames, *.domain, IPs, "
+            "CIDRs. Nothing by default (no fetching). A private, loopback or link-local "
+            "address is reached only when its IP or CIDR is listed too.",
+        ),
+    ] = "",
+    image_schemes: Annotated[
+        str, env_option("image_schemes", "URL schemes images may be fetched with.")
+    ] = "https",
+    image_max_frames: Annotated[
+        int,
+        env_option("image_max_frames", "Images read per item, the cover first.", min=1, max=16),
+    ] = 4,
+    llm_images: Annotated[
+        bool,
+        env_option(
+            "llm_images",
+            "A multimodal endpoint: send it the item's image URLs too (it fetches them). "
+            "Without it the LLM gets the image's top tags as text.",
+        ),
+    ] = False,
     llm_attempts: Annotated[int, env_option("llm_attempts", "Tries per LLM request.")] = 3,
     llm_mode: Annotated[
         LLMMode,

@@ -16,6 +16,8 @@ from consumer.cli.options import (
     DataOpt,
     DescribeStyle,
     FormatOpt,
+    ImageModelOpt,
+    ImageTemplateOpt,
     JsonOpt,
     LevelOpt,
     ModelDirOpt,
@@ -31,6 +33,7 @@ from consumer.cli.options import (
     takes,
     tracked,
 )
+from tagsys import DEFAULT_IMAGE_TEMPLATE
 from tagsys.errors import TagstreamError
 
 
@@ -81,12 +84,16 @@ def import_tags(
     model: ModelOpt = "all-MiniLM-L6-v2",
     model_dir: ModelDirOpt = None,
     vectors: TagVectors = TagVectors(),
+    image_model: ImageModelOpt = None,
+    image_template: ImageTemplateOpt = DEFAULT_IMAGE_TEMPLATE,
 ) -> None:
-    """Embed a vocabulary with an encoder and write a versioned tag-system folder."""
+    """Embed a vocabulary with an encoder and write a versioned tag-system folder (with
+    --image-model, the tags embedded for images too)."""
     from dataclasses import replace
 
     from consumer.tagging.events import unmark_hashtags
     from consumer.tools.evaluate import expand, template_for
+    from consumer.tools.image_tags import with_image_space
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem, embed_tags, template_provenance
     from tagsys.gate import GateConfig
@@ -136,11 +143,13 @@ def import_tags(
         },
     )
     ts = expand(ts, **vectors.mix())
+    if image_model is not None:
+        ts = with_image_space(ts, image_model, model_dir=model_dir, template=image_template)
     ts.save(out)
     n_alias = sum(len(t.aliases) for t in ts.tags)
     err.print(
         f"[green]ok[/] {ts.version_id}: {len(ts.tags)} tags ({n_alias} aliases) embedded with "
-        f"{enc.id} → {out}"
+        f"{enc.id}{f' and {ts.image.model}' if ts.image else ''} → {out}"
     )
 
 

@@ -29,7 +29,7 @@ import structlog
 from consumer.service.health import HealthServer, HealthState
 from consumer.service.stack import build_stack
 from consumer.tagging.config import Settings
-from consumer.tagging.core import TagResult
+from consumer.tagging.core import NoContentError, TagResult
 from consumer.tagging.dead_letters import (
     Headers,
     connect_error_headers,
@@ -127,8 +127,9 @@ def make_app(settings: Settings, stack: Any) -> Any:
         waits: list[Awaitable[Any]] = []
         for (msg, upload), res in zip(good, results, strict=True):
             if not isinstance(res, TagResult):
-                metrics.consumed.labels(outcome="process_error").inc()
-                bad.append((msg, "process", res, "process_error"))
+                reason = res.reason if isinstance(res, NoContentError) else "process_error"
+                metrics.consumed.labels(outcome=reason).inc()
+                bad.append((msg, "process", res, reason))
                 continue
             # an asyncio.Future (aiokafka's), which Faust types as a bare Awaitable
             fut: asyncio.Future[Any] = await output.send(  # type: ignore[assignment]

@@ -33,7 +33,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from consumer.service.health import HealthState
 from consumer.service.reload import TagSystemWatcher
 from consumer.tagging.config import Settings
-from consumer.tagging.core import CoreBrokenError, Prepared, TaggingCore, TagResult
+from consumer.tagging.core import (
+    CoreBrokenError,
+    NoContentError,
+    Prepared,
+    TaggingCore,
+    TagResult,
+)
 from consumer.tagging.dead_letters import (
     DeadLetter,
     Headers,
@@ -735,9 +741,10 @@ class KafkaService:
                 continue  # rewound, revoked or lost since it was read
             if isinstance(res, TagResult):
                 tagged.append((m, res))
-            else:
-                self.metrics.consumed.labels(outcome="process_error").inc()
-                bad.append((m, "process", res, "process_error"))
+            else:  # the item's own fault (no_content), or it failed alone (process_error)
+                reason = res.reason if isinstance(res, NoContentError) else "process_error"
+                self.metrics.consumed.labels(outcome=reason).inc()
+                bad.append((m, "process", res, reason))
         # pause mode: from the first deferred item on, a partition is re-read later
         rewind: dict[TP, int] = {}
         for m, res in tagged:

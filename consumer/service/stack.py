@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -14,11 +15,14 @@ from consumer.service.health import HealthState
 from consumer.tagging.config import Settings
 from consumer.tagging.core import TaggingCore
 from consumer.tagging.handbook import Handbook
+from consumer.tagging.image_stage import ImageStage
+from consumer.tagging.images import FetchPolicy
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.llm_server import GEMMA, MODEL_NAME, LocalLLM
 from consumer.tagging.metrics import Metrics
 from consumer.tagging.parts import load_tag_system, make_tagger
 from models_onnx import OnnxEncoder
+from models_onnx.registry import default_model_dir
 from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)
@@ -31,6 +35,44 @@ class Stack:
     core: TaggingCore
     health: HealthState
     local_llm: LocalLLM | None
+
+
+def image_stage(settings: Settings, metrics: Metrics) -> ImageStage | None:
+    """The image path, when an image model is configured (off by default)."""
+    if not settings.image_model:
+        if settings.image_hosts.strip() or settings.llm_images:
+            raise TagstreamError(
+                "--image-hosts and --llm-images need --image-model (an image/text encoder "
+                "pair exported with `tagstream export-onnx --clip`)"
+            )
+        return None
+    from models_onnx.clip import ClipEncoder
+
+    folder = Path(settings.image_model)
+    if not folder.is_dir():
+        folder = (settings.model_dir or default_model_dir()) / settings.image_model
+    encoder = ClipEncoder(folder, device=settings.device)
+    policy = FetchPolicy(
+        hosts=FetchPolicy.parse_hosts(settings.image_hosts),
+        schemes=tuple(x.strip().lower() for x in settings.image_schemes.split(",") if x.strip()),
+        connect_timeout_s=settings.image_connect_timeout_s,
+        read_timeout_s=settings.image_read_timeout_s,
+        max_bytes=settings.image_max_bytes,
+        max_pixels=settings.image_max_pixels,
+    )
+    log.info(
+        "image_model_loaded",
+        image_model=encoder.name,
+        variant=encoder.variant,
+        hosts=list(policy.hosts) or "none (inline cover_b64 only)",
+    )
+    return ImageStage(
+        encoder,
+        policy,
+        metrics,
+        max_images=settings.image_max_frames,
+        concurrency=settings.image_concurrency,
+    )
 
 
 @contextlib.contextmanager
@@ -47,6 +89,7 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
     encoder = OnnxEncoder(settings.model, model_dir=settings.model_dir, device=settings.device)
     log.info("encoder_loaded", encoder=encoder.id, device=encoder.device)
     ts = load_tag_system(settings.tag_system, encoder)
+    images = image_stage(settings, metrics)
     local: LocalLLM | None = None
     tagger: SelectiveTagger | None = None
     llm = settings.llm.strip()
@@ -73,6 +116,8 @@ def build_stack(settings: Settings, registry: CollectorRegistry | None = None) -
             audit_fraction=settings.audit_fraction,
             handbook=Handbook.load(settings.llm_handbook) if settings.llm_handbook else None,
             emit_extract=settings.emit_extract,
+            images=images,
+            llm_images=settings.llm_images,
         )
         health = HealthState(settings.max_poll_interval_ms / 1000)
         core.warm_up()

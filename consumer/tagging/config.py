@@ -64,6 +64,21 @@ class Settings(BaseSettings):
     # SIGTERM: finish what was read (LLM answers, acknowledgements) within this, then commit
     # and exit; keep it inside the pod's terminationGracePeriodSeconds
     shutdown_timeout_s: float = Field(120.0, gt=0)
+    # the image path (off unless image_model is set): an exported CLIP-style pair (a folder,
+    # or a name under model_dir) scores cover_url / frame_urls / cover_b64 against the tags
+    image_model: str | None = None
+    # where images may be fetched from: hostnames, *.domain, IPs, CIDRs; nothing by default.
+    # A private, loopback or link-local address must be listed by IP or CIDR itself
+    image_hosts: str = ""
+    image_schemes: str = "https"
+    image_max_frames: int = Field(4, ge=1, le=16)  # images per item, the cover first
+    image_max_bytes: int = Field(5_000_000, ge=1024)
+    image_max_pixels: int = Field(40_000_000, ge=1024)  # the decompression-bomb limit
+    image_connect_timeout_s: float = Field(2.0, gt=0)
+    image_read_timeout_s: float = Field(5.0, gt=0)  # one fetch's whole budget, redirects too
+    image_concurrency: int = Field(8, ge=1, le=256)
+    # a multimodal endpoint: the LLM gets the image URLs too (it fetches them itself)
+    llm_images: bool = False
     batch_size: int = Field(64, ge=1, le=4096)
     batch_timeout_s: float = Field(0.05, ge=0)
     # encoder batches are cut by padded tokens too (length-sorted), TEI style; 0: by device

@@ -23,6 +23,7 @@ import structlog
 
 from consumer.tagging.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
 from consumer.tagging.handbook import Handbook
+from consumer.tagging.image_stage import ImageBatch, ImageStage, PendingImages
 from consumer.tagging.llm import (
     PROMPT_VERSION,
     PROPOSE_PROMPT_VERSION,
@@ -44,6 +45,13 @@ class CoreBrokenError(RuntimeFailure):
     """The core fails even on a harmless canary item: the fault is not the input's."""
 
 
+class NoContentError(TagstreamError):
+    """An item with no text and no image that could be used: nothing to tag it by, so it is
+    dead-lettered (reason `no_content`) rather than tagged from an empty embedding."""
+
+    reason = "no_content"
+
+
 @dataclass
 class Prepared:
     """A batch ready for the encoder: texts and length-sorted token batches."""
@@ -52,6 +60,8 @@ class Prepared:
     texts: list[str]
     plan: list[tuple[npt.NDArray[np.int64], TokenizedBatch]]
     error: BaseException | None = None  # tokenizing failed: isolate item by item
+    pending_images: PendingImages | None = None  # fetches started with the read-ahead
+    images: ImageBatch | None = None  # set by `encode_prepared`, after the text
 
 
 @dataclass
@@ -74,6 +84,10 @@ class TagResult:
     audit: bool = False
     audit_tags: list[str] | None = None  # the LLM's answer, when it gave one
     extract: dict[str, Any] | None = None  # --llm-extract: the facts behind the LLM's tags
+    # with an image model: what the decision read, and the item's image vector
+    inputs: dict[str, Any] | None = None
+    image_embedding: npt.NDArray[np.float32] | None = None
+    image_tags: list[str] = field(default_factory=list)  # the image's own top tags (LLM hint)
 
     @property
     def needs_review(self) -> bool:
@@ -130,8 +144,14 @@ class TaggingCore:
         audit_fraction: float = 0.0,
         handbook: Handbook | None = None,
         emit_extract: bool = False,
+        images: ImageStage | None = None,
+        llm_images: bool = False,
     ) -> None:
         tag_system.check_encoder(encoder.name, encoder.dim)
+        if images is not None:
+            tag_system.check_image_model(images.name, images.dim)
+        self.images = images
+        self.llm_images = llm_images
         self.encoder = encoder
         self.tag_system = tag_system
         self.tagger = tagger
@@ -166,6 +186,8 @@ class TaggingCore:
     def swap_tag_system(self, ts: TagSystem) -> None:
         """Use `ts` from the next batch on (callers swap between batches only)."""
         ts.check_encoder(self.encoder.name, self.encoder.dim)
+        if self.images is not None:
+            ts.check_image_model(self.images.name, self.images.dim)
         self.tag_system = ts
         self.metrics.set_build(self.encoder.id, ts.version_id)
         self.metrics.gate_fitted.set(1 if ts.gate_fitted else 0)
@@ -175,6 +197,8 @@ class TaggingCore:
         shutting down does not wait out their timeouts and retries."""
         if self.tagger is not None:
             self.tagger.close()
+        if self.images is not None:
+            self.images.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     @contextmanager
@@ -208,9 +232,13 @@ class TaggingCore:
                 )
         except Exception as e:  # `decide_isolating` then isolates the item that caused it
             return Prepared(events, texts, [], e)
-        return Prepared(events, texts, plan)
+        pending = None
+        if self.images is not None and any(ev.has_images for ev in events):
+            pending = self.images.start(events)  # fetched while the encoder works
+        return Prepared(events, texts, plan, pending_images=pending)
 
     def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
+        """The text's embeddings; then (the fetches having run meanwhile) the images'."""
         if prep.error is not None:
             raise prep.error
         out = np.empty((len(prep.texts), self.encoder.dim), dtype=np.float32)
@@ -218,6 +246,8 @@ class TaggingCore:
             for idx, batch in prep.plan:
                 with self._enc_lock:
                     out[idx] = self.encoder.run(batch).embeddings
+        if self.images is not None and prep.pending_images is not None:
+            prep.images = self.images.finish(prep.pending_images)
         return out
 
     def embed(
@@ -230,7 +260,8 @@ class TaggingCore:
         if not events:
             return []
         prep = self.prepare(events)
-        return self.decide(events, self.encode_prepared(prep), prep.texts, wait_llm=wait_llm)
+        emb = self.encode_prepared(prep)
+        return self.decide(events, emb, prep.texts, wait_llm=wait_llm, images=prep.images)
 
     def decide(
         self,
@@ -239,13 +270,22 @@ class TaggingCore:
         texts: list[str],
         *,
         wait_llm: bool = True,
+        images: ImageBatch | None = None,
     ) -> list[TagResult]:
         """Shortlist, gate and (for uncertain items) ask the LLM; `emb` from `embed`.
         With `wait_llm=False` the LLM items come back with `llm_future` set, so the caller can
-        emit the others at once and `complete_llm` these when their answers arrive."""
+        emit the others at once and `complete_llm` these when their answers arrive.
+        `images` (from `encode_prepared`): their scores are fused with the text's per tag
+        (the tag system's rule), and a tag the image decided says `source: image`."""
         ts = self.tag_system
+        fused = images is not None and ts.image is not None and bool(images.has_image.any())
         with self._timed("match"):
-            idx, scores = self._shortlist(ts, emb, texts)
+            if fused:
+                assert images is not None
+                idx, scores, won = ts.shortlist_fused(emb, texts, images.emb, images.has_image)
+            else:
+                idx, scores = self._shortlist(ts, emb, texts)
+                won = np.zeros(idx.shape, dtype=bool)
             gates = [decide(idx[i], scores[i], ts.tag_ids, ts.gate) for i in range(len(events))]
         # no unearned confidence: an unfitted gate's "sure" was never measured
         trusted = ts.gate_fitted or self.trust_unfitted_gate
@@ -253,15 +293,18 @@ class TaggingCore:
         pending: list[tuple[int, Any]] = []
         for i, (ev, g) in enumerate(zip(events, gates, strict=True)):
             short = [(int(j), float(s)) for j, s in zip(idx[i], scores[i], strict=True)]
+            by_image = {int(j) for j, w in zip(idx[i], won[i], strict=True) if w}
             res = TagResult(
                 event=ev,
                 decision=Decision.ENCODER,
-                tags=[(j, s, "encoder") for j, s in g.tags],
+                tags=[(j, s, "image" if j in by_image else "encoder") for j, s in g.tags],
                 llm_asked=False,
                 shortlist=short,
                 embedding=emb[i],  # kept for decision records; on the event only if asked
                 tag_system=ts,
             )
+            if self.images is not None:
+                self._note_images(res, i, texts[i], images)
             if (
                 g.decision_hint is Decision.ENCODER
                 and trusted
@@ -269,13 +312,13 @@ class TaggingCore:
                 and audited(ev.id, self.audit_fraction)
             ):
                 res.audit = True  # the decision stays the encoder's: llm_asked stays False
-                pending.append((i, self._pool.submit(self._ask, ts, ev, short)))
+                pending.append((i, self._pool.submit(self._ask, ts, ev, short, res.image_tags)))
             elif g.decision_hint is Decision.LLM or not trusted:
                 self.metrics.llm_routed.inc()
                 res.decision = Decision.REVIEW
                 if self.tagger is not None:
                     res.llm_asked = True
-                    pending.append((i, self._pool.submit(self._ask, ts, ev, short)))
+                    pending.append((i, self._pool.submit(self._ask, ts, ev, short, res.image_tags)))
             results.append(res)
         for i, fut in pending:
             if wait_llm:
@@ -283,6 +326,22 @@ class TaggingCore:
             else:
                 results[i].llm_future = fut
         return results
+
+    def _note_images(self, res: TagResult, i: int, text: str, images: ImageBatch | None) -> None:
+        """What the decision read (on the tag event), the image vector, and the image's own
+        top tags, which the LLM is shown as text (no multimodal model assumed)."""
+        used = images.used[i] if images is not None else 0
+        res.inputs = {
+            "text": bool(text.strip()),
+            "images": used,
+            "images_failed": images.failed[i] if images is not None else 0,
+        }
+        ts = res.tag_system
+        if images is not None and used and ts.image is not None:
+            res.image_embedding = images.emb[i]
+            img = ts.image.scores(images.emb[i : i + 1])[0]
+            top = np.argsort(-img, kind="stable")[: ts.gate.max_tags]
+            res.image_tags = [ts.names[int(j)] for j in top]
 
     def complete_llm(self, res: TagResult) -> None:
         """Apply the LLM's answer to a result of `decide(wait_llm=False)` (blocks until it is
@@ -307,19 +366,41 @@ class TaggingCore:
 
     def process_isolating(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
         """`process` on the whole batch; if it fails, item by item (`isolate`)."""
-        try:
-            return list(self.process(events))
-        except Exception as batch_exc:
-            return self.isolate(events, batch_exc)
+        prep = self.prepare(events)
+        return self.decide_isolating(prep, _done(self.encode_prepared, prep))
 
     def decide_isolating(
         self, prep: Prepared, emb: Future[npt.NDArray[np.float32]], *, wait_llm: bool = True
     ) -> list[TagResult | BaseException]:
-        """`process_isolating` for a batch prepared and encoded ahead (the Kafka runtime)."""
+        """`process_isolating` for a batch prepared and encoded ahead (the Kafka runtime).
+        An item with neither text nor a usable image becomes a `NoContentError`."""
         try:
-            return list(self.decide(prep.events, emb.result(), prep.texts, wait_llm=wait_llm))
+            vecs = emb.result()
+            empty = [
+                not t.strip() and not (prep.images is not None and prep.images.used[i])
+                for i, t in enumerate(prep.texts)
+            ]
+            if not any(empty):
+                return list(
+                    self.decide(
+                        prep.events, vecs, prep.texts, wait_llm=wait_llm, images=prep.images
+                    )
+                )
+            keep = [i for i, e in enumerate(empty) if not e]
+            decided = self.decide(
+                [prep.events[i] for i in keep],
+                vecs[keep],
+                [prep.texts[i] for i in keep],
+                wait_llm=wait_llm,
+                images=prep.images.subset(keep) if prep.images is not None else None,
+            )
         except Exception as batch_exc:
             return self.isolate(prep.events, batch_exc, wait_llm=wait_llm)
+        out: list[TagResult | BaseException] = []
+        it = iter(decided)
+        for i, e in enumerate(empty):
+            out.append(_no_content(prep, i) if e else next(it))
+        return out
 
     def isolate(
         self, events: list[UploadEvent], batch_exc: BaseException, *, wait_llm: bool = True
@@ -338,7 +419,14 @@ class TaggingCore:
         results: list[TagResult | BaseException] = []
         for ev in events:
             try:  # without waiting on the LLM when the caller bounds that wait itself
-                results.extend(self.process([ev], wait_llm=wait_llm))
+                prep = self.prepare([ev])
+                emb = self.encode_prepared(prep)
+                if not prep.texts[0].strip() and not (prep.images and prep.images.used[0]):
+                    results.append(_no_content(prep, 0))
+                    continue
+                results.extend(
+                    self.decide([ev], emb, prep.texts, wait_llm=wait_llm, images=prep.images)
+                )
             except Exception as e:
                 results.append(e)
         return results
@@ -350,9 +438,17 @@ class TaggingCore:
             return False
         return True
 
-    def _ask(self, ts: TagSystem, ev: UploadEvent, short: list[tuple[int, float]]) -> LLMAnswer:
+    def _ask(
+        self,
+        ts: TagSystem,
+        ev: UploadEvent,
+        short: list[tuple[int, float]],
+        image_tags: list[str] | None = None,
+    ) -> LLMAnswer:
         assert self.tagger is not None
         item = llm_item(ev, self.max_field_chars)
+        if image_tags:  # what the image looks like to the image model, as data
+            item["image_looks_like"] = image_tags
         guidance = None
         if self.handbook is not None:  # the section of the item's category, if it has one
             top = ts.tags[short[0][0]].category if short else None
@@ -360,7 +456,11 @@ class TaggingCore:
         if self.llm_mode == "generative":
             return self._generate(ts, ev, item, guidance)
         names = [ts.names[j] for j, _ in short]
-        return self.tagger.tag(item, names, ts.gate.max_tags, guidance)
+        urls = None
+        if self.llm_images:  # the URLs themselves (the endpoint fetches them), never b64
+            urls = ([ev.cover_url] if ev.cover_url else []) + ev.frame_urls
+            urls = urls[: self.images.max_images if self.images else 4] or None
+        return self.tagger.tag(item, names, ts.gate.max_tags, guidance, urls)
 
     def _generate(
         self, ts: TagSystem, ev: UploadEvent, item: dict[str, Any], guidance: str | None = None
@@ -524,4 +624,27 @@ class TaggingCore:
             out["extract"] = res.extract  # cold-start features: what the LLM saw in the item
         if self.emit_embedding and res.embedding is not None:
             out["embedding"] = [round(float(x), 6) for x in res.embedding]
+        if self.emit_embedding and res.image_embedding is not None:
+            out["image_embedding"] = [round(float(x), 6) for x in res.image_embedding]
+        if res.inputs is not None:
+            out["inputs"] = res.inputs
         return out
+
+
+def _done(fn: Any, *args: Any) -> Future[Any]:
+    """`fn(*args)` run now, as a finished future (its exception kept for `.result()`)."""
+    fut: Future[Any] = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut
+
+
+def _no_content(prep: Prepared, i: int) -> NoContentError:
+    why = ""
+    if prep.images is not None and prep.images.reasons[i]:
+        why = f"; its images could not be used ({', '.join(prep.images.reasons[i])})"
+    elif prep.events[i].has_images:
+        why = "; it has images, but no image model is configured"
+    return NoContentError(f"item {prep.events[i].id!r} has no text{why}")

@@ -15,6 +15,8 @@ from tagsys.errors import TagstreamError
 SCHEMA_VERSION = 1
 CE_TYPE = "dev.tagstream.tags.v1"
 TEXT_FIELDS = ("title", "caption", "cover_text", "ocr", "asr")
+MAX_URL_CHARS = 2048
+MAX_FRAME_URLS = 16  # more is a malformed event; the service reads at most --image-max-frames
 # a `#` that marks a hashtag (`#美食`, `#情感视频#`, a stray `#`) but not one that ends a
 # one-letter name (`C#`, `F#`)
 _HASHTAG_MARK = re.compile(r"(?<!\b[A-Za-z])#")
@@ -43,6 +45,14 @@ class UploadEvent(BaseModel):
     content_type: str | None = None
     lang: str | None = None
     created_at: str | None = None
+    # images (optional, schema version 1 still): fetched only from --image-hosts
+    cover_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    frame_urls: list[str] = Field(default_factory=list, max_length=MAX_FRAME_URLS)
+    cover_b64: str | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.cover_url or self.frame_urls or self.cover_b64)
 
 
 def decode(value: bytes | None, *, max_bytes: int = 1 << 20) -> UploadEvent:

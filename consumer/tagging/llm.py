@@ -221,6 +221,7 @@ class Tagger(Protocol):
         shortlist: list[str],
         max_tags: int,
         guidance: str | None = None,
+        image_urls: list[str] | None = None,
     ) -> LLMAnswer: ...
 
     def propose(
@@ -284,9 +285,11 @@ class SelectiveTagger:
         max_tags: int,
         guidance: str | None = None,
         extract: bool = False,
+        image_urls: list[str] | None = None,
     ) -> list[Any]:
         """The operator's guidance (a handbook section) joins the instructions in the system
-        message; the item stays quoted data in the user message."""
+        message; the item stays quoted data in the user message. `image_urls` (--llm-images,
+        a multimodal endpoint) go with it as OpenAI `image_url` parts."""
         listing = "\n".join(f"{i + 1}. {name}" for i, name in enumerate(shortlist))
         system = SYSTEM_PROMPT.format(max_tags=max_tags)
         if extract:
@@ -299,9 +302,14 @@ class SelectiveTagger:
             + "\n\nShortlist:\n"
             + listing
         )
+        content: Any = user
+        if image_urls:
+            content = [{"type": "text", "text": user}] + [
+                {"type": "image_url", "image_url": {"url": u}} for u in image_urls
+            ]
         return [
             {"role": "system", "content": system},
-            {"role": "user", "content": user},
+            {"role": "user", "content": content},
         ]
 
     @staticmethod
@@ -395,9 +403,10 @@ class SelectiveTagger:
         shortlist: list[str],
         max_tags: int,
         guidance: str | None = None,
+        image_urls: list[str] | None = None,
     ) -> LLMAnswer:
         content, usage = self._complete(
-            self.build_messages(item, shortlist, max_tags, guidance, self.extract),
+            self.build_messages(item, shortlist, max_tags, guidance, self.extract, image_urls),
             self.response_schema(shortlist, max_tags, self.extract),
             0.0,
             # the facts come before the tags: room for them
@@ -603,10 +612,11 @@ class SelectiveTagger:
         shortlist: list[str],
         max_tags: int,
         guidance: str | None = None,
+        image_urls: list[str] | None = None,
     ) -> LLMAnswer:
         """Ask the LLM; never raises: failures come back as a status for the gate to handle."""
         t0 = time.perf_counter()
-        answer = self._guarded(lambda: self._once(item, shortlist, max_tags, guidance))
+        answer = self._guarded(lambda: self._once(item, shortlist, max_tags, guidance, image_urls))
         self._record(answer, time.perf_counter() - t0)
         if answer.status != "ok":
             log.warning("llm_answer_unusable", status=answer.status, error=answer.error)

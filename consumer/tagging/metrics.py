@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 
 STAGES = ("decode", "tokenize", "encode", "match", "llm", "produce")
+# with an image model: waiting for the batch's fetches (after its text is encoded), encoding
+IMAGE_STAGES = ("image_wait", "image_encode")
 # refused: the endpoint answered 4xx (bad key, model, request); never retried or deferred
 LLM_STATUSES = (
     "ok",
@@ -217,6 +219,14 @@ class Metrics:
             "tagstream_gate_fitted",
             "1 when the running tag system's gate was fitted on labels or LLM decisions; 0: "
             "its confidence is unmeasured and it auto-accepts nothing (TAGSTREAM_UNFITTED_GATE).",
+            registry=r,
+        )
+        self.image_fetches = Counter(
+            "tagstream_image_fetches_total",
+            "Images an event referenced (cover_url, frame_urls, cover_b64), by result: ok, "
+            "or why it was not used (host, private_address, redirect, timeout, too_large, "
+            "content_type, not_an_image, bomb, ...). The item then goes on with what it has.",
+            ["result"],
             registry=r,
         )
         self.build_info = Info(

@@ -65,6 +65,7 @@ class SimulatedLLM:
         shortlist: list[str],
         max_tags: int,
         guidance: str | None = None,
+        image_urls: list[str] | None = None,
     ) -> LLMAnswer:
         self.calls += 1
         key = _key(item)

@@ -1,0 +1,154 @@
+"""The image path of the core: an item's cover and frames fetched ahead of the encoder and
+embedded by the image tower of a CLIP-style pair, one mean vector per item.
+
+Fetches start when a batch is prepared (the runtime's read-ahead, while the encoder works
+on the batch before it) and are awaited only after the batch's text is encoded, within a
+bounded wait; an image that fails or comes late is counted by reason and the item goes on
+with what it has. No Kafka here.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from consumer.tagging.events import UploadEvent
+from consumer.tagging.images import Fetched, FetchPolicy, ImageFetcher
+from consumer.tagging.metrics import Metrics
+
+if TYPE_CHECKING:
+    from models_onnx.clip import ClipEncoder
+    from PIL.Image import Image
+
+
+@dataclass
+class PendingImages:
+    """The fetches of one batch, per item (cover first), and when the wait ends."""
+
+    futures: list[list[Future[Fetched]]]
+    deadline: float
+
+
+@dataclass
+class ImageBatch:
+    """Per item: its mean image vector (zeros without one), images used and failed."""
+
+    emb: npt.NDArray[np.float32]
+    used: list[int]
+    failed: list[int]
+    reasons: list[list[str]] = field(default_factory=list)
+
+    @property
+    def has_image(self) -> npt.NDArray[np.bool_]:
+        return np.asarray([n > 0 for n in self.used], dtype=bool)
+
+    def subset(self, rows: list[int]) -> ImageBatch:
+        return ImageBatch(
+            self.emb[rows],
+            [self.used[i] for i in rows],
+            [self.failed[i] for i in rows],
+            [self.reasons[i] for i in rows],
+        )
+
+
+class ImageStage:
+    def __init__(
+        self,
+        encoder: ClipEncoder,
+        policy: FetchPolicy,
+        metrics: Metrics,
+        *,
+        max_images: int = 4,
+        concurrency: int = 8,
+        wait_s: float | None = None,
+    ) -> None:
+        """`wait_s` bounds the wait for a batch's fetches after its text is encoded (default:
+        one fetch's whole budget, so a slow host costs a batch at most that)."""
+        self.encoder = encoder
+        self.metrics = metrics
+        self.max_images = max(1, max_images)
+        self.fetcher = ImageFetcher(policy, concurrency=concurrency)
+        self.wait_s = policy.read_timeout_s + policy.connect_timeout_s if wait_s is None else wait_s
+        # fetches of the batch ahead run here while the encoder works (bounded like the LLM)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="img")
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
+
+    def sources(self, ev: UploadEvent) -> list[tuple[str, str]]:
+        """("b64" | "url", data) for the item's images, cover first, at most `max_images`."""
+        out: list[tuple[str, str]] = []
+        if ev.cover_b64:
+            out.append(("b64", ev.cover_b64))
+        if ev.cover_url:
+            out.append(("url", ev.cover_url))
+        out += [("url", u) for u in ev.frame_urls]
+        return out[: self.max_images]
+
+    def start(self, events: list[UploadEvent]) -> PendingImages:
+        futures = [
+            [
+                self._pool.submit(
+                    self.fetcher.decode_b64 if kind == "b64" else self.fetcher.fetch, data
+                )
+                for kind, data in self.sources(ev)
+            ]
+            for ev in events
+        ]
+        return PendingImages(futures, time.monotonic())
+
+    def finish(self, pending: PendingImages) -> ImageBatch:
+        """Wait (at most `wait_s` from now) for the fetches, count each by result, embed the
+        images; a fetch still running then counts as `timeout` and is not waited for."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.wait_s
+        images: list[Image] = []
+        owner: list[int] = []
+        used = [0] * len(pending.futures)
+        failed = [0] * len(pending.futures)
+        reasons: list[list[str]] = [[] for _ in pending.futures]
+        for i, futs in enumerate(pending.futures):
+            for fut in futs:
+                try:
+                    got = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:
+                    fut.cancel()
+                    got = Fetched(None, "timeout", "still fetching when the batch's wait ended")
+                except Exception as e:  # the fetcher never raises; if it does, the item goes on
+                    got = Fetched(None, "error", repr(e))
+                if got.image is not None:
+                    images.append(got.image)
+                    owner.append(i)
+                    used[i] += 1
+                else:
+                    failed[i] += 1
+                    reasons[i].append(got.reason or "error")
+                self.metrics.image_fetches.labels(result=got.reason or "ok").inc()
+        t1 = time.perf_counter()
+        self.metrics.stage_seconds.labels(stage="image_wait").observe(t1 - t0)
+        emb = np.zeros((len(pending.futures), self.encoder.dim), dtype=np.float32)
+        if images:
+            vecs = self.encoder.encode_images(images)
+            np.add.at(emb, np.asarray(owner), vecs)
+            norms = np.linalg.norm(emb, axis=1, keepdims=True)
+            norms[norms == 0] = 1.0
+            emb = (emb / norms).astype(np.float32)
+            self.metrics.stage_seconds.labels(stage="image_encode").observe(
+                time.perf_counter() - t1
+            )
+        return ImageBatch(emb, used, failed, reasons)

@@ -1,0 +1,713 @@
+"""Fetch and decode the images of an upload (`cover_url`, `frame_urls`, `cover_b64`) safely.
+
+The URLs come from users, so every fetch is a server-side request forgery risk: a URL (or a
+redirect, or a DNS answer) could point the consumer at the cloud metadata service
+(169.254.169.254), at an admin port on localhost, or at anything else inside the cluster. The
+defaults are therefore closed:
+
+* Nothing is fetched unless the host is on the allow-list (`FetchPolicy.hosts`; empty means image
+  fetching is off) and the scheme is allowed (https only by default). URLs with userinfo are
+  refused.
+* The fetcher resolves the name itself, checks **every** address it resolves to, and connects to
+  the checked address (sending the original `Host` header and, for https, the original name for
+  SNI and certificate checks), so a DNS answer that changes between check and connect cannot
+  redirect the request.
+* Private, loopback, link-local (incl. the metadata address), multicast, reserved, unspecified
+  and otherwise non-global addresses, including their IPv4-mapped, 6to4, Teredo and NAT64 forms,
+  are refused unless the address lies inside an IP or CIDR entry of the allow-list. **Listing a
+  hostname alone never makes a private address reachable**: an in-cluster object store must be
+  listed by name AND by CIDR, e.g. ``minio.storage.svc,10.96.0.0/12``. A hostname URL only
+  matches hostname entries and an IP-literal URL only IP/CIDR entries.
+* Redirects are followed by hand (at most `max_redirects`), each target re-checked by all the
+  rules above; one fetch, redirects included, gets `read_timeout_s` in all, so a server that
+  trickles bytes cannot hold a worker. There are no retries: the caller falls back to text.
+* The body is capped at `max_bytes`, must carry an allowed image Content-Type (JPEG, PNG, WebP,
+  GIF) and start with that format's magic number (a mislabelled image is refused), and its pixel
+  count is checked against `max_pixels` before Pillow, limited to that one decoder, decodes it.
+  Only the first frame is kept; transparent areas come out white.
+
+Every failure is a `Fetched` with `image=None` and one of `REASONS`, never an exception; the
+`on_result` hook sees each outcome (the service counts them in Prometheus).
+
+DNS resolution (`socket.getaddrinfo`) cannot be interrupted, so it is bounded by the resolver's
+own timeout (resolv.conf), not by `read_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import ipaddress
+import re
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, NoReturn
+from urllib.parse import quote, urljoin, urlsplit
+
+import structlog
+import urllib3
+from PIL import Image
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+
+from tagsys.errors import TagstreamError
+
+log = structlog.get_logger(__name__)
+
+REASONS: tuple[str, ...] = (
+    "scheme",
+    "host",
+    "private_address",
+    "redirect",
+    "timeout",
+    "connect",
+    "http_status",
+    "too_large",
+    "content_type",
+    "not_an_image",
+    "bomb",
+    "bad_base64",
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SUPPORTED_SCHEMES: Final = frozenset({"http", "https"})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+# Content-Type -> the Pillow format whose magic number the body must start with
+_CONTENT_TYPES: Final = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+}
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_CHUNK = 64 * 1024
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_HEADERS: Final = {
+    "User-Agent": "tagstream-image-fetcher",
+    "Accept": ", ".join(_CONTENT_TYPES),
+    # no gzip: the byte cap must apply to what we hold in memory, not to the wire size
+    "Accept-Encoding": "identity",
+}
+# warnings.catch_warnings swaps process-global state; two threads interleaving in it can leave
+# the "error" filter installed for good. Image.open (header parsing only, cheap) is where
+# Pillow warns about bombs, so it runs under this lock.
+_OPEN_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What may be fetched and how much of it; the defaults fetch nothing (empty allow-list)."""
+
+    hosts: tuple[str, ...] = ()  # allow-list; empty = image fetching off
+    schemes: tuple[str, ...] = ("https",)
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 5.0  # also the total budget of one fetch incl. redirects
+    max_bytes: int = 5_000_000
+    max_pixels: int = 40_000_000  # decompression-bomb limit (width*height)
+    max_redirects: int = 3
+
+    def __post_init__(self) -> None:
+        # Validated here too, so a policy built in code cannot bypass parse_hosts.
+        object.__setattr__(self, "hosts", tuple(_normalize_entry(h) for h in self.hosts))
+        schemes = tuple(s.strip().lower() for s in self.schemes)
+        if bad := [s for s in schemes if s not in _SUPPORTED_SCHEMES]:
+            raise TagstreamError(f"image fetch: unsupported scheme(s) {bad}; use http and/or https")
+        object.__setattr__(self, "schemes", schemes)
+        for name in ("connect_timeout_s", "read_timeout_s", "max_bytes", "max_pixels"):
+            if not getattr(self, name) > 0:
+                raise TagstreamError(f"image fetch: {name} must be > 0, got {getattr(self, name)}")
+        if self.max_redirects < 0:
+            raise TagstreamError(
+                f"image fetch: max_redirects must be >= 0, got {self.max_redirects}"
+            )
+
+    @classmethod
+    def parse_hosts(cls, spec: str) -> tuple[str, ...]:
+        """Parse a comma-separated allow-list ("a.com,*.cdn.net,10.0.0.0/8,127.0.0.1").
+
+        Raises TagstreamError on an entry that is not a hostname, `*.` wildcard, IP or CIDR, so
+        a typo fails at start instead of silently blocking (or allowing) images.
+        """
+        return tuple(_normalize_entry(p) for p in spec.split(",") if p.strip())
+
+    @property
+    def enabled(self) -> bool:
+        """False when the allow-list is empty: image fetching is off."""
+        return bool(self.hosts)
+
+
+@dataclass
+class Fetched:
+    """The outcome of one fetch or decode: an RGB image, or the reason there is none."""
+
+    image: Image.Image | None  # decoded, converted to RGB, fully loaded
+    reason: str | None  # one of REASONS when image is None
+    detail: str = ""  # human-readable, for logs
+    nbytes: int = 0
+
+
+class _Refused(Exception):
+    """Internal: ends a fetch with a reason; turned into a Fetched at the top."""
+
+    def __init__(self, reason: str, detail: str, nbytes: int = 0) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+        self.nbytes = nbytes
+
+
+def _refuse(reason: str, detail: str, nbytes: int = 0) -> NoReturn:
+    raise _Refused(reason, detail, nbytes)
+
+
+def _is_hostname(name: str) -> bool:
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _normalize_entry(entry: str) -> str:
+    """One allow-list entry, lower-cased and checked; TagstreamError when it is none of the
+    four kinds."""
+    e = entry.strip().lower()
+    if e.startswith("[") and e.endswith("]"):
+        e = e[1:-1]  # a bracketed IPv6 literal
+    if "/" in e:
+        try:
+            return str(ipaddress.ip_network(e, strict=True))
+        except ValueError as exc:
+            raise TagstreamError(f"image fetch allow-list: bad CIDR {entry!r}: {exc}") from None
+    try:
+        return str(_canonical(ipaddress.ip_address(e)))
+    except ValueError:
+        pass
+    e = e.removesuffix(".")
+    if e.startswith("*."):
+        suffix = e[2:]
+        if "." in suffix and _is_hostname(suffix):  # "*.com" would open a whole TLD
+            return e
+    elif _is_hostname(e) and not e.replace(".", "").isdigit():
+        return e
+    raise TagstreamError(
+        f"image fetch allow-list: bad entry {entry!r}; expected a hostname, '*.domain.tld', "
+        "an IP address or a CIDR"
+    )
+
+
+def _canonical(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address is the IPv4 address (for matching, checks and connecting)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _non_public(ip: IPAddress) -> str | None:
+    """Why `ip` must not be reached from user input, or None when it is a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded: list[ipaddress.IPv4Address] = []
+        if ip.ipv4_mapped is not None:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            embedded.append(ip.sixtofour)
+        if ip.teredo is not None:
+            embedded.extend(ip.teredo)
+        if any(ip in net for net in _NAT64):
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        for v4 in embedded:
+            if why := _non_public(v4):
+                return f"embeds {v4} ({why})"
+    for why, flag in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("not global", not ip.is_global),
+    ):
+        if flag:
+            return why
+    return None
+
+
+class _AllowList:
+    """The parsed allow-list: exact names, wildcard suffixes and IP networks."""
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.names: frozenset[str] = frozenset(
+            e for e in entries if not e.startswith("*.") and not _is_ip_entry(e)
+        )
+        self.suffixes: tuple[str, ...] = tuple(e[1:] for e in entries if e.startswith("*."))
+        self.networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(e) for e in entries if _is_ip_entry(e)
+        )
+
+    def allows_name(self, host: str) -> bool:
+        return host in self.names or any(host.endswith(s) for s in self.suffixes)
+
+    def covers(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self.networks)
+
+
+def _is_ip_entry(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A checked URL: where to connect and what to send."""
+
+    url: str
+    scheme: str
+    host: str  # lower-case ASCII name or IP literal (no brackets)
+    port: int
+    path: str  # request target, e.g. "/a/b.png?x=1"
+    host_header: str
+    is_ip: bool
+    addresses: tuple[IPAddress, ...]  # every one checked; tried in order
+
+
+def _sniff(head: bytes) -> str | None:
+    """The image format the magic number announces, if it is one we decode."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"GIF8"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+class ImageFetcher:
+    """Fetches user-supplied image URLs under a `FetchPolicy`; thread-safe.
+
+    `fetch_many` runs on one bounded pool of `concurrency` threads owned by the fetcher.
+    Each request gets its own urllib3 connection pool pinned to the checked IP (a shared
+    PoolManager would resolve names again by itself), closed as soon as the response is read.
+    """
+
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        *,
+        concurrency: int = 8,
+        on_result: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise TagstreamError(f"image fetch: concurrency must be >= 1, got {concurrency}")
+        self.policy = policy
+        self.concurrency = concurrency
+        self._on_result = on_result
+        self._allow = _AllowList(policy.hosts)
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="image-fetch"
+        )
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def fetch(self, url: str) -> Fetched:
+        """Fetch, check and decode one URL; never raises for anything the URL or content does."""
+        try:
+            if self._closed:
+                _refuse("connect", "the image fetcher is closed")
+            image, nbytes = self._fetch(url, time.monotonic() + self.policy.read_timeout_s)
+            result = Fetched(image, None, nbytes=nbytes)
+        except _Refused as r:
+            result = Fetched(None, r.reason, r.detail, r.nbytes)
+        self._report("url", result.reason)
+        return result
+
+    def decode_b64(self, data: str) -> Fetched:
+        """Decode an inline base64 image (`cover_b64`) with the same size, magic and bomb checks.
+
+        Works even when URL fetching is off: no network is involved.
+        """
+        try:
+            image, nbytes = self._decode_b64(data)
+            result = Fetched(image, None, nbytes=nbytes)
+        except _Refused as r:
+            result = Fetched(None, r.reason, r.detail, r.nbytes)
+        self._report("b64", result.reason)
+        return result
+
+    def fetch_many(self, urls: list[str]) -> list[Fetched]:
+        """Fetch `urls` concurrently (at most `concurrency` at once, shared with other callers);
+        results in input order; never raises."""
+        if self._closed:
+            return [self.fetch(u) for u in urls]  # each a cheap "closed" refusal
+        futures: list[Future[Fetched]] = []
+        for url in urls:
+            try:
+                futures.append(self._executor.submit(self.fetch, url))
+            except RuntimeError:  # closed concurrently
+                futures.append(_done(self.fetch(url)))
+        results = []
+        for url, fut in zip(urls, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except CancelledError:  # close() ran while this one still queued
+                results.append(Fetched(None, "connect", "the image fetcher is closed"))
+            except Exception as exc:  # a bug, not the URL; keep the batch alive
+                log.exception("image_fetch_bug", url=url)
+                results.append(Fetched(None, "connect", f"internal error: {exc!r}"))
+        return results
+
+    def close(self) -> None:
+        """Stop the worker threads (queued fetches are cancelled, running ones finish)."""
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ImageFetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- URL checks -------------------------------------------------------------------------
+
+    def _check(self, url: str) -> _Target:
+        """Apply scheme, userinfo, allow-list and address rules to `url`; resolve its name."""
+        if not self.policy.enabled:
+            _refuse("host", "image fetching is off (empty allow-list)")
+        if not isinstance(url, str):  # events are JSON: a null or number must not crash us
+            _refuse("host", f"not a URL: {type(url).__name__}")
+        url = url.strip()
+        # urlsplit silently drops tabs and newlines; a URL carrying them is not one we trust
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+            _refuse("host", "malformed URL: control characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            _refuse("host", f"malformed URL: {exc}")
+        scheme = parts.scheme.lower()
+        if scheme not in self.policy.schemes:
+            _refuse("scheme", f"scheme {scheme or '(none)'!r} not in {list(self.policy.schemes)}")
+        if "@" in parts.netloc:
+            _refuse("host", "credentials (userinfo) in the URL are refused")
+        if "\\" in parts.netloc or "%" in parts.netloc:
+            _refuse("host", f"malformed host {parts.netloc!r}")
+        raw_host = (parts.hostname or "").removesuffix(".")
+        if not raw_host:
+            _refuse("host", "no host in the URL")
+        if port is None:
+            port = _DEFAULT_PORTS[scheme]
+        elif port == 0:
+            _refuse("host", "port 0")
+
+        ip: IPAddress | None
+        try:
+            ip = _canonical(ipaddress.ip_address(raw_host))
+        except ValueError:
+            ip = None
+        if ip is not None:
+            host = str(ip)
+            if not self._allow.covers(ip):
+                _refuse("host", f"{host} is not on the allow-list")
+            addresses: tuple[IPAddress, ...] = (ip,)
+        else:
+            try:
+                host = raw_host.encode("idna").decode("ascii").lower()
+            except UnicodeError:
+                _refuse("host", f"bad host name {raw_host!r}")
+            if not _is_hostname(host):
+                _refuse("host", f"bad host name {raw_host!r}")
+            if not self._allow.allows_name(host):
+                _refuse("host", f"{host} is not on the allow-list")
+            addresses = self._resolve(host, port)
+
+        for addr in addresses:
+            why = _non_public(addr)
+            if why is not None and not self._allow.covers(addr):
+                _refuse(
+                    "private_address",
+                    f"{host} -> {addr} is {why}; only IP/CIDR allow-list entries open such "
+                    "addresses",
+                )
+
+        bracketed = f"[{host}]" if isinstance(ip, ipaddress.IPv6Address) else host
+        host_header = bracketed if port == _DEFAULT_PORTS[scheme] else f"{bracketed}:{port}"
+        # percent-encode what a client would (spaces, non-ASCII); keep existing escapes as they are
+        path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if parts.query:
+            path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+        return _Target(url, scheme, host, port, path, host_header, ip is not None, addresses)
+
+    @staticmethod
+    def _resolve(host: str, port: int) -> tuple[IPAddress, ...]:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            _refuse("connect", f"cannot resolve {host}: {exc}")
+        addresses: list[IPAddress] = []
+        for info in infos:
+            addr = _canonical(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
+            if addr not in addresses:
+                addresses.append(addr)
+        if not addresses:
+            _refuse("connect", f"{host} resolves to no address")
+        return tuple(addresses)
+
+    # ---- the fetch --------------------------------------------------------------------------
+
+    def _fetch(self, url: str, deadline: float) -> tuple[Image.Image, int]:
+        target = self._check(url)
+        hops = 0
+        while True:
+            with self._request(target, deadline) as resp:
+                if resp.status in _REDIRECTS and resp.headers.get("Location"):
+                    hops += 1
+                    location = urljoin(target.url, resp.headers["Location"])
+                    if hops > self.policy.max_redirects:
+                        _refuse("redirect", f"more than {self.policy.max_redirects} redirects")
+                    try:
+                        target = self._check(location)
+                    except _Refused as r:
+                        _refuse(
+                            "redirect", f"redirect to {location} refused: {r.reason}: {r.detail}"
+                        )
+                    continue
+                if not 200 <= resp.status < 300:
+                    _refuse("http_status", f"HTTP {resp.status} from {target.url}")
+                declared = self._check_headers(resp)
+                data = self._read_body(resp, deadline)
+            return self._decode(data, declared), len(data)
+
+    @contextmanager
+    def _request(self, target: _Target, deadline: float) -> Iterator[urllib3.BaseHTTPResponse]:
+        """GET `target` from one of its checked addresses; the pool dies with the response."""
+        last: _Refused | None = None
+        for addr in target.addresses:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _refuse("timeout", f"no time left for {target.url}")
+            pool = self._pool(target, addr)
+            try:
+                try:
+                    resp = pool.urlopen(
+                        "GET",
+                        target.path,
+                        headers={**_HEADERS, "Host": target.host_header},
+                        retries=False,
+                        redirect=False,
+                        preload_content=False,
+                        decode_content=False,
+                        assert_same_host=False,
+                        timeout=urllib3.Timeout(
+                            total=remaining,
+                            connect=min(self.policy.connect_timeout_s, remaining),
+                            read=self.policy.read_timeout_s,
+                        ),
+                    )
+                except NewConnectionError as exc:  # refused, unreachable: try the next address
+                    last = _Refused("connect", f"{target.host} ({addr}): {_cause(exc)}")
+                    continue
+                except ConnectTimeoutError as exc:
+                    last = _Refused("timeout", f"connect to {target.host} ({addr}): {_cause(exc)}")
+                    continue
+                except _NETWORK_ERRORS as exc:
+                    _network_failure(target, exc)
+                try:
+                    yield resp
+                except _NETWORK_ERRORS as exc:
+                    _network_failure(target, exc)
+                finally:
+                    resp.close()  # never reuse a half-read connection
+            finally:
+                pool.close()
+            return
+        assert last is not None
+        raise last
+
+    def _pool(self, target: _Target, addr: IPAddress) -> urllib3.HTTPConnectionPool:
+        """A one-connection pool that connects to `addr` (already checked), never re-resolving."""
+        if target.scheme == "http":
+            return _HTTPPool(str(addr), target.port, maxsize=1, block=False, retries=False)
+        # The certificate is checked against the URL's name (or IP literal), not `addr`.
+        name = None if target.is_ip else target.host
+        return _HTTPSPool(
+            str(addr),
+            target.port,
+            maxsize=1,
+            block=False,
+            retries=False,
+            server_hostname=name,
+            assert_hostname=target.host,
+        )
+
+    def _check_headers(self, resp: urllib3.BaseHTTPResponse) -> str:
+        """The Pillow format the Content-Type declares; refuses other types and a
+        Content-Length over the cap before any of the body is read."""
+        ctype = (resp.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        fmt = _CONTENT_TYPES.get(ctype)
+        if fmt is None:
+            _refuse("content_type", f"Content-Type {ctype or '(none)'!r} is not an allowed image")
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > self.policy.max_bytes:
+            _refuse("too_large", f"Content-Length {length} > {self.policy.max_bytes}")
+        return fmt
+
+    def _read_body(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+        """Read at most max_bytes, each socket read bounded by the fetch's remaining time."""
+        cap = self.policy.max_bytes
+        buf = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _refuse("timeout", f"body not read within {self.policy.read_timeout_s}s", len(buf))
+            # urllib3's read timeout is per socket read; shrink it to what the deadline leaves
+            sock = getattr(resp.connection, "kept_sock", None)
+            if sock is not None:
+                sock.settimeout(min(self.policy.read_timeout_s, remaining))
+            try:
+                chunk = resp.read1(min(_CHUNK, cap + 1 - len(buf)))
+            except ReadTimeoutError:
+                _refuse("timeout", f"body stalled after {len(buf)} bytes", len(buf))
+            if not chunk:
+                return bytes(buf)
+            buf += chunk
+            if len(buf) > cap:
+                _refuse("too_large", f"body over {cap} bytes", len(buf))
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _decode_b64(self, data: str) -> tuple[Image.Image, int]:
+        cap = self.policy.max_bytes
+        if not isinstance(data, str | bytes):  # events are JSON: a null or number must not crash us
+            _refuse("bad_base64", f"not a base64 string: {type(data).__name__}")
+        data = data.strip()
+        if len(data) > 4 * cap // 3 + 4:
+            _refuse("too_large", f"base64 of {len(data)} chars encodes more than {cap} bytes")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            _refuse("bad_base64", f"not strict base64: {exc}")
+        if len(raw) > cap:
+            _refuse("too_large", f"{len(raw)} bytes > {cap}", len(raw))
+        return self._decode(raw, None), len(raw)
+
+    def _decode(self, data: bytes, declared: str | None) -> Image.Image:
+        """Magic number, pixel-count limit before decoding, then a full decode to RGB.
+
+        `declared` is the format the Content-Type named (None for base64): the bytes must be
+        that format, and Pillow may only use that one decoder.
+        """
+        fmt = _sniff(data[:16])
+        if fmt is None:
+            _refuse("not_an_image", f"no image magic number (starts {data[:8]!r})", len(data))
+        if declared is not None and fmt != declared:
+            _refuse("not_an_image", f"Content-Type says {declared}, the bytes are {fmt}", len(data))
+        try:
+            with _OPEN_LOCK, warnings.catch_warnings():
+                # Pillow only warns between 1x and 2x Image.MAX_IMAGE_PIXELS; make it an error
+                # without touching that global. The explicit check below is the real limit.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data), formats=[fmt])
+            with im:
+                width, height = im.size
+                if width * height > self.policy.max_pixels:
+                    _refuse(
+                        "bomb",
+                        f"{width}x{height} = {width * height} pixels > {self.policy.max_pixels}",
+                        len(data),
+                    )
+                im.seek(0)  # only the first frame of a GIF/animated WebP
+                rgb = _to_rgb(im)
+            return rgb
+        except _Refused:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            _refuse("bomb", str(exc), len(data))
+        except Exception as exc:  # Pillow raises many types for broken files
+            _refuse("not_an_image", f"{fmt} decode failed: {type(exc).__name__}: {exc}", len(data))
+
+    def _report(self, source: str, reason: str | None) -> None:
+        if self._on_result is None:
+            return
+        try:
+            self._on_result(source, reason)
+        except Exception:  # a metrics hook must not turn a result into a crash
+            log.exception("image_fetch_on_result_failed", source=source, reason=reason)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """Keeps its socket: http.client drops `sock` once a closing response starts, and the
+    body reads need it to shrink their timeout to the fetch's deadline."""
+
+    kept_sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.kept_sock = self.sock
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    """`_HTTPConnection` for TLS (the kept socket is the TLS one)."""
+
+    kept_sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.kept_sock = self.sock
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_NETWORK_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+def _network_failure(target: _Target, exc: BaseException) -> NoReturn:
+    """Map a urllib3/socket error to `timeout` or `connect`."""
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError) and not isinstance(
+        exc, NewConnectionError
+    ):
+        _refuse("timeout", f"{target.url}: {_cause(exc)}")
+    _refuse("connect", f"{target.url}: {_cause(exc)}")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with transparent areas on white (as a page shows them) rather than whatever
+    colour hides under alpha 0."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        return rgb
+    rgb = im.convert("RGB")
+    rgb.load()
+    return rgb
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _done(result: Fetched) -> Future[Fetched]:
+    fut: Future[Fetched] = Future()
+    fut.set_result(result)
+    return fut

@@ -1,0 +1,313 @@
+"""The image path end to end: broker → fetch (a local HTTP server) → a tiny CLIP exported
+through the real export path → fused shortlist → tag events with `image` sources; every
+fetch fault counted and nothing lost; an item with nothing to tag it by dead-lettered."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumer.tagging.core import NoContentError, TaggingCore
+from consumer.tagging.events import UploadEvent, load_schema
+from consumer.tagging.image_stage import ImageStage
+from consumer.tagging.images import FetchPolicy
+from consumer.tagging.metrics import Metrics
+from models_onnx import OnnxEncoder
+from models_onnx.clip import ClipEncoder, export_clip, write_tiny_clip
+from tagsys import ImageSpace, TagSystem
+from tagsys.errors import EncoderMismatchError
+from tests.conftest import FakeOpenAI, Responder, answer_first, cli_exit
+from tests.kafka_helpers import KafkaKit, metric
+
+
+def _png(color: str = "red", size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    """A real PNG of 3000 x 3000 one-bit pixels: a few KB on the wire, 9 M pixels decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (3000, 3000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BOMB = _bomb()
+
+
+class _Media(BaseHTTPRequestHandler):
+    def log_message(self, *a: Any) -> None:
+        pass
+
+    def _send(self, body: bytes, ctype: str = "image/png", code: int = 200) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path
+        if path.startswith("/cover"):
+            self._send(_png("blue" if "blue" in path else "red"))
+        elif path == "/slow":
+            time.sleep(3)
+            self._send(_png())
+        elif path == "/big":
+            self._send(b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000)
+        elif path == "/page":
+            self._send(b"<html>not an image</html>", "text/html")
+        elif path == "/bomb":
+            self._send(BOMB)
+        elif path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/to-cover":
+            self.send_response(302)
+            self.send_header("Location", "/cover-blue.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(b"", code=404)
+
+
+@pytest.fixture(scope="module")
+def media() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Media)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> ClipEncoder:
+    """A tiny CLIP (random weights) through the real export: proves the path, not the tags."""
+    root = tmp_path_factory.mktemp("clip")
+    export_clip(write_tiny_clip(root / "ckpt"), root / "tiny-clip", name="tiny-clip")
+    return ClipEncoder(root / "tiny-clip", device="cpu")
+
+
+def _with_images(ts: TagSystem, clip: ClipEncoder, shift: float) -> TagSystem:
+    from dataclasses import replace
+
+    emb = clip.encode_texts([f"a photo of {t.name}." for t in ts.tags])
+    # shift: image scores raised above any text score, so the image decides where it has one
+    return replace(ts, image=ImageSpace(model=clip.name, embeddings=emb, shift=shift))
+
+
+def _core(encoder: OnnxEncoder, ts: TagSystem, clip: ClipEncoder) -> TaggingCore:
+    policy = FetchPolicy(
+        hosts=("127.0.0.1",),
+        schemes=("http",),
+        connect_timeout_s=0.5,
+        read_timeout_s=1.0,
+        max_bytes=50_000,
+        max_pixels=1_000_000,
+    )
+    metrics = Metrics(CollectorRegistry())
+    return TaggingCore(encoder, ts, metrics=metrics, images=ImageStage(clip, policy, metrics))
+
+
+FAULTS = {  # path -> the reason it is counted under
+    "/slow": "timeout",
+    "/big": "too_large",
+    "/page": "content_type",
+    "/bomb": "bomb",
+    "/to-metadata": "redirect",
+}
+
+
+@pytest.mark.broker
+def test_images_travel_from_the_broker_to_tag_events_and_faults_lose_nothing(
+    kafka: KafkaKit,
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    clip: ClipEncoder,
+    media: str,
+) -> None:
+    ts = _with_images(sample_ts, clip, shift=5.0)
+    core = _core(encoder, ts, clip)
+    cover_b64 = base64.b64encode(_png("green")).decode()
+    events: list[dict[str, Any]] = [
+        {"id": "cover", "title": "my afternoon", "cover_url": f"{media}/cover.png"},
+        {
+            "id": "frames",
+            "title": "a walk",
+            "cover_url": f"{media}/cover.png",
+            "frame_urls": [f"{media}/to-cover", f"{media}/cover-blue.png"],
+        },
+        {"id": "inline", "caption": "look at this", "cover_b64": cover_b64},
+        {"id": "image-only", "cover_url": f"{media}/cover.png"},
+        {"id": "text-only", "title": "Sourdough bread recipe"},
+        {"id": "other-host", "title": "coffee", "cover_url": "http://media.invalid/c.png"},
+        *(
+            {"id": f"fault{path}", "title": "latte art", "cover_url": f"{media}{path}"}
+            for path in FAULTS
+        ),
+        {"id": "nothing", "cover_url": f"{media}/page"},  # no text, no usable image
+    ]
+    kafka.topics(1)
+    kafka.send([orjson.dumps(e) for e in events])
+    s = kafka.settings(batch_size=4)
+    with kafka.serve(s, core):
+        out = kafka.read("tags", expect=len(events) - 1, timeout_s=90)
+        dlq = kafka.read("uploads.dlq", expect=1)
+        committed = kafka.committed(s.group_id, 1)
+    schema = load_schema("tag-event")
+    got = {}
+    for m in out:
+        payload = orjson.loads(m.value())
+        jsonschema.validate(payload, schema)
+        got[payload["id"]] = payload
+    assert set(got) == {e["id"] for e in events} - {"nothing"}
+    sources = {k: {t["source"] for t in v["tags"]} for k, v in got.items()}
+    for item in ("cover", "frames", "inline", "image-only"):
+        assert sources[item] == {"image"}, item  # the image's score decided
+    assert got["frames"]["inputs"] == {"text": True, "images": 3, "images_failed": 0}
+    assert got["image-only"]["inputs"] == {"text": False, "images": 1, "images_failed": 0}
+    assert got["inline"]["inputs"]["images"] == 1
+    for item in ("text-only", "other-host", *(f"fault{p}" for p in FAULTS)):
+        assert sources[item] <= {"encoder"} and got[item]["tags"], item  # tagged by its text
+    assert got["text-only"]["inputs"] == {"text": True, "images": 0, "images_failed": 0}
+    assert got["fault/slow"]["inputs"] == {"text": True, "images": 0, "images_failed": 1}
+    [dead] = dlq
+    headers = dict(dead.headers())
+    assert dead.key() == b"nothing" and headers["__tagstream.errors.reason"] == b"no_content"
+    assert b"content_type" in headers["__connect.errors.exception.message"]
+    assert committed == len(events)  # every input accounted for: tagged or dead-lettered
+    counted = {
+        r: metric(core, "tagstream_image_fetches_total", {"result": r}) for r in FAULTS.values()
+    }
+    assert counted == {r: 1.0 for r in FAULTS.values()} | {"content_type": 2.0}
+    assert metric(core, "tagstream_image_fetches_total", {"result": "host"}) == 1
+    assert metric(core, "tagstream_image_fetches_total", {"result": "ok"}) == 6
+    assert metric(core, "tagstream_events_consumed_total", {"outcome": "no_content"}) == 1
+    core.close()
+
+
+def test_fetches_overlap_the_encoder_and_a_slow_host_costs_one_budget(
+    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
+) -> None:
+    """Fetches start when the batch is prepared; the encode thread waits for them only after
+    the text, and never longer than one fetch's budget, however many are slow."""
+    core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip)
+    evs = [UploadEvent(id=f"s{i}", title="tea", cover_url=f"{media}/slow") for i in range(8)]
+    t0 = time.monotonic()
+    prep = core.prepare(evs)
+    assert time.monotonic() - t0 < 0.5  # prepare only starts the fetches
+    time.sleep(1.2)  # the encoder busy with the batch before: the fetches run out meanwhile
+    t1 = time.monotonic()
+    emb = core.encode_prepared(prep)
+    waited = time.monotonic() - t1
+    assert prep.images is not None and prep.images.failed == [1] * 8
+    assert waited < 1.0  # their budget was spent while "the encoder worked"
+    res = core.decide(evs, emb, prep.texts, images=prep.images)
+    assert all(r.inputs == {"text": True, "images": 0, "images_failed": 1} for r in res)
+    core.close()
+
+
+def test_an_image_model_the_tag_system_was_not_embedded_with_is_refused(
+    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, tmp_path: Path
+) -> None:
+    with pytest.raises(EncoderMismatchError, match="no image embeddings"):
+        _core(encoder, sample_ts, clip)
+    other = ImageSpace(model="another-clip", embeddings=np.ones((len(sample_ts.tags), clip.dim)))
+    from dataclasses import replace
+
+    with pytest.raises(EncoderMismatchError, match="another-clip"):
+        _core(encoder, replace(sample_ts, image=other), clip)
+    # a hot reload to such a version is refused too: the running one stays
+    core = _core(encoder, _with_images(sample_ts, clip, 0.0), clip)
+    with pytest.raises(EncoderMismatchError):
+        core.swap_tag_system(replace(sample_ts, image=other))
+    core.close()
+
+
+def test_no_text_and_no_image_model_is_no_content(
+    encoder: OnnxEncoder, sample_ts: TagSystem
+) -> None:
+    core = TaggingCore(encoder, sample_ts, metrics=Metrics(CollectorRegistry()))
+    [res] = core.process_isolating([UploadEvent(id="x", cover_url="https://cdn.example/c.png")])
+    assert isinstance(res, NoContentError) and "no image model" in str(res)
+    [ok] = core.process_isolating([UploadEvent(id="y", title="coffee")])
+    assert not isinstance(ok, BaseException) and ok.inputs is None  # text only: as before
+    core.close()
+
+
+def test_image_settings_without_an_image_model_stop_run_with_exit_3(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TAGSTREAM_IMAGE_HOSTS", "cdn.example.com")
+    assert cli_exit(["run", "--bootstrap-servers", "127.0.0.1:1"]) == 3
+
+
+def test_the_llm_is_told_the_images_top_tags_or_given_the_urls(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    clip: ClipEncoder,
+    fake_llm: Callable[[Responder], FakeOpenAI],
+) -> None:
+    from consumer.tagging.llm import SelectiveTagger
+
+    server = fake_llm(answer_first)
+    ts = _with_images(sample_ts, clip, shift=0.0)
+    cover = base64.b64encode(_png("green")).decode()
+    ev = UploadEvent(id="m1", title="weekend", cover_b64=cover, frame_urls=["https://x/f.jpg"])
+    for llm_images in (False, True):
+        metrics = Metrics(CollectorRegistry())
+        stage = ImageStage(clip, FetchPolicy(), metrics)  # no hosts: the inline cover only
+        tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
+        core = TaggingCore(
+            encoder, ts, tagger=tagger, metrics=metrics, images=stage,
+            llm_images=llm_images, emit_embedding=True,
+        )  # fmt: skip
+        [res] = core.process([ev])
+        payload = core.to_payload(res)
+        assert len(payload["image_embedding"]) == clip.dim and payload["inputs"]["images"] == 1
+        user = server.requests[-1]["messages"][1]["content"]
+        if not llm_images:  # the image's own top tags, as data in the item
+            item = orjson.loads(user.split("\n", 1)[1].split("\n\nShortlist:")[0])
+            assert item["image_looks_like"] == res.image_tags and len(res.image_tags) == 3
+        else:  # a multimodal endpoint gets the URL (never the inline bytes)
+            assert [p["type"] for p in user] == ["text", "image_url"]
+            assert user[1]["image_url"]["url"] == "https://x/f.jpg"
+        core.close()
+    assert metric_value(metrics, "tagstream_image_fetches_total", {"result": "host"}) == 1
+
+
+def metric_value(metrics: Metrics, name: str, labels: dict[str, str]) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_import_tags_embeds_the_tags_for_images_too(
+    clip: ClipEncoder, model_dir: Path, tmp_path: Path
+) -> None:
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("dogs\nbeach holiday\ncoffee\n")
+    out = tmp_path / "ts"
+    argv = ["import-tags", str(vocab), "--format", "list", "--out", str(out)]
+    argv += ["--model-dir", str(model_dir), "--image-model", str(clip.folder)]
+    assert cli_exit(argv) in (0, None)
+    ts = TagSystem.load(out)
+    assert ts.image is not None and ts.image.model == clip.name and ts.image.rule == "max"
+    assert ts.provenance["image_template"] == "a photo of {name}."
+    want = clip.encode_texts(["a photo of beach holiday."])[0]
+    assert float(ts.image.embeddings[ts.index_of("beach holiday")] @ want) > 0.999
+    assert cli_exit([*argv[:-1], str(tmp_path / "no-such-model")]) == 3
