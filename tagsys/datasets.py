@@ -97,6 +97,11 @@ def read_stackexchange(path: Path) -> Iterator[Item | str]:
 
 
 _TEXT_KEYS = ("title", "caption", "cover_text", "ocr", "asr")
+IMAGE_KEYS = ("cover_url", "frame_urls", "cover_b64")
+
+
+def has_text(item: Item) -> bool:
+    return any(item.fields.get(k) for k in _TEXT_KEYS)
 
 
 def read_jsonl(path: Path) -> Iterator[Item | str]:
@@ -122,7 +127,14 @@ def read_jsonl(path: Path) -> Iterator[Item | str]:
                 fields["hashtags"] = [str(t) for t in tags if isinstance(t, str | int)]
             if isinstance(obj.get("content_type"), str):  # picks a handbook section
                 fields["content_type"] = obj["content_type"]
-            if not any(fields.get(k) for k in _TEXT_KEYS):
+            for k in ("cover_url", "cover_b64"):  # images: eval and calibrate --image-model
+                if isinstance(obj.get(k), str) and obj[k]:
+                    fields[k] = obj[k]
+            frames = obj.get("frame_urls")
+            if isinstance(frames, list) and frames:
+                fields["frame_urls"] = [str(u) for u in frames if isinstance(u, str)]
+            # an item with an image but no text is kept: `eval --image-model` scores it
+            if not any(fields.get(k) for k in (*_TEXT_KEYS, *IMAGE_KEYS)):
                 yield "no_text"
                 continue
             raw = obj.get("labels", obj.get("gold", []))
@@ -137,7 +149,10 @@ def load(
     level: int = 1,
     limit: int | None = None,
     require_labels: bool = True,
+    image_only: bool = False,
 ) -> Dataset:
+    """`image_only`: keep JSONL items that have an image but no text (`eval --image-model`
+    scores them); otherwise they count as `no_text`, as nothing else can read them."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"no such data file: {p}")
@@ -156,6 +171,9 @@ def load(
             continue
         if require_labels and not r.gold:
             ds.skipped["no_label"] += 1
+            continue
+        if not image_only and not has_text(r):
+            ds.skipped["no_text"] += 1
             continue
         ds.items.append(r)
         if limit and len(ds.items) >= limit:

@@ -311,3 +311,41 @@ def test_import_tags_embeds_the_tags_for_images_too(
     want = clip.encode_texts(["a photo of beach holiday."])[0]
     assert float(ts.image.embeddings[ts.index_of("beach holiday")] @ want) > 0.999
     assert cli_exit([*argv[:-1], str(tmp_path / "no-such-model")]) == 3
+
+
+def test_calibrate_fits_the_image_scale_on_labelled_items_with_images(
+    clip: ClipEncoder, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """eval and calibrate read the items' images as the service does; calibrate fits the
+    image scores onto the text's scale (on the fit part) before the gate, and records it."""
+    labels = {"dogs": "white", "coffee": "brown", "beach holiday": "yellow", "baking": "orange"}
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("\n".join(labels) + "\n")
+    ts_dir, out = tmp_path / "ts", tmp_path / "cal"
+    common = ["--model-dir", str(model_dir), "--image-model", str(clip.folder)]
+    imported = ["import-tags", str(vocab), "--format", "list", "--out", str(ts_dir), *common]
+    assert cli_exit(imported) in (0, None)
+    rows = []
+    for i in range(48):
+        label = list(labels)[i % 4]
+        cover = base64.b64encode(_png(labels[label], (24 + i, 24))).decode()
+        text = f"post {i} about {label}" if i % 3 else ""  # a third have only the image
+        rows.append({"id": str(i), "title": text, "cover_b64": cover, "labels": [label]})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(orjson.dumps(r).decode() + "\n" for r in rows))
+    argv = ["calibrate", "--data", str(data), "--format", "jsonl", "--tag-system", str(ts_dir)]
+    assert cli_exit([*argv, "--out", str(out), *common, "--json"]) in (0, None)
+    res = orjson.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fit = res["image_fusion"]
+    assert fit["pairs"] > 0 and fit["positives"] == 24  # the fit half, one gold tag each
+    cal = TagSystem.load(out)
+    assert cal.image is not None and (cal.image.scale, cal.image.shift) == (
+        fit["scale"],
+        fit["shift"],
+    )
+    assert cal.provenance["image_fusion"]["fitted_on"] == 24
+    # without an image model the image-only items have nothing to be scored by
+    from consumer.tools.evaluate import run_eval
+
+    text_run = run_eval(data, "jsonl", tag_system=ts_dir, model_dir=model_dir)
+    assert len(text_run.outcomes) == 32 and text_run.dataset.skipped["no_text"] == 16

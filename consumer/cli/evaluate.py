@@ -13,8 +13,11 @@ from consumer.cli.options import (
     AdaptOpt,
     DataOpt,
     EmbeddingCacheOpt,
+    EvalImageModelOpt,
     EvalModelOpt,
     FormatOpt,
+    ImageHostsOpt,
+    ImageSchemesOpt,
     JsonOpt,
     LevelOpt,
     LimitOpt,
@@ -66,6 +69,16 @@ def _run_eval(
         )
 
 
+def _images(model: str | None, hosts: str, schemes: str) -> Any:
+    from consumer.tagging.image_stage import ImageOptions
+
+    if model is None:
+        if hosts:
+            raise typer.BadParameter("needs --image-model", param_hint="--image-hosts")
+        return None
+    return ImageOptions(model=model, hosts=hosts, schemes=schemes)
+
+
 @takes("vectors", TagVectors)
 def eval_cmd(
     data: DataOpt,
@@ -97,6 +110,9 @@ def eval_cmd(
     llm_extract: Annotated[
         bool, typer.Option(help="The LLM states the facts first, as `run --llm-extract`.")
     ] = False,
+    image_model: EvalImageModelOpt = None,
+    image_hosts: ImageHostsOpt = "",
+    image_schemes: ImageSchemesOpt = "https",
     json: JsonOpt = False,
 ) -> None:
     """Run the service's decision path (no Kafka) over labelled data and report quality."""
@@ -121,6 +137,7 @@ def eval_cmd(
         trust_unfitted_gate=unfitted_gate is UnfittedChoice.trust,
         handbook=llm_handbook,
         llm_extract=llm_extract,
+        images=_images(image_model, image_hosts, image_schemes),
     )
     out = report(run_)
     for k, v in out.items():
@@ -147,6 +164,9 @@ def calibrate_cmd(
     adapt: AdaptOpt = False,
     vectors: TagVectors = TagVectors(),
     embedding_cache: EmbeddingCacheOpt = None,
+    image_model: EvalImageModelOpt = None,
+    image_hosts: ImageHostsOpt = "",
+    image_schemes: ImageSchemesOpt = "https",
     json: JsonOpt = False,
 ) -> None:
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
@@ -158,7 +178,17 @@ def calibrate_cmd(
 
     logs.configure("warning")
     run_ = _run_eval(
-        data, fmt.value, level, tag_system, model, model_dir, limit, adapt, vectors, embedding_cache
+        data,
+        fmt.value,
+        level,
+        tag_system,
+        model,
+        model_dir,
+        limit,
+        adapt,
+        vectors,
+        embedding_cache,
+        images=_images(image_model, image_hosts, image_schemes),
     )
     ts, cal, before, after = run_calibrate(
         run_, target_precision=target_precision, fit_fraction=fit_fraction
@@ -181,6 +211,7 @@ def calibrate_cmd(
             k: after[k] for k in ("auto_fraction", "auto_precision", "llm_fraction")
         },
         "held_out_auto_ceiling": after["auto_ceiling"],
+        **({"image_fusion": after["image_fusion"]} if "image_fusion" in after else {}),
     }
     print_table(res, 16)
     if json:

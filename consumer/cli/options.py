@@ -143,6 +143,17 @@ ImageModelOpt = Annotated[
         "--image-model` then scores images against them.",
     ),
 ]
+EvalImageModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Score the items' images too, as `run --image-model` (the tag system must carry "
+        "that model's image embeddings); calibrate then fits the image scores' scale first.",
+    ),
+]
+ImageHostsOpt = Annotated[
+    str, typer.Option(help="Where the items' images may be fetched from, as `run --image-hosts`.")
+]
+ImageSchemesOpt = Annotated[str, typer.Option(help="As `run --image-schemes`.")]
 ImageTemplateOpt = Annotated[
     str, typer.Option(help="With --image-model: how a tag is put for the image side.")
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -15,14 +14,12 @@ from consumer.service.health import HealthState
 from consumer.tagging.config import Settings
 from consumer.tagging.core import TaggingCore
 from consumer.tagging.handbook import Handbook
-from consumer.tagging.image_stage import ImageStage
-from consumer.tagging.images import FetchPolicy
+from consumer.tagging.image_stage import ImageOptions, ImageStage
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.llm_server import GEMMA, MODEL_NAME, LocalLLM
 from consumer.tagging.metrics import Metrics
 from consumer.tagging.parts import load_tag_system, make_tagger
 from models_onnx import OnnxEncoder
-from models_onnx.registry import default_model_dir
 from tagsys.errors import TagstreamError
 
 log = structlog.get_logger(__name__)
@@ -46,33 +43,25 @@ def image_stage(settings: Settings, metrics: Metrics) -> ImageStage | None:
                 "pair exported with `tagstream export-onnx --clip`)"
             )
         return None
-    from models_onnx.clip import ClipEncoder
-
-    folder = Path(settings.image_model)
-    if not folder.is_dir():
-        folder = (settings.model_dir or default_model_dir()) / settings.image_model
-    encoder = ClipEncoder(folder, device=settings.device)
-    policy = FetchPolicy(
-        hosts=FetchPolicy.parse_hosts(settings.image_hosts),
-        schemes=tuple(x.strip().lower() for x in settings.image_schemes.split(",") if x.strip()),
-        connect_timeout_s=settings.image_connect_timeout_s,
-        read_timeout_s=settings.image_read_timeout_s,
+    opts = ImageOptions(
+        model=settings.image_model,
+        hosts=settings.image_hosts,
+        schemes=settings.image_schemes,
+        max_images=settings.image_max_frames,
         max_bytes=settings.image_max_bytes,
         max_pixels=settings.image_max_pixels,
-    )
-    log.info(
-        "image_model_loaded",
-        image_model=encoder.name,
-        variant=encoder.variant,
-        hosts=list(policy.hosts) or "none (inline cover_b64 only)",
-    )
-    return ImageStage(
-        encoder,
-        policy,
-        metrics,
-        max_images=settings.image_max_frames,
+        connect_timeout_s=settings.image_connect_timeout_s,
+        read_timeout_s=settings.image_read_timeout_s,
         concurrency=settings.image_concurrency,
     )
+    stage = opts.stage(metrics, settings.model_dir, settings.device)
+    log.info(
+        "image_model_loaded",
+        image_model=stage.encoder.name,
+        variant=stage.encoder.variant,
+        hosts=list(stage.fetcher.policy.hosts) or "none (inline cover_b64 only)",
+    )
+    return stage
 
 
 @contextlib.contextmanager

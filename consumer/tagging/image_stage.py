@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,10 +22,55 @@ import numpy.typing as npt
 from consumer.tagging.events import UploadEvent
 from consumer.tagging.images import Fetched, FetchPolicy, ImageFetcher
 from consumer.tagging.metrics import Metrics
+from models_onnx.registry import default_model_dir
 
 if TYPE_CHECKING:
-    from models_onnx.clip import ClipEncoder
     from PIL.Image import Image
+
+    from models_onnx.clip import ClipEncoder
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Where the image path's model is and what it may fetch: `run`'s settings, and `eval`
+    / `calibrate`'s options (the same fetch rules either way)."""
+
+    model: str  # an exported folder, or a name under the model folder
+    hosts: str = ""
+    schemes: str = "https"
+    max_images: int = 4
+    max_bytes: int = 5_000_000
+    max_pixels: int = 40_000_000
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 5.0
+    concurrency: int = 8
+
+    def policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            hosts=FetchPolicy.parse_hosts(self.hosts),
+            schemes=tuple(x.strip().lower() for x in self.schemes.split(",") if x.strip()),
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+        )
+
+    def stage(
+        self, metrics: Metrics, model_dir: Path | None = None, device: str = "auto"
+    ) -> ImageStage:
+        from models_onnx.clip import ClipEncoder
+
+        folder = Path(self.model)
+        if not folder.is_dir():
+            folder = (model_dir or default_model_dir()) / self.model
+        policy = self.policy()  # a bad allow-list fails before the model loads
+        return ImageStage(
+            ClipEncoder(folder, device=device),
+            policy,
+            metrics,
+            max_images=self.max_images,
+            concurrency=self.concurrency,
+        )
 
 
 @dataclass

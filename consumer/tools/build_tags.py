@@ -159,8 +159,16 @@ def _load_cache(
     return done, stale
 
 
+# not text the LLM proposes tags from (images go to the image model, not into the prompt)
+NOT_PROMPTED = ("cover_url", "frame_urls", "cover_b64")
+
+
 def _fields(item: Item, max_chars: int = 1500) -> dict[str, Any]:
-    return {k: (v[:max_chars] if isinstance(v, str) else v) for k, v in item.fields.items() if v}
+    return {
+        k: (v[:max_chars] if isinstance(v, str) else v)
+        for k, v in item.fields.items()
+        if v and k not in NOT_PROMPTED
+    }
 
 
 def collect_proposals(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from consumer.tagging.config import Settings
 from consumer.tagging.core import TaggingCore
 from consumer.tagging.events import UploadEvent
 from consumer.tagging.handbook import Handbook
+from consumer.tagging.image_stage import ImageBatch, ImageOptions
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.llm_server import LocalLLM
 from consumer.tagging.metrics import Metrics
@@ -48,6 +49,7 @@ from tagsys.evaluation import (
     compute,
     gate_outcomes,
 )
+from tagsys.fusion import fit_fusion
 from tagsys.tree import TREE_WEIGHT, expand_with_tree
 
 Progress = Callable[[int, int], None]
@@ -99,6 +101,10 @@ class EvalRun:
     idx: npt.NDArray[np.int64]  # top-20 shortlist per item
     scores: npt.NDArray[np.float32]
     outcomes: list[Outcome]
+    # with an image model: what `calibrate` re-scores with when it fits the fusion
+    emb: npt.NDArray[np.float32] | None = None
+    texts: list[str] | None = None
+    images: ImageBatch | None = None
 
 
 def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -179,6 +185,39 @@ def _embed_items(
     return np.concatenate(embs) if embs else np.zeros((0, core.encoder.dim), np.float32), texts
 
 
+def embed_images(core: TaggingCore, items: list[Item]) -> ImageBatch | None:
+    """The items' images as the service embeds them (fetched, checked, averaged per item);
+    None without an image model."""
+    if core.images is None:
+        return None
+    parts = [
+        core.images.finish(core.images.start([to_event(it) for it in batch]))
+        for batch in _batches(items, 64)
+    ]
+    return ImageBatch(
+        np.concatenate([p.emb for p in parts])
+        if parts
+        else np.zeros((0, core.images.dim), np.float32),
+        [n for p in parts for n in p.used],
+        [n for p in parts for n in p.failed],
+        [r for p in parts for r in p.reasons],
+    )
+
+
+def scored(
+    ts: TagSystem,
+    emb: npt.NDArray[np.float32],
+    texts: list[str],
+    images: ImageBatch | None,
+    k: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """The top-k shortlist the service's scoring gives: fused with the images when there are."""
+    if images is not None and ts.image is not None and images.has_image.any():
+        idx, sc, _ = ts.shortlist_fused(emb, texts, images.emb, images.has_image, k=k)
+        return idx, sc
+    return ts.shortlist(emb, texts, k=k)
+
+
 def expand(
     ts: TagSystem,
     *,
@@ -222,8 +261,9 @@ def run_eval(
     trust_unfitted_gate: bool = False,
     handbook: Path | None = None,
     llm_extract: bool = False,
+    images: ImageOptions | None = None,
 ) -> EvalRun:
-    ds = load(data, fmt, level=level, limit=limit)
+    ds = load(data, fmt, level=level, limit=limit, image_only=images is not None)
     if not ds.items:
         raise DatasetError(f"{data}: no labelled items with text ({dict(ds.skipped)})")
     loaded = TagSystem.load(tag_system) if tag_system else None
@@ -244,9 +284,11 @@ def run_eval(
             metrics=metrics,
             trust_unfitted_gate=trust_unfitted_gate,
             handbook=Handbook.load(handbook) if handbook else None,
+            images=images.stage(metrics, model_dir) if images else None,
         )
         try:
             emb, texts = embed_items(core, ds.items, progress, embedding_cache)
+            image_batch = embed_images(core, ds.items)
             if loaded is None:
                 if adapt_corpus:  # unlabelled text of the same file: transductive, label-free
                     ts = adapt(ts, emb, texts)
@@ -254,11 +296,16 @@ def run_eval(
             elif adapt_corpus:
                 ts = adapt(ts, emb, texts)
             core.swap_tag_system(ts)
-            idx, scores = ts.shortlist(emb, texts, k=max(20, ts.gate.top_k))
+            idx, scores = scored(ts, emb, texts, image_batch, max(20, ts.gate.top_k))
             for s in range(0, len(ds.items), 64):
                 items = ds.items[s : s + 64]
                 events = [to_event(it) for it in items]
-                results = core.decide(events, emb[s : s + 64], texts[s : s + 64])
+                sub = (
+                    image_batch.subset(list(range(s, s + len(items))))
+                    if image_batch is not None
+                    else None
+                )
+                results = core.decide(events, emb[s : s + 64], texts[s : s + 64], images=sub)
                 for k, (it, res) in enumerate(zip(items, results, strict=True)):
                     gold = frozenset(j for g in it.gold if (j := ts.index_of(g)) is not None)
                     outcomes.append(
@@ -272,7 +319,7 @@ def run_eval(
                     )
         finally:
             core.close()
-    return EvalRun(ds, ts, encoder.name, idx, scores, outcomes)
+    return EvalRun(ds, ts, encoder.name, idx, scores, outcomes, emb, texts, image_batch)
 
 
 def report(run: EvalRun) -> dict[str, Any]:
@@ -292,14 +339,45 @@ def run_calibrate(
     n = len(run.outcomes)
     cut = max(1, min(n - 1, int(n * fit_fraction)))
     gold = [o.gold for o in run.outcomes]
-    new, cal = calibrated(ts, run.idx[:cut], run.scores[:cut], gold[:cut], target_precision)
+    fusion: dict[str, Any] | None = None
+    idx, scores = run.idx, run.scores
+    if run.images is not None and ts.image is not None and run.emb is not None:
+        # first the image scores onto the text's scale (on the fit part), then the gate
+        ts, fusion = fit_image_fusion(run, cut)
+        assert run.texts is not None
+        idx, scores = scored(ts, run.emb, run.texts, run.images, run.idx.shape[1])
+    new, cal = calibrated(ts, idx[:cut], scores[:cut], gold[:cut], target_precision)
 
-    def held_out(t: TagSystem) -> tuple[dict[str, Any], list[Outcome]]:
-        outs = gate_outcomes(t, run.idx[cut:], run.scores[cut:], gold[cut:])
+    def held_out(
+        t: TagSystem, i: npt.NDArray[np.int64], sc: npt.NDArray[np.float32]
+    ) -> tuple[dict[str, Any], list[Outcome]]:
+        outs = gate_outcomes(t, i[cut:], sc[cut:], gold[cut:])
         return compute(outs, len(t.tags)), outs
 
-    before, _ = held_out(ts)
-    after, outs = held_out(new)
+    before, _ = held_out(run.tag_system, run.idx, run.scores)
+    after, outs = held_out(new, idx, scores)
     # a property of the scorer's rankings, which both gates share
     after["auto_ceiling"] = auto_ceiling(outs, target_precision)
+    if fusion is not None:
+        after["image_fusion"] = fusion
     return new, cal, before, after
+
+
+def fit_image_fusion(run: EvalRun, cut: int) -> tuple[TagSystem, dict[str, Any]]:
+    """The tag system with its image scores put on the text's scale, fitted on the first
+    `cut` items' labels (tagsys/fusion.py), and what the fit found."""
+    ts = run.tag_system
+    assert ts.image is not None and run.images is not None and run.emb is not None
+    emb, texts, images = run.emb[:cut], (run.texts or [])[:cut], run.images
+    if ts.head is not None:
+        text = ts.head.scores(emb, texts)
+    else:
+        text = (emb @ ts.embeddings.T).astype(np.float32)
+        if ts.bias is not None:
+            text -= ts.bias[None, :]
+    image_cos = (images.emb[:cut] @ ts.image.embeddings.T).astype(np.float32)
+    gold = [o.gold for o in run.outcomes[:cut]]
+    fit = fit_fusion(text, image_cos, gold, images.has_image[:cut])
+    space = replace(ts.image, scale=fit.scale, shift=fit.shift)
+    prov = {**ts.provenance, "image_fusion": {"fitted_on": cut, **asdict(fit)}}
+    return replace(ts, image=space, provenance=prov), asdict(fit)

@@ -75,7 +75,9 @@ EXAMPLES = Lexicon(
 def item_line(item: dict[str, Any], max_chars: int = 500) -> str:
     """The item's text fields as one line (the prompt is line-based)."""
     text = " ".join(
-        str(v) for k, v in item.items() if k != "content_type" and isinstance(v, str) and v.strip()
+        str(v)
+        for k, v in item.items()
+        if k not in ("content_type", "cover_url", "cover_b64") and isinstance(v, str) and v.strip()
     )
     return _SPACE.sub(" ", text).strip()[:max_chars]
 
