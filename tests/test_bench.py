@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -184,3 +185,26 @@ def test_a_run_without_encoder_time_reports_null_not_a_crash() -> None:
     out = json.loads(orjson.dumps(res.to_json()))
     assert out["e2e_encode_items_per_s"] is None
     assert out["e2e_encoder_busy_fraction"] == 0.0 and out["encoder_items_per_s"] == 55.0
+
+
+@pytest.mark.broker
+def test_bench_images_runs_the_image_path_end_to_end(
+    broker: Any, encoder: OnnxEncoder, sample_ts: TagSystem, tmp_path: Path
+) -> None:
+    """`bench --image-model`: the same items with a cover each from a slow local store,
+    pipelined and not, next to text only; every image fetched and embedded."""
+    from consumer.tools.bench import bench_images
+    from models_onnx.clip import export_clip, write_tiny_clip
+
+    folder = tmp_path / "tiny-clip"
+    export_clip(write_tiny_clip(tmp_path / "ckpt"), folder, name="tiny-clip")
+    rows, _ = load_items(48)
+    payloads = [json.dumps(r).encode() for r in rows]
+    res = bench_images(broker, encoder, sample_ts, folder, payloads, 16, 100.0, lambda _n, _k: None)
+    assert res["images_fetched"] == 48 and res["image_model"].startswith("tiny-clip/")
+    for k in ("text_items_per_s", "images_items_per_s", "images_no_pipeline_items_per_s"):
+        assert res[k] > 0, k
+    assert 0 <= res["image_wait_fraction"] < 1 and 0 < res["image_encode_fraction"] < 1
+    assert res["images_to_text_ratio"] == pytest.approx(
+        res["images_items_per_s"] / res["text_items_per_s"], abs=0.01
+    )

@@ -265,6 +265,8 @@ def test_a_handbook_guides_the_proposals_and_keys_the_proposal_log(
         "Handbook for food content" in systems[r["title"]] for n, r in enumerate(rows) if n != 2
     )
     assert all("crypto" not in s for s in systems.values())  # the item never instructs
+    # content_type picks the section; the item shown (and the proposal log's input) stays
+    assert all("content_type" not in r["messages"][1]["content"] for r in server.requests)
     assert rep.guided == 6 and rep.to_dict()["handbook_guided"] == 6
     assert ts.provenance["handbook"] == hb.version_id
     assert ts.provenance["prompt"].endswith("+" + hb.version_id)

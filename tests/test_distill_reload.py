@@ -267,3 +267,18 @@ def test_audited_items_go_out_as_the_gate_decided_and_their_answers_are_recorded
     assert audited == 40 and len(server.requests) == 40
     assert r.get_sample_value("tagstream_gate_agreement", {"tag_system": ts.version_id}) is not None
     assert kafka.committed(s.group_id, 1) == 40
+
+
+def test_distilling_keeps_the_image_space_but_not_its_fit(encoder: OnnxEncoder) -> None:
+    """A head scores in probabilities, not the cosines the image scale was fitted against:
+    the distilled version keeps the tags' image vectors, which never decide until calibrate
+    --image-model fits them again."""
+    from tagsys import ImageSpace
+
+    base, data = _labelled_toy(encoder)
+    emb = np.eye(len(base.tags), 4, dtype=np.float32)
+    base = replace(base, image=ImageSpace("clip-a", emb, scale=4.0, shift=-0.6))
+    new, _ = distill(base, data, holdout=0.3, target_precision=0.9)
+    assert new.image is not None and new.image.model == "clip-a"
+    assert (new.image.scale, new.image.shift) == (0.0, -2.0)
+    assert np.array_equal(new.image.embeddings, base.image.embeddings)  # type: ignore[union-attr]

@@ -50,6 +50,10 @@ def _bomb() -> bytes:
 BOMB = _bomb()
 
 
+HITS: dict[str, int] = {}  # requests per path, over the module
+HITS_LOCK = threading.Lock()
+
+
 class _Media(BaseHTTPRequestHandler):
     def log_message(self, *a: Any) -> None:
         pass
@@ -63,6 +67,8 @@ class _Media(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path
+        with HITS_LOCK:
+            HITS[path] = HITS.get(path, 0) + 1
         if path.startswith("/cover"):
             self._send(_png("blue" if "blue" in path else "red"))
         elif path == "/slow":
@@ -112,9 +118,11 @@ def _with_images(ts: TagSystem, clip: ClipEncoder, shift: float) -> TagSystem:
     return replace(ts, image=ImageSpace(model=clip.name, embeddings=emb, shift=shift))
 
 
-def _core(encoder: OnnxEncoder, ts: TagSystem, clip: ClipEncoder) -> TaggingCore:
+def _core(
+    encoder: OnnxEncoder, ts: TagSystem, clip: ClipEncoder, media: str, **kw: Any
+) -> TaggingCore:
     policy = FetchPolicy(
-        hosts=("127.0.0.1",),
+        hosts=(media.removeprefix("http://"),),  # 127.0.0.1:<port>
         schemes=("http",),
         connect_timeout_s=0.5,
         read_timeout_s=1.0,
@@ -122,7 +130,8 @@ def _core(encoder: OnnxEncoder, ts: TagSystem, clip: ClipEncoder) -> TaggingCore
         max_pixels=1_000_000,
     )
     metrics = Metrics(CollectorRegistry())
-    return TaggingCore(encoder, ts, metrics=metrics, images=ImageStage(clip, policy, metrics))
+    stage = ImageStage(clip, policy, metrics)
+    return TaggingCore(encoder, ts, metrics=metrics, images=stage, **kw)
 
 
 FAULTS = {  # path -> the reason it is counted under
@@ -143,7 +152,7 @@ def test_images_travel_from_the_broker_to_tag_events_and_faults_lose_nothing(
     media: str,
 ) -> None:
     ts = _with_images(sample_ts, clip, shift=5.0)
-    core = _core(encoder, ts, clip)
+    core = _core(encoder, ts, clip, media)
     cover_b64 = base64.b64encode(_png("green")).decode()
     events: list[dict[str, Any]] = [
         {"id": "cover", "title": "my afternoon", "cover_url": f"{media}/cover.png"},
@@ -207,7 +216,7 @@ def test_fetches_overlap_the_encoder_and_a_slow_host_costs_one_budget(
 ) -> None:
     """Fetches start when the batch is prepared; the encode thread waits for them only after
     the text, and never longer than one fetch's budget, however many are slow."""
-    core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip)
+    core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip, media)
     evs = [UploadEvent(id=f"s{i}", title="tea", cover_url=f"{media}/slow") for i in range(8)]
     t0 = time.monotonic()
     prep = core.prepare(evs)
@@ -224,17 +233,17 @@ def test_fetches_overlap_the_encoder_and_a_slow_host_costs_one_budget(
 
 
 def test_an_image_model_the_tag_system_was_not_embedded_with_is_refused(
-    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, tmp_path: Path
+    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
 ) -> None:
     with pytest.raises(EncoderMismatchError, match="no image embeddings"):
-        _core(encoder, sample_ts, clip)
+        _core(encoder, sample_ts, clip, media)
     other = ImageSpace(model="another-clip", embeddings=np.ones((len(sample_ts.tags), clip.dim)))
     from dataclasses import replace
 
     with pytest.raises(EncoderMismatchError, match="another-clip"):
-        _core(encoder, replace(sample_ts, image=other), clip)
-    # a hot reload to such a version is refused too: the running one stays
-    core = _core(encoder, _with_images(sample_ts, clip, 0.0), clip)
+        _core(encoder, replace(sample_ts, image=other), clip, media)
+    # swapping to such a version raises (the watcher refuses it first: test_reload.py)
+    core = _core(encoder, _with_images(sample_ts, clip, 0.0), clip, media)
     with pytest.raises(EncoderMismatchError):
         core.swap_tag_system(replace(sample_ts, image=other))
     core.close()
@@ -258,42 +267,139 @@ def test_image_settings_without_an_image_model_stop_run_with_exit_3(
     assert cli_exit(["run", "--bootstrap-servers", "127.0.0.1:1"]) == 3
 
 
-def test_the_llm_is_told_the_images_top_tags_or_given_the_urls(
+def test_the_llm_is_told_the_images_top_tags_or_given_only_checked_urls(
     encoder: OnnxEncoder,
     sample_ts: TagSystem,
     clip: ClipEncoder,
+    media: str,
     fake_llm: Callable[[Responder], FakeOpenAI],
 ) -> None:
+    """--llm-images sends the endpoint only URLs this service fetched through its own checks:
+    an event's URL to the metadata address (or any refused one) never reaches it."""
     from consumer.tagging.llm import SelectiveTagger
 
     server = fake_llm(answer_first)
     ts = _with_images(sample_ts, clip, shift=0.0)
     cover = base64.b64encode(_png("green")).decode()
-    ev = UploadEvent(id="m1", title="weekend", cover_b64=cover, frame_urls=["https://x/f.jpg"])
+    refused = "http://169.254.169.254/latest/meta-data/"
+    ev = UploadEvent(
+        id="m1",
+        title="weekend",
+        cover_b64=cover,
+        frame_urls=[refused, f"{media}/to-metadata", f"{media}/cover.png"],
+    )
     for llm_images in (False, True):
         metrics = Metrics(CollectorRegistry())
-        stage = ImageStage(clip, FetchPolicy(), metrics)  # no hosts: the inline cover only
         tagger = SelectiveTagger(server.base_url, "fake", SecretStr(""), metrics=metrics)
-        core = TaggingCore(
-            encoder, ts, tagger=tagger, metrics=metrics, images=stage,
-            llm_images=llm_images, emit_embedding=True,
-        )  # fmt: skip
+        core = _core(
+            encoder, ts, clip, media, tagger=tagger, llm_images=llm_images, emit_embedding=True
+        )
         [res] = core.process([ev])
         payload = core.to_payload(res)
-        assert len(payload["image_embedding"]) == clip.dim and payload["inputs"]["images"] == 1
+        assert len(payload["image_embedding"]) == clip.dim
+        assert payload["inputs"] == {"text": True, "images": 2, "images_failed": 2}
         user = server.requests[-1]["messages"][1]["content"]
         if not llm_images:  # the image's own top tags, as data in the item
             item = orjson.loads(user.split("\n", 1)[1].split("\n\nShortlist:")[0])
             assert item["image_looks_like"] == res.image_tags and len(res.image_tags) == 3
-        else:  # a multimodal endpoint gets the URL (never the inline bytes)
+        else:  # a multimodal endpoint gets the one URL that passed (never the inline bytes)
             assert [p["type"] for p in user] == ["text", "image_url"]
-            assert user[1]["image_url"]["url"] == "https://x/f.jpg"
+            assert user[1]["image_url"]["url"] == f"{media}/cover.png"
+            assert refused not in orjson.dumps(server.requests[-1]).decode()
+        # the literal metadata address is no listed host; the redirect to it is refused too
+        assert metric(core, "tagstream_image_fetches_total", {"result": "host"}) == 1
+        assert metric(core, "tagstream_image_fetches_total", {"result": "redirect"}) == 1
         core.close()
-    assert metric_value(metrics, "tagstream_image_fetches_total", {"result": "host"}) == 1
 
 
-def metric_value(metrics: Metrics, name: str, labels: dict[str, str]) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+def test_a_poison_item_is_isolated_without_fetching_the_batch_again(
+    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
+) -> None:
+    """One item fails the batch: the others are decided one by one with the images the
+    batch already fetched (one wait per batch, not one per item)."""
+
+    class Poisoned(TaggingCore):
+        def decide(self, events: list[UploadEvent], *a: Any, **kw: Any) -> Any:
+            if any(e.id == "poison" for e in events):
+                raise ValueError("poison")
+            return super().decide(events, *a, **kw)
+
+    policy = FetchPolicy(hosts=(media.removeprefix("http://"),), schemes=("http",))
+    metrics = Metrics(CollectorRegistry())
+    core = Poisoned(
+        encoder,
+        _with_images(sample_ts, clip, shift=5.0),
+        metrics=metrics,
+        images=ImageStage(clip, policy, metrics),
+    )
+    paths = [f"/cover-isolate-{i}.png" for i in range(4)]
+    evs = [UploadEvent(id=f"i{i}", cover_url=f"{media}{p}") for i, p in enumerate(paths)]
+    evs.insert(2, UploadEvent(id="poison", title="x"))
+    out = core.process_isolating(evs)
+    assert isinstance(out[2], ValueError)
+    ok = [r for r in out if not isinstance(r, BaseException)]
+    assert len(ok) == 4 and all({t[2] for t in r.tags} == {"image"} for r in ok)
+    assert [HITS[p] for p in paths] == [1, 1, 1, 1]  # fetched once, with the batch
+    core.close()
+
+
+def test_a_broken_image_model_stops_the_service_and_a_bad_image_costs_only_itself(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    clip: ClipEncoder,
+    media: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from consumer.tagging.core import CoreBrokenError
+
+    core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip, media)
+    cover = base64.b64encode(_png("green")).decode()
+    odd = base64.b64encode(_png("red", (97, 31))).decode()
+    real = clip.encode_images
+
+    def fails_on_odd(images: list[Any], **kw: Any) -> Any:
+        if any(im.size == (97, 31) for im in images):
+            raise RuntimeError("the model cannot read this one")
+        return real(images, **kw)
+
+    monkeypatch.setattr(clip, "encode_images", fails_on_odd)
+    evs = [
+        UploadEvent(id="a", title="tea", cover_b64=cover),
+        UploadEvent(id="b", title="tea", cover_b64=odd),
+        UploadEvent(id="c", cover_b64=odd),  # nothing the model can read: dead-lettered
+    ]
+    a, b, c = core.process_isolating(evs)
+    assert not isinstance(a, BaseException) and a.inputs == {
+        "text": True,
+        "images": 1,
+        "images_failed": 0,
+    }
+    assert not isinstance(b, BaseException) and b.inputs is not None
+    assert b.inputs["images_failed"] == 1
+    assert isinstance(c, NoContentError) and c.reason == "no_content"
+
+    def broken(images: list[Any], **kw: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(clip, "encode_images", broken)
+    with pytest.raises(CoreBrokenError):  # not the items' fault: nothing dead-lettered
+        core.process_isolating([UploadEvent(id="d", title="tea", cover_b64=cover)])
+    core.close()
+
+
+def test_an_image_only_item_whose_store_timed_out_is_replayable_not_no_content(
+    encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
+) -> None:
+    core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip, media)
+    slow, page = core.process_isolating(
+        [
+            UploadEvent(id="s", cover_url=f"{media}/slow"),
+            UploadEvent(id="p", cover_url=f"{media}/page"),
+        ]
+    )
+    assert isinstance(slow, NoContentError) and slow.reason == "image_unavailable"
+    assert isinstance(page, NoContentError) and page.reason == "no_content"
+    core.close()
 
 
 def test_import_tags_embeds_the_tags_for_images_too(

@@ -84,3 +84,32 @@ def test_a_version_for_another_encoder_is_refused(tmp_path: Path) -> None:
     replace(_full_ts("2"), encoder="other").save(live)
     assert watcher.poll(ENCODER, DIM) is None
     assert _errors(metrics) == 1 and watcher.current_hash == v1.content_hash
+
+
+def test_a_version_for_another_image_model_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """A running image model the new version's image space was not made with: refused at
+    hot reload (the old version stays), as an encoder mismatch is; and a change to the image
+    embeddings alone is seen."""
+    from tagsys import ImageSpace
+
+    def with_image(version: str, model: str, seed: int) -> TagSystem:
+        ts = _full_ts(version)
+        rng = np.random.default_rng(seed)
+        emb = rng.normal(size=(len(ts.tags), 8)).astype(np.float32)
+        return replace(ts, image=ImageSpace(model=model, embeddings=emb))
+
+    live = with_image("1", "clip-a", 0).save(tmp_path / "live")
+    metrics = Metrics(CollectorRegistry())
+    watcher = TagSystemWatcher(live, TagSystem.load(live), metrics, interval_s=0.0)
+    with_image("2", "clip-b", 0).save(live)
+    assert watcher.poll(ENCODER, DIM, ("clip-a", 8)) is None and _errors(metrics) == 1
+    # a publish that writes the meta file first, the image embeddings after: the first poll
+    # sees a mismatch (refused), the second the complete version, found through the image
+    # file's change alone
+    v3 = with_image("3", "clip-a", 1)
+    v3.save(tmp_path / "v3")
+    shutil.copy(tmp_path / "v3" / META_FILE, live / META_FILE)
+    assert watcher.poll(ENCODER, DIM, ("clip-a", 8)) is None and _errors(metrics) == 2
+    shutil.copy(tmp_path / "v3" / "image_embeddings.npy", live / "image_embeddings.npy")
+    new = watcher.poll(ENCODER, DIM, ("clip-a", 8))
+    assert new is not None and new.content_hash == v3.content_hash

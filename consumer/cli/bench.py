@@ -65,9 +65,21 @@ def bench(
     ] = None,
     model_dir: ModelDirOpt = None,
     device: Annotated[DeviceChoice, env_option("device", "auto, cpu or cuda.")] = DeviceChoice.auto,
+    image_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also run the items end to end with a cover image each, fetched from a local "
+            "store, with this image model (`export-onnx --clip`): images' cost and how much "
+            "of their fetching hides behind the encoder."
+        ),
+    ] = None,
+    image_delay_ms: Annotated[
+        float, typer.Option(min=0.0, help="The local store's answer delay per image.")
+    ] = 50.0,
 ) -> None:
     """Measure encoder vs end-to-end throughput, latency, PyTorch and the 40k-tag shortlist."""
     from consumer.tools.bench import run_bench
+    from consumer.tools.image_tags import image_model_folder
 
     logs.configure("warning")
     res = run_bench(  # in the order of the options
@@ -84,6 +96,8 @@ def bench(
         model_dir=model_dir,
         device=device.value,
         show_progress=sys.stderr.isatty() or not json,
+        image_model=image_model_folder(image_model, model_dir) if image_model else None,
+        image_delay_ms=image_delay_ms,
     )
     out = res.to_json()
     print_table(out, 28)

@@ -22,7 +22,7 @@ import structlog
 
 from consumer.tagging.metrics import Metrics
 from tagsys import TagSystem
-from tagsys.tagsystem import BIAS_FILE, EMB_FILE, HEAD_FILE, META_FILE
+from tagsys.tagsystem import BIAS_FILE, EMB_FILE, HEAD_FILE, IMAGE_EMB_FILE, META_FILE
 
 log = structlog.get_logger(__name__)
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -32,7 +32,7 @@ def signature(folder: Path) -> Signature:
     """(name, inode, size, mtime) of every artifact file; changes when any file does."""
     out = []
     real = Path(os.path.realpath(folder))
-    for name in (META_FILE, EMB_FILE, BIAS_FILE, HEAD_FILE):
+    for name in (META_FILE, EMB_FILE, BIAS_FILE, HEAD_FILE, IMAGE_EMB_FILE):
         try:
             st = (real / name).stat()
         except OSError:
@@ -52,8 +52,11 @@ class TagSystemWatcher:
         self._seen = signature(folder)
         self._next = time.monotonic() + interval_s
 
-    def poll(self, encoder_name: str, dim: int) -> TagSystem | None:
-        """A new, complete, compatible version when one appeared since the last poll."""
+    def poll(
+        self, encoder_name: str, dim: int, image_model: tuple[str, int] | None = None
+    ) -> TagSystem | None:
+        """A new, complete, compatible version when one appeared since the last poll;
+        `image_model` (name, dim): the running image model, which the version must match."""
         now = time.monotonic()
         if now < self._next:
             return None
@@ -65,6 +68,8 @@ class TagSystemWatcher:
         try:
             ts = TagSystem.load(self.folder)
             ts.check_encoder(encoder_name, dim)
+            if image_model is not None:
+                ts.check_image_model(*image_model)
         except Exception as e:  # a half-written file fails in many ways; all are refusals
             self.metrics.tag_system_reloads.labels(result="error").inc()
             log.error(

@@ -503,7 +503,12 @@ class KafkaService:
             while not stop.is_set():
                 self._iter_deadline = time.monotonic() + self.loop_budget_s
                 if self.watcher is not None:  # between batches: a clean version boundary
-                    new = self.watcher.poll(self.core.encoder.name, self.core.encoder.dim)
+                    images = self.core.images
+                    new = self.watcher.poll(
+                        self.core.encoder.name,
+                        self.core.encoder.dim,
+                        (images.name, images.dim) if images is not None else None,
+                    )
                     if new is not None:
                         self.core.swap_tag_system(new)
                 self._resume_due()

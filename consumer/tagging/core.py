@@ -23,7 +23,7 @@ import structlog
 
 from consumer.tagging.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
 from consumer.tagging.handbook import Handbook
-from consumer.tagging.image_stage import ImageBatch, ImageStage, PendingImages
+from consumer.tagging.image_stage import TRANSIENT, ImageBatch, ImageStage, PendingImages
 from consumer.tagging.llm import (
     PROMPT_VERSION,
     PROPOSE_PROMPT_VERSION,
@@ -47,9 +47,11 @@ class CoreBrokenError(RuntimeFailure):
 
 class NoContentError(TagstreamError):
     """An item with no text and no image that could be used: nothing to tag it by, so it is
-    dead-lettered (reason `no_content`) rather than tagged from an empty embedding."""
+    dead-lettered (reason `no_content`) rather than tagged from an empty embedding; when its
+    images failed only for the store's reasons (timeouts, 5xx), reason `image_unavailable`,
+    for `replay-dlq --reason image_unavailable` once the store is back."""
 
-    reason = "no_content"
+    reason: str = "no_content"
 
 
 @dataclass
@@ -88,6 +90,7 @@ class TagResult:
     inputs: dict[str, Any] | None = None
     image_embedding: npt.NDArray[np.float32] | None = None
     image_tags: list[str] = field(default_factory=list)  # the image's own top tags (LLM hint)
+    image_urls: list[str] = field(default_factory=list)  # fetched and checked (--llm-images)
 
     @property
     def needs_review(self) -> bool:
@@ -216,7 +219,13 @@ class TaggingCore:
     def texts(self, events: list[UploadEvent]) -> list[str]:
         return [event_text(e, max_chars=self.max_field_chars) for e in events]
 
-    def prepare(self, events: list[UploadEvent], texts: list[str] | None = None) -> Prepared:
+    def prepare(
+        self,
+        events: list[UploadEvent],
+        texts: list[str] | None = None,
+        *,
+        fetch_images: bool = True,
+    ) -> Prepared:
         """Texts and token batches. The Kafka runtime prepares the next batch while the
         encoder works on the current one (`encode_prepared`, in its encode thread)."""
         texts = texts if texts is not None else self.texts(events)
@@ -233,7 +242,7 @@ class TaggingCore:
         except Exception as e:  # `decide_isolating` then isolates the item that caused it
             return Prepared(events, texts, [], e)
         pending = None
-        if self.images is not None and any(ev.has_images for ev in events):
+        if fetch_images and self.images is not None and any(ev.has_images for ev in events):
             pending = self.images.start(events)  # fetched while the encoder works
         return Prepared(events, texts, plan, pending_images=pending)
 
@@ -312,13 +321,22 @@ class TaggingCore:
                 and audited(ev.id, self.audit_fraction)
             ):
                 res.audit = True  # the decision stays the encoder's: llm_asked stays False
-                pending.append((i, self._pool.submit(self._ask, ts, ev, short, res.image_tags)))
+                pending.append(
+                    (i, self._pool.submit(self._ask, ts, ev, short, res.image_tags, res.image_urls))
+                )
             elif g.decision_hint is Decision.LLM or not trusted:
                 self.metrics.llm_routed.inc()
                 res.decision = Decision.REVIEW
                 if self.tagger is not None:
                     res.llm_asked = True
-                    pending.append((i, self._pool.submit(self._ask, ts, ev, short, res.image_tags)))
+                    pending.append(
+                        (
+                            i,
+                            self._pool.submit(
+                                self._ask, ts, ev, short, res.image_tags, res.image_urls
+                            ),
+                        )
+                    )
             results.append(res)
         for i, fut in pending:
             if wait_llm:
@@ -339,6 +357,7 @@ class TaggingCore:
         ts = res.tag_system
         if images is not None and used and ts.image is not None:
             res.image_embedding = images.emb[i]
+            res.image_urls = images.urls[i] if images.urls else []
             img = ts.image.scores(images.emb[i : i + 1])[0]
             top = np.argsort(-img, kind="stable")[: ts.gate.max_tags]
             res.image_tags = [ts.names[int(j)] for j in top]
@@ -366,7 +385,10 @@ class TaggingCore:
 
     def process_isolating(self, events: list[UploadEvent]) -> list[TagResult | BaseException]:
         """`process` on the whole batch; if it fails, item by item (`isolate`)."""
-        prep = self.prepare(events)
+        try:
+            prep = self.prepare(events)
+        except Exception as batch_exc:
+            return self.isolate(events, batch_exc)
         return self.decide_isolating(prep, _done(self.encode_prepared, prep))
 
     def decide_isolating(
@@ -395,7 +417,7 @@ class TaggingCore:
                 images=prep.images.subset(keep) if prep.images is not None else None,
             )
         except Exception as batch_exc:
-            return self.isolate(prep.events, batch_exc, wait_llm=wait_llm)
+            return self.isolate(prep.events, batch_exc, wait_llm=wait_llm, prep=prep)
         out: list[TagResult | BaseException] = []
         it = iter(decided)
         for i, e in enumerate(empty):
@@ -403,37 +425,56 @@ class TaggingCore:
         return out
 
     def isolate(
-        self, events: list[UploadEvent], batch_exc: BaseException, *, wait_llm: bool = True
+        self,
+        events: list[UploadEvent],
+        batch_exc: BaseException,
+        *,
+        wait_llm: bool = True,
+        prep: Prepared | None = None,
     ) -> list[TagResult | BaseException]:
         """Item by item after a failed batch, so one poison item does not fail the others.
 
         If the core fails on a harmless canary item too, the fault is not the input's (a broken
         model, say): raise CoreBrokenError, so nothing is committed and a restart re-reads the
-        batch, instead of sending good events to the dead-letter topic.
+        batch, instead of sending good events to the dead-letter topic. The batch's images
+        (`prep`) are reused, never fetched again: one wait for them per batch, not per item.
         """
         if not self._canary_ok():
             raise CoreBrokenError(
                 f"the tagging core fails even on a canary item: {batch_exc!r}"
             ) from batch_exc
         log.warning("batch_failed_isolating_items", error=repr(batch_exc))
+        images = self._batch_images(prep)
         results: list[TagResult | BaseException] = []
-        for ev in events:
+        for k, ev in enumerate(events):
             try:  # without waiting on the LLM when the caller bounds that wait itself
-                prep = self.prepare([ev])
-                emb = self.encode_prepared(prep)
-                if not prep.texts[0].strip() and not (prep.images and prep.images.used[0]):
-                    results.append(_no_content(prep, 0))
+                one = self.prepare([ev], fetch_images=False)
+                emb = self.encode_prepared(one)
+                one.images = images.subset([k]) if images is not None else None
+                if not one.texts[0].strip() and not (one.images and one.images.used[0]):
+                    results.append(_no_content(one, 0))
                     continue
                 results.extend(
-                    self.decide([ev], emb, prep.texts, wait_llm=wait_llm, images=prep.images)
+                    self.decide([ev], emb, one.texts, wait_llm=wait_llm, images=one.images)
                 )
             except Exception as e:
                 results.append(e)
         return results
 
+    def _batch_images(self, prep: Prepared | None) -> ImageBatch | None:
+        """The images of a batch that failed: as embedded already, or (the batch failed
+        before its images were) its fetches waited for once now."""
+        if prep is None or self.images is None:
+            return None
+        if prep.images is None and prep.pending_images is not None:
+            prep.images = self.images.finish(prep.pending_images)
+        return prep.images
+
     def _canary_ok(self) -> bool:
         try:
             self.process([UploadEvent(id="__tagstream_canary__", title="canary")])
+            if self.images is not None:  # a broken image model fails every image item
+                self.images.check()
         except Exception:
             return False
         return True
@@ -444,6 +485,7 @@ class TaggingCore:
         ev: UploadEvent,
         short: list[tuple[int, float]],
         image_tags: list[str] | None = None,
+        image_urls: list[str] | None = None,
     ) -> LLMAnswer:
         assert self.tagger is not None
         item = llm_item(ev, self.max_field_chars)
@@ -456,10 +498,9 @@ class TaggingCore:
         if self.llm_mode == "generative":
             return self._generate(ts, ev, item, guidance)
         names = [ts.names[j] for j, _ in short]
-        urls = None
-        if self.llm_images:  # the URLs themselves (the endpoint fetches them), never b64
-            urls = ([ev.cover_url] if ev.cover_url else []) + ev.frame_urls
-            urls = urls[: self.images.max_images if self.images else 4] or None
+        # --llm-images: only URLs this service fetched through its own checks (allow-list,
+        # addresses, type), never an event's URL as given: the endpoint fetches it too
+        urls = image_urls if self.llm_images and image_urls else None
         return self.tagger.tag(item, names, ts.gate.max_tags, guidance, urls)
 
     def _generate(
@@ -643,8 +684,12 @@ def _done(fn: Any, *args: Any) -> Future[Any]:
 
 def _no_content(prep: Prepared, i: int) -> NoContentError:
     why = ""
-    if prep.images is not None and prep.images.reasons[i]:
-        why = f"; its images could not be used ({', '.join(prep.images.reasons[i])})"
+    reasons = prep.images.reasons[i] if prep.images is not None else []
+    if reasons:
+        why = f"; its images could not be used ({', '.join(reasons)})"
     elif prep.events[i].has_images:
         why = "; it has images, but no image model is configured"
-    return NoContentError(f"item {prep.events[i].id!r} has no text{why}")
+    err = NoContentError(f"item {prep.events[i].id!r} has no text{why}")
+    if reasons and all(r in TRANSIENT for r in reasons):
+        err.reason = "image_unavailable"  # the store's fault, not the item's: replay it later
+    return err

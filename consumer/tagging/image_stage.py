@@ -9,8 +9,9 @@ with what it has. No Kafka here.
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from consumer.tagging.events import UploadEvent
 from consumer.tagging.images import Fetched, FetchPolicy, ImageFetcher
 from consumer.tagging.metrics import Metrics
 from models_onnx.registry import default_model_dir
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -73,22 +77,30 @@ class ImageOptions:
         )
 
 
+# failures of the media store or the network, not of the item: an item left with nothing but
+# such failures is dead-lettered as `image_unavailable` (replayable once the store is back),
+# never as `no_content`
+TRANSIENT = frozenset({"timeout", "connect", "http_status", "error"})
+
+
 @dataclass
 class PendingImages:
-    """The fetches of one batch, per item (cover first), and when the wait ends."""
+    """The fetches of one batch, per item (cover first), with what each fetched."""
 
     futures: list[list[Future[Fetched]]]
-    deadline: float
+    sources: list[list[tuple[str, str]]]
 
 
 @dataclass
 class ImageBatch:
-    """Per item: its mean image vector (zeros without one), images used and failed."""
+    """Per item: its mean image vector (zeros without one), images used and failed, why
+    each failed, and the URLs that were fetched and passed every check."""
 
     emb: npt.NDArray[np.float32]
     used: list[int]
     failed: list[int]
     reasons: list[list[str]] = field(default_factory=list)
+    urls: list[list[str]] = field(default_factory=list)
 
     @property
     def has_image(self) -> npt.NDArray[np.bool_]:
@@ -100,6 +112,7 @@ class ImageBatch:
             [self.used[i] for i in rows],
             [self.failed[i] for i in rows],
             [self.reasons[i] for i in rows],
+            [self.urls[i] for i in rows],
         )
 
 
@@ -119,10 +132,10 @@ class ImageStage:
         self.encoder = encoder
         self.metrics = metrics
         self.max_images = max(1, max_images)
+        # fetches of the batch ahead run on its bounded pool while the encoder works
         self.fetcher = ImageFetcher(policy, concurrency=concurrency)
         self.wait_s = policy.read_timeout_s + policy.connect_timeout_s if wait_s is None else wait_s
-        # fetches of the batch ahead run here while the encoder works (bounded like the LLM)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="img")
+        self._lock = threading.Lock()  # the encode thread and an isolating poll thread
 
     @property
     def name(self) -> str:
@@ -133,7 +146,6 @@ class ImageStage:
         return self.encoder.dim
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
 
     def sources(self, ev: UploadEvent) -> list[tuple[str, str]]:
@@ -148,15 +160,9 @@ class ImageStage:
 
     def start(self, events: list[UploadEvent]) -> PendingImages:
         futures = [
-            [
-                self._pool.submit(
-                    self.fetcher.decode_b64 if kind == "b64" else self.fetcher.fetch, data
-                )
-                for kind, data in self.sources(ev)
-            ]
-            for ev in events
+            [self.fetcher.submit(kind, data) for kind, data in self.sources(ev)] for ev in events
         ]
-        return PendingImages(futures, time.monotonic())
+        return PendingImages(futures, [self.sources(ev) for ev in events])
 
     def finish(self, pending: PendingImages) -> ImageBatch:
         """Wait (at most `wait_s` from now) for the fetches, count each by result, embed the
@@ -168,8 +174,9 @@ class ImageStage:
         used = [0] * len(pending.futures)
         failed = [0] * len(pending.futures)
         reasons: list[list[str]] = [[] for _ in pending.futures]
+        urls: list[list[str]] = [[] for _ in pending.futures]
         for i, futs in enumerate(pending.futures):
-            for fut in futs:
+            for fut, (kind, data) in zip(futs, pending.sources[i], strict=True):
                 try:
                     got = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 except FutureTimeout:
@@ -180,21 +187,67 @@ class ImageStage:
                 if got.image is not None:
                     images.append(got.image)
                     owner.append(i)
-                    used[i] += 1
+                    if kind == "url":
+                        urls[i].append(data)
                 else:
                     failed[i] += 1
                     reasons[i].append(got.reason or "error")
-                self.metrics.image_fetches.labels(result=got.reason or "ok").inc()
+                    self.metrics.image_fetches.labels(result=got.reason or "error").inc()
         t1 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="image_wait").observe(t1 - t0)
         emb = np.zeros((len(pending.futures), self.encoder.dim), dtype=np.float32)
+        vecs, ok = self._encode(images)
+        for i, good in zip(owner, ok, strict=True):
+            if good:
+                used[i] += 1
+                self.metrics.image_fetches.labels(result="ok").inc()
+            else:  # fetched, but the image model could not read it
+                failed[i] += 1
+                reasons[i].append("encode_error")
+                self.metrics.image_fetches.labels(result="encode_error").inc()
         if images:
-            vecs = self.encoder.encode_images(images)
-            np.add.at(emb, np.asarray(owner), vecs)
+            rows = [o for o, good in zip(owner, ok, strict=True) if good]
+            if rows:
+                np.add.at(emb, np.asarray(rows), vecs[np.asarray(ok)])
             norms = np.linalg.norm(emb, axis=1, keepdims=True)
             norms[norms == 0] = 1.0
             emb = (emb / norms).astype(np.float32)
             self.metrics.stage_seconds.labels(stage="image_encode").observe(
                 time.perf_counter() - t1
             )
-        return ImageBatch(emb, used, failed, reasons)
+        return ImageBatch(emb, used, failed, reasons, urls)
+
+    def _encode(self, images: list[Image]) -> tuple[npt.NDArray[np.float32], list[bool]]:
+        """All at once; if that fails, one by one, so one image the model cannot read costs
+        only itself (the others' vectors stand)."""
+        out = np.zeros((len(images), self.encoder.dim), dtype=np.float32)
+        if not images:
+            return out, []
+        with self._lock:
+            try:
+                return self.encoder.encode_images(images), [True] * len(images)
+            except Exception as e:
+                log.warning("image_batch_encode_failed", error=repr(e), images=len(images))
+            # the model itself broken (it fails a plain image too) is no image's fault: raise,
+            # so the core's canary stops the service instead of failing every image item
+            self.encoder.encode_images([_plain_image()])
+            ok = []
+            for k, im in enumerate(images):
+                try:
+                    out[k] = self.encoder.encode_images([im])[0]
+                    ok.append(True)
+                except Exception:
+                    ok.append(False)
+        return out, ok
+
+    def check(self) -> None:
+        """The image model reads a plain image (the core's canary: a broken visual tower is
+        the service's fault, not the items')."""
+        with self._lock:
+            self.encoder.encode_images([_plain_image()])
+
+
+def _plain_image() -> Image:
+    from PIL import Image as PILImage
+
+    return PILImage.new("RGB", (64, 48), (120, 90, 60))

@@ -5,9 +5,18 @@ redirect, or a DNS answer) could point the consumer at the cloud metadata servic
 (169.254.169.254), at an admin port on localhost, or at anything else inside the cluster. The
 defaults are therefore closed:
 
-* Nothing is fetched unless the host is on the allow-list (`FetchPolicy.hosts`; empty means image
-  fetching is off) and the scheme is allowed (https only by default). URLs with userinfo are
-  refused.
+* Nothing is fetched unless the URL's host **and port** are on the allow-list
+  (`FetchPolicy.hosts`; empty means image fetching is off) and the scheme is allowed (https only
+  by default). URLs with userinfo, and URLs over 2048 characters, are refused.
+* An allow-list entry is a hostname (``cdn.example.com``), a ``*.`` wildcard
+  (``*.cdn.example.com``, subdomains only), an IP address (``10.0.0.5``, ``fd00::1``) or a CIDR
+  (``10.0.0.0/8``). A hostname, wildcard or IP entry may name a port: ``minio.svc:9000``,
+  ``*.example.com:8443``, ``10.0.0.5:9000``, ``[fd00::1]:9000``; without one it allows only the
+  scheme's default port (80 for http, 443 for https). A URL on any other port is refused.
+* A hostname URL matches hostname and wildcard entries. An IP-literal URL
+  (``http://10.0.0.5/x.png``) matches only an entry naming exactly that address: an IP entry, or
+  a /32 (IPv4) or /128 (IPv6) CIDR, which allows the default ports only. A wider CIDR never admits
+  IP-literal URLs; it only widens the addresses a listed hostname may resolve to (below).
 * The fetcher resolves the name itself, checks **every** address it resolves to, and connects to
   the checked address (sending the original `Host` header and, for https, the original name for
   SNI and certificate checks), so a DNS answer that changes between check and connect cannot
@@ -15,41 +24,50 @@ defaults are therefore closed:
 * Private, loopback, link-local (incl. the metadata address), multicast, reserved, unspecified
   and otherwise non-global addresses, including their IPv4-mapped, 6to4, Teredo and NAT64 forms,
   are refused unless the address lies inside an IP or CIDR entry of the allow-list. **Listing a
-  hostname alone never makes a private address reachable**: an in-cluster object store must be
-  listed by name AND by CIDR, e.g. ``minio.storage.svc,10.96.0.0/12``. A hostname URL only
-  matches hostname entries and an IP-literal URL only IP/CIDR entries.
+  hostname alone never makes a private address reachable**: an in-cluster object store is listed
+  by name, with its port unless that is 80/443, AND by its own address as a /32 (not the whole
+  Service range), e.g. ``minio.storage.svc:9000,10.96.12.34/32``.
 * Redirects are followed by hand (at most `max_redirects`), each target re-checked by all the
-  rules above; one fetch, redirects included, gets `read_timeout_s` in all, so a server that
-  trickles bytes cannot hold a worker. There are no retries: the caller falls back to text.
+  rules above; one fetch, redirects included, gets `read_timeout_s` in all. urllib3's timeouts
+  apply to each socket operation only, so a watchdog timer shuts the connection's socket down at
+  that deadline: a server that trickles the TLS handshake, the status line, headers, chunk sizes
+  or the body cannot hold a worker past it. There are no retries: the caller falls back to text.
 * The body is capped at `max_bytes`, must carry an allowed image Content-Type (JPEG, PNG, WebP,
-  GIF) and start with that format's magic number (a mislabelled image is refused), and its pixel
-  count is checked against `max_pixels` before Pillow, limited to that one decoder, decodes it.
-  Only the first frame is kept; transparent areas come out white.
+  GIF) and start with that format's magic number (a mislabelled image is refused), and its size
+  is checked before Pillow, limited to that one decoder, decodes it: at most `max_pixels`, no
+  side 0 and an aspect ratio of at most 20:1 (a 40000x1 strip is tiny on the wire but a
+  shortest-side resize would blow it up). Only the first frame is kept; transparent areas come out
+  white; the result is scaled down so that its longer side is at most `max_side` (JPEGs are
+  decoded at a reduced scale already), so a batch holds small images only.
 
 Every failure is a `Fetched` with `image=None` and one of `REASONS`, never an exception; the
 `on_result` hook sees each outcome (the service counts them in Prometheus).
 
 DNS resolution (`socket.getaddrinfo`) cannot be interrupted, so it is bounded by the resolver's
-own timeout (resolv.conf), not by `read_timeout_s`.
+own timeout (resolv.conf), not by `read_timeout_s`. The fetch threads are daemon threads, so a
+fetch stuck there never holds up interpreter exit.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
 import http.client
 import io
 import ipaddress
+import queue
 import re
 import socket
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import quote, urljoin, urlsplit
 
 import structlog
@@ -94,6 +112,11 @@ _CONTENT_TYPES: Final = {
     "image/gif": "GIF",
 }
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_BRACKETED = re.compile(r"\[([^\[\]]+)\](?::([^:]*))?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_MAX_URL: Final = 2048
+_MAX_ASPECT: Final = 20  # longer side : shorter side
+_MIN_SIDE_LIMIT: Final = 32  # max_side below this could round a 20:1 image's short side to 0
 _CHUNK = 64 * 1024
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 _HEADERS: Final = {
@@ -119,6 +142,7 @@ class FetchPolicy:
     max_bytes: int = 5_000_000
     max_pixels: int = 40_000_000  # decompression-bomb limit (width*height)
     max_redirects: int = 3
+    max_side: int = 640  # decoded images are scaled down to this longer side
 
     def __post_init__(self) -> None:
         # Validated here too, so a policy built in code cannot bypass parse_hosts.
@@ -134,13 +158,19 @@ class FetchPolicy:
             raise TagstreamError(
                 f"image fetch: max_redirects must be >= 0, got {self.max_redirects}"
             )
+        if self.max_side < _MIN_SIDE_LIMIT:
+            raise TagstreamError(
+                f"image fetch: max_side must be >= {_MIN_SIDE_LIMIT}, got {self.max_side}"
+            )
 
     @classmethod
     def parse_hosts(cls, spec: str) -> tuple[str, ...]:
-        """Parse a comma-separated allow-list ("a.com,*.cdn.net,10.0.0.0/8,127.0.0.1").
+        """Parse a comma-separated allow-list
+        ("a.com,*.cdn.net,minio.svc:9000,10.0.0.5:9000,[fd00::1]:9000,10.96.0.7/32").
 
-        Raises TagstreamError on an entry that is not a hostname, `*.` wildcard, IP or CIDR, so
-        a typo fails at start instead of silently blocking (or allowing) images.
+        Raises TagstreamError on an entry that is not a hostname, `*.` wildcard or IP (each with
+        an optional port) or a CIDR, so a typo fails at start instead of silently blocking (or
+        allowing) images.
         """
         return tuple(_normalize_entry(p) for p in spec.split(",") if p.strip())
 
@@ -154,7 +184,7 @@ class FetchPolicy:
 class Fetched:
     """The outcome of one fetch or decode: an RGB image, or the reason there is none."""
 
-    image: Image.Image | None  # decoded, converted to RGB, fully loaded
+    image: Image.Image | None  # decoded, converted to RGB, fully loaded, at most max_side
     reason: str | None  # one of REASONS when image is None
     detail: str = ""  # human-readable, for logs
     nbytes: int = 0
@@ -178,32 +208,93 @@ def _is_hostname(name: str) -> bool:
     return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
-def _normalize_entry(entry: str) -> str:
+@dataclass(frozen=True)
+class _Entry:
+    """One parsed allow-list entry."""
+
+    kind: str  # "name", "suffix" (a wildcard, stored as ".example.com"), "ip" or "net"
+    name: str = ""  # name / suffix
+    ip: IPAddress | None = None
+    net: IPNetwork | None = None
+    port: int | None = None  # None: the scheme's default port
+
+    def __str__(self) -> str:
+        port = "" if self.port is None else f":{self.port}"
+        if self.kind == "name":
+            return self.name + port
+        if self.kind == "suffix":
+            return "*" + self.name + port
+        if self.kind == "net":
+            return str(self.net)
+        if isinstance(self.ip, ipaddress.IPv6Address) and self.port is not None:
+            return f"[{self.ip}]{port}"
+        return f"{self.ip}{port}"
+
+
+def _parse_entry(entry: str) -> _Entry:
     """One allow-list entry, lower-cased and checked; TagstreamError when it is none of the
-    four kinds."""
+    kinds the module docstring lists."""
+
+    def bad(why: str = "") -> NoReturn:
+        raise TagstreamError(
+            f"image fetch allow-list: bad entry {entry!r}{why}; expected a hostname, "
+            "'*.domain.tld' or an IP address (each optionally ':port'; an IPv6 address with a "
+            "port as '[addr]:port'), or a CIDR"
+        )
+
     e = entry.strip().lower()
-    if e.startswith("[") and e.endswith("]"):
-        e = e[1:-1]  # a bracketed IPv6 literal
     if "/" in e:
+        if ":" in e.rpartition("/")[2]:
+            bad(" (a CIDR takes no port)")
         try:
-            return str(ipaddress.ip_network(e, strict=True))
+            return _Entry("net", net=ipaddress.ip_network(e, strict=True))
         except ValueError as exc:
             raise TagstreamError(f"image fetch allow-list: bad CIDR {entry!r}: {exc}") from None
+    try:  # a bare IP, IPv6 included (its colons are not a port)
+        return _Entry("ip", ip=_canonical(ipaddress.ip_address(e)))
+    except ValueError:
+        pass
+    port_text: str | None = None
+    if e.startswith("["):
+        m = _BRACKETED.fullmatch(e)
+        if m is None:
+            bad()
+        try:
+            ip = ipaddress.ip_address(m[1])
+        except ValueError:
+            bad(" (only an IPv6 address goes in brackets)")
+        if not isinstance(ip, ipaddress.IPv6Address):
+            bad(" (only an IPv6 address goes in brackets)")
+        return _Entry("ip", ip=_canonical(ip), port=_entry_port(m[2], bad))
+    if ":" in e:
+        e, _, port_text = e.rpartition(":")
+        if ":" in e:
+            bad(" (write an IPv6 address with a port as '[addr]:port')")
+    port = _entry_port(port_text, bad)
     try:
-        return str(_canonical(ipaddress.ip_address(e)))
+        return _Entry("ip", ip=_canonical(ipaddress.ip_address(e)), port=port)
     except ValueError:
         pass
     e = e.removesuffix(".")
     if e.startswith("*."):
         suffix = e[2:]
         if "." in suffix and _is_hostname(suffix):  # "*.com" would open a whole TLD
-            return e
+            return _Entry("suffix", name=e[1:], port=port)
     elif _is_hostname(e) and not e.replace(".", "").isdigit():
-        return e
-    raise TagstreamError(
-        f"image fetch allow-list: bad entry {entry!r}; expected a hostname, '*.domain.tld', "
-        "an IP address or a CIDR"
-    )
+        return _Entry("name", name=e, port=port)
+    bad()
+
+
+def _entry_port(text: str | None, bad: Callable[[str], NoReturn]) -> int | None:
+    if text is None:
+        return None
+    if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
+        bad(" (the port must be 1-65535)")
+    return int(text)
+
+
+def _normalize_entry(entry: str) -> str:
+    return str(_parse_entry(entry))
 
 
 def _canonical(ip: IPAddress) -> IPAddress:
@@ -243,30 +334,53 @@ def _non_public(ip: IPAddress) -> str | None:
 
 
 class _AllowList:
-    """The parsed allow-list: exact names, wildcard suffixes and IP networks."""
+    """The parsed allow-list: which (host, port) pairs a URL may name, and which non-public
+    addresses a listed hostname may resolve to."""
 
     def __init__(self, entries: tuple[str, ...]) -> None:
-        self.names: frozenset[str] = frozenset(
-            e for e in entries if not e.startswith("*.") and not _is_ip_entry(e)
+        parsed = [_parse_entry(e) for e in entries]
+        self.names: tuple[_Entry, ...] = tuple(e for e in parsed if e.kind in ("name", "suffix"))
+        # IP-literal URLs: IP entries and single-address CIDRs (default ports only)
+        self.ips: tuple[tuple[IPAddress, int | None], ...] = tuple(
+            (e.ip, e.port) for e in parsed if e.ip is not None
+        ) + tuple(
+            (e.net.network_address, None)
+            for e in parsed
+            if e.net is not None and e.net.prefixlen == e.net.max_prefixlen
         )
-        self.suffixes: tuple[str, ...] = tuple(e[1:] for e in entries if e.startswith("*."))
+        # the private-address exemption: every IP and CIDR entry, whatever its port
         self.networks: tuple[IPNetwork, ...] = tuple(
-            ipaddress.ip_network(e) for e in entries if _is_ip_entry(e)
-        )
+            e.net for e in parsed if e.net is not None
+        ) + tuple(ipaddress.ip_network(e.ip) for e in parsed if e.ip is not None)
 
-    def allows_name(self, host: str) -> bool:
-        return host in self.names or any(host.endswith(s) for s in self.suffixes)
+    def check_name(self, host: str, port: int, scheme: str) -> str | None:
+        """Why a hostname URL on `port` is not allowed, or None when it is."""
+        ports = [
+            e.port
+            for e in self.names
+            if (e.kind == "name" and host == e.name)
+            or (e.kind == "suffix" and host.endswith(e.name))
+        ]
+        return _check_port(host, ports, port, scheme)
+
+    def check_ip(self, ip: IPAddress, port: int, scheme: str) -> str | None:
+        """Why an IP-literal URL on `port` is not allowed, or None when it is."""
+        why = _check_port(str(ip), [p for a, p in self.ips if a == ip], port, scheme)
+        if why is not None and self.covers(ip) and not any(a == ip for a, _ in self.ips):
+            why += " (a CIDR entry only opens addresses that listed names resolve to)"
+        return why
 
     def covers(self, ip: IPAddress) -> bool:
         return any(ip in net for net in self.networks)
 
 
-def _is_ip_entry(entry: str) -> bool:
-    try:
-        ipaddress.ip_network(entry)
-    except ValueError:
-        return False
-    return True
+def _check_port(host: str, ports: list[int | None], port: int, scheme: str) -> str | None:
+    """`ports`: those of the entries matching `host` (None: the scheme's default)."""
+    if not ports:
+        return f"{host} is not on the allow-list"
+    if any((_DEFAULT_PORTS[scheme] if p is None else p) == port for p in ports):
+        return None
+    return f"port {port} is not allowed for {host} (no allow-list entry for it names that port)"
 
 
 @dataclass(frozen=True)
@@ -296,10 +410,141 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
+class _Watchdog:
+    """Ends one fetch at its deadline by shutting its socket down.
+
+    urllib3's timeouts bound each socket operation, not the whole exchange: a server that sends
+    the TLS handshake, the status line, the headers or the chunk-size lines a byte at a time,
+    each just inside the timeout, would hold the thread for as long as it likes. The timer is
+    armed when the first connection's socket exists (before the TLS handshake) and every later
+    connection of the fetch (redirects) replaces the socket it watches. It keeps a `dup` of the
+    socket: shutting that down ends the connection for every descriptor, also once the TLS layer
+    has taken the original over, and the duplicate cannot be closed and its number reused behind
+    the timer's back.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+        self._done = False
+        self.fired = False
+
+    def attach(self, sock: socket.socket) -> None:
+        dup = sock.dup()  # OSError (out of descriptors): the caller fails the connection
+        with self._lock:
+            if self._done:
+                dup.close()
+                return
+            self._close_sock()
+            self._sock = dup
+            if self.fired:
+                self._shutdown()
+            elif self._timer is None:
+                delay = max(0.0, self._deadline - time.monotonic())
+                self._timer = threading.Timer(delay, self._fire)
+                self._timer.name = "image-fetch-watchdog"
+                self._timer.daemon = True
+                self._timer.start()
+
+    def cancel(self) -> None:
+        """The fetch is over (however it ended): stop the timer, drop the duplicate socket."""
+        with self._lock:
+            self._done = True
+            timer, self._timer = self._timer, None
+            self._close_sock()
+        if timer is not None:
+            timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _close_sock(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class _DaemonPool:
+    """A bounded pool of daemon threads, started as needed, up to `size`.
+
+    Not `ThreadPoolExecutor`: its workers are joined at interpreter exit, so one fetch stuck in
+    name resolution (which no timeout of ours can interrupt) would hold up the process's exit.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Fetched], Callable[[], Fetched]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn: Callable[[], Fetched]) -> Future[Fetched]:
+        fut: Future[Fetched] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._queue.put((fut, fn))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return fut
+
+    def shutdown(self) -> None:
+        """Cancel what is queued, let the running calls finish, stop and join the threads."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn = item
+            del item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller, as an executor would
+                    fut.set_exception(exc)
+            del fut, fn
+            self._idle.release()
+
+
 class ImageFetcher:
     """Fetches user-supplied image URLs under a `FetchPolicy`; thread-safe.
 
-    `fetch_many` runs on one bounded pool of `concurrency` threads owned by the fetcher.
+    `fetch_many` runs on one bounded pool of `concurrency` daemon threads owned by the fetcher.
     Each request gets its own urllib3 connection pool pinned to the checked IP (a shared
     PoolManager would resolve names again by itself), closed as soon as the response is read.
     """
@@ -317,9 +562,7 @@ class ImageFetcher:
         self.concurrency = concurrency
         self._on_result = on_result
         self._allow = _AllowList(policy.hosts)
-        self._executor = ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="image-fetch"
-        )
+        self._pool = _DaemonPool(concurrency, "image-fetch")
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
@@ -329,7 +572,7 @@ class ImageFetcher:
         try:
             if self._closed:
                 _refuse("connect", "the image fetcher is closed")
-            image, nbytes = self._fetch(url, time.monotonic() + self.policy.read_timeout_s)
+            image, nbytes = self._fetch(url)
             result = Fetched(image, None, nbytes=nbytes)
         except _Refused as r:
             result = Fetched(None, r.reason, r.detail, r.nbytes)
@@ -349,6 +592,17 @@ class ImageFetcher:
         self._report("b64", result.reason)
         return result
 
+    def submit(self, kind: str, data: str) -> Future[Fetched]:
+        """One fetch (`kind` "url") or inline decode ("b64") on the fetcher's bounded daemon
+        pool, to wait for later (the service's read-ahead); its future never raises."""
+        call = functools.partial(self.decode_b64 if kind == "b64" else self.fetch, data)
+        if self._closed:
+            return _done(call())
+        try:
+            return self._pool.submit(call)
+        except RuntimeError:  # closed concurrently
+            return _done(call())
+
     def fetch_many(self, urls: list[str]) -> list[Fetched]:
         """Fetch `urls` concurrently (at most `concurrency` at once, shared with other callers);
         results in input order; never raises."""
@@ -357,7 +611,7 @@ class ImageFetcher:
         futures: list[Future[Fetched]] = []
         for url in urls:
             try:
-                futures.append(self._executor.submit(self.fetch, url))
+                futures.append(self._pool.submit(functools.partial(self.fetch, url)))
             except RuntimeError:  # closed concurrently
                 futures.append(_done(self.fetch(url)))
         results = []
@@ -372,9 +626,10 @@ class ImageFetcher:
         return results
 
     def close(self) -> None:
-        """Stop the worker threads (queued fetches are cancelled, running ones finish)."""
+        """Stop the worker threads (queued fetches are cancelled, running ones finish, each
+        within its deadline)."""
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
 
     def __enter__(self) -> ImageFetcher:
         return self
@@ -390,6 +645,8 @@ class ImageFetcher:
             _refuse("host", "image fetching is off (empty allow-list)")
         if not isinstance(url, str):  # events are JSON: a null or number must not crash us
             _refuse("host", f"not a URL: {type(url).__name__}")
+        if len(url) > _MAX_URL:
+            _refuse("host", f"URL of {len(url)} characters, over {_MAX_URL}")
         url = url.strip()
         # urlsplit silently drops tabs and newlines; a URL carrying them is not one we trust
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
@@ -421,8 +678,8 @@ class ImageFetcher:
             ip = None
         if ip is not None:
             host = str(ip)
-            if not self._allow.covers(ip):
-                _refuse("host", f"{host} is not on the allow-list")
+            if (why := self._allow.check_ip(ip, port, scheme)) is not None:
+                _refuse("host", why)
             addresses: tuple[IPAddress, ...] = (ip,)
         else:
             try:
@@ -431,8 +688,8 @@ class ImageFetcher:
                 _refuse("host", f"bad host name {raw_host!r}")
             if not _is_hostname(host):
                 _refuse("host", f"bad host name {raw_host!r}")
-            if not self._allow.allows_name(host):
-                _refuse("host", f"{host} is not on the allow-list")
+            if (why := self._allow.check_name(host, port, scheme)) is not None:
+                _refuse("host", why)
             addresses = self._resolve(host, port)
 
         for addr in addresses:
@@ -469,11 +726,30 @@ class ImageFetcher:
 
     # ---- the fetch --------------------------------------------------------------------------
 
-    def _fetch(self, url: str, deadline: float) -> tuple[Image.Image, int]:
+    def _fetch(self, url: str) -> tuple[Image.Image, int]:
+        deadline = time.monotonic() + self.policy.read_timeout_s
+        watchdog = _Watchdog(deadline)
+        cut = f"cut at the {self.policy.read_timeout_s}s deadline"
+        try:
+            data, declared = self._download(url, deadline, watchdog)
+        except _Refused as r:
+            watchdog.cancel()  # from here on `fired` is final
+            # a cut connection surfaces as whatever the half-read exchange looked like
+            if watchdog.fired and r.reason != "timeout":
+                _refuse("timeout", f"{cut} ({r.reason}: {r.detail})", r.nbytes)
+            raise
+        finally:
+            watchdog.cancel()
+        if watchdog.fired:  # a body without Content-Length just ends where it was cut
+            _refuse("timeout", f"{cut}; the body may be truncated", len(data))
+        return self._decode(data, declared), len(data)
+
+    def _download(self, url: str, deadline: float, watchdog: _Watchdog) -> tuple[bytes, str]:
+        """The body of `url` (redirects followed) and the format its Content-Type declares."""
         target = self._check(url)
         hops = 0
         while True:
-            with self._request(target, deadline) as resp:
+            with self._request(target, deadline, watchdog) as resp:
                 if resp.status in _REDIRECTS and resp.headers.get("Location"):
                     hops += 1
                     location = urljoin(target.url, resp.headers["Location"])
@@ -489,18 +765,19 @@ class ImageFetcher:
                 if not 200 <= resp.status < 300:
                     _refuse("http_status", f"HTTP {resp.status} from {target.url}")
                 declared = self._check_headers(resp)
-                data = self._read_body(resp, deadline)
-            return self._decode(data, declared), len(data)
+                return self._read_body(resp, deadline), declared
 
     @contextmanager
-    def _request(self, target: _Target, deadline: float) -> Iterator[urllib3.BaseHTTPResponse]:
+    def _request(
+        self, target: _Target, deadline: float, watchdog: _Watchdog
+    ) -> Iterator[urllib3.BaseHTTPResponse]:
         """GET `target` from one of its checked addresses; the pool dies with the response."""
         last: _Refused | None = None
         for addr in target.addresses:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _refuse("timeout", f"no time left for {target.url}")
-            pool = self._pool(target, addr)
+            pool = self._pool_for(target, addr, watchdog)
             try:
                 try:
                     resp = pool.urlopen(
@@ -525,11 +802,11 @@ class ImageFetcher:
                     last = _Refused("timeout", f"connect to {target.host} ({addr}): {_cause(exc)}")
                     continue
                 except _NETWORK_ERRORS as exc:
-                    _network_failure(target, exc)
+                    _network_failure(target.url, exc)
                 try:
                     yield resp
                 except _NETWORK_ERRORS as exc:
-                    _network_failure(target, exc)
+                    _network_failure(target.url, exc)
                 finally:
                     resp.close()  # never reuse a half-read connection
             finally:
@@ -538,10 +815,15 @@ class ImageFetcher:
         assert last is not None
         raise last
 
-    def _pool(self, target: _Target, addr: IPAddress) -> urllib3.HTTPConnectionPool:
-        """A one-connection pool that connects to `addr` (already checked), never re-resolving."""
+    def _pool_for(
+        self, target: _Target, addr: IPAddress, watchdog: _Watchdog
+    ) -> urllib3.HTTPConnectionPool:
+        """A one-connection pool that connects to `addr` (already checked), never re-resolving;
+        its connection hands its socket to `watchdog` as soon as it exists."""
         if target.scheme == "http":
-            return _HTTPPool(str(addr), target.port, maxsize=1, block=False, retries=False)
+            return _HTTPPool(
+                str(addr), target.port, maxsize=1, block=False, retries=False, watchdog=watchdog
+            )
         # The certificate is checked against the URL's name (or IP literal), not `addr`.
         name = None if target.is_ip else target.host
         return _HTTPSPool(
@@ -552,6 +834,7 @@ class ImageFetcher:
             retries=False,
             server_hostname=name,
             assert_hostname=target.host,
+            watchdog=watchdog,
         )
 
     def _check_headers(self, resp: urllib3.BaseHTTPResponse) -> str:
@@ -567,21 +850,18 @@ class ImageFetcher:
         return fmt
 
     def _read_body(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-        """Read at most max_bytes, each socket read bounded by the fetch's remaining time."""
+        """Read at most max_bytes; the watchdog ends a read that runs into the deadline."""
         cap = self.policy.max_bytes
         buf = bytearray()
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= deadline:
                 _refuse("timeout", f"body not read within {self.policy.read_timeout_s}s", len(buf))
-            # urllib3's read timeout is per socket read; shrink it to what the deadline leaves
-            sock = getattr(resp.connection, "kept_sock", None)
-            if sock is not None:
-                sock.settimeout(min(self.policy.read_timeout_s, remaining))
             try:
                 chunk = resp.read1(min(_CHUNK, cap + 1 - len(buf)))
             except ReadTimeoutError:
                 _refuse("timeout", f"body stalled after {len(buf)} bytes", len(buf))
+            except _NETWORK_ERRORS as exc:  # e.g. the watchdog cut it: keep the byte count
+                _network_failure(f"body after {len(buf)} bytes", exc, len(buf))
             if not chunk:
                 return bytes(buf)
             buf += chunk
@@ -606,7 +886,7 @@ class ImageFetcher:
         return self._decode(raw, None), len(raw)
 
     def _decode(self, data: bytes, declared: str | None) -> Image.Image:
-        """Magic number, pixel-count limit before decoding, then a full decode to RGB.
+        """Magic number, size limits before decoding, a full decode to RGB, then a downscale.
 
         `declared` is the format the Content-Type named (None for base64): the bytes must be
         that format, and Pillow may only use that one decoder.
@@ -616,6 +896,7 @@ class ImageFetcher:
             _refuse("not_an_image", f"no image magic number (starts {data[:8]!r})", len(data))
         if declared is not None and fmt != declared:
             _refuse("not_an_image", f"Content-Type says {declared}, the bytes are {fmt}", len(data))
+        side = self.policy.max_side
         try:
             with _OPEN_LOCK, warnings.catch_warnings():
                 # Pillow only warns between 1x and 2x Image.MAX_IMAGE_PIXELS; make it an error
@@ -624,14 +905,12 @@ class ImageFetcher:
                 im = Image.open(io.BytesIO(data), formats=[fmt])
             with im:
                 width, height = im.size
-                if width * height > self.policy.max_pixels:
-                    _refuse(
-                        "bomb",
-                        f"{width}x{height} = {width * height} pixels > {self.policy.max_pixels}",
-                        len(data),
-                    )
+                self._check_size(width, height, len(data))
                 im.seek(0)  # only the first frame of a GIF/animated WebP
+                if fmt == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale where it can
+                    im.draft("RGB", (side, side))
                 rgb = _to_rgb(im)
+            rgb.thumbnail((side, side), Image.Resampling.BICUBIC)
             return rgb
         except _Refused:
             raise
@@ -639,6 +918,21 @@ class ImageFetcher:
             _refuse("bomb", str(exc), len(data))
         except Exception as exc:  # Pillow raises many types for broken files
             _refuse("not_an_image", f"{fmt} decode failed: {type(exc).__name__}: {exc}", len(data))
+
+    def _check_size(self, width: int, height: int, nbytes: int) -> None:
+        """The declared size, before any pixel is decoded."""
+        if width < 1 or height < 1:
+            _refuse("not_an_image", f"{width}x{height}: an empty image", nbytes)
+        if max(width, height) > _MAX_ASPECT * min(width, height):
+            # a 40000x1 strip passes any pixel limit, but scaling its short side up (as a
+            # model's preprocessing does) would allocate billions of pixels
+            _refuse("bomb", f"{width}x{height}: aspect ratio over {_MAX_ASPECT}:1", nbytes)
+        if width * height > self.policy.max_pixels:
+            _refuse(
+                "bomb",
+                f"{width}x{height} = {width * height} pixels > {self.policy.max_pixels}",
+                nbytes,
+            )
 
     def _report(self, source: str, reason: str | None) -> None:
         if self._on_result is None:
@@ -650,24 +944,35 @@ class ImageFetcher:
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):
-    """Keeps its socket: http.client drops `sock` once a closing response starts, and the
-    body reads need it to shrink their timeout to the fetch's deadline."""
+    """Hands its socket to the fetch's watchdog as soon as it exists."""
 
-    kept_sock: socket.socket | None = None
+    def __init__(self, *args: Any, watchdog: _Watchdog | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watchdog = watchdog
 
-    def connect(self) -> None:
-        super().connect()
-        self.kept_sock = self.sock
+    def _new_conn(self) -> socket.socket:
+        return _watched(super()._new_conn(), self._watchdog)
 
 
 class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    """`_HTTPConnection` for TLS (the kept socket is the TLS one)."""
+    """`_HTTPConnection` for TLS: the watchdog gets the plain socket before the handshake."""
 
-    kept_sock: socket.socket | None = None
+    def __init__(self, *args: Any, watchdog: _Watchdog | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watchdog = watchdog
 
-    def connect(self) -> None:
-        super().connect()
-        self.kept_sock = self.sock
+    def _new_conn(self) -> socket.socket:
+        return _watched(super()._new_conn(), self._watchdog)
+
+
+def _watched(sock: socket.socket, watchdog: _Watchdog | None) -> socket.socket:
+    if watchdog is not None:
+        try:
+            watchdog.attach(sock)
+        except OSError:
+            sock.close()
+            raise
+    return sock
 
 
 class _HTTPPool(urllib3.HTTPConnectionPool):
@@ -681,13 +986,13 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
 _NETWORK_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
-def _network_failure(target: _Target, exc: BaseException) -> NoReturn:
+def _network_failure(url: str, exc: BaseException, nbytes: int = 0) -> NoReturn:
     """Map a urllib3/socket error to `timeout` or `connect`."""
     if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError) and not isinstance(
         exc, NewConnectionError
     ):
-        _refuse("timeout", f"{target.url}: {_cause(exc)}")
-    _refuse("connect", f"{target.url}: {_cause(exc)}")
+        _refuse("timeout", f"{url}: {_cause(exc)}", nbytes)
+    _refuse("connect", f"{url}: {_cause(exc)}", nbytes)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

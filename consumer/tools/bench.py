@@ -103,6 +103,7 @@ class BenchResult:
     batch_tokens_sweep: dict[int, float] | None = None
     tag_system: str = ""
     scoring_ms_per_item: float | None = None
+    images: dict[str, Any] | None = None  # `--image-model`: the image path's runs
 
     @property
     def encoder_items_per_s(self) -> float:
@@ -216,6 +217,7 @@ class BenchResult:
                 if self.batch_tokens_sweep
                 else {}
             ),
+            **({"images": self.images} if self.images else {}),
         }
 
 
@@ -435,6 +437,106 @@ def bench_e2e(
     return E2ERun(seen / elapsed, (_encode_seconds(core) - encode_before) / elapsed)
 
 
+def _stage_sum(core: TaggingCore, stage: str) -> float:
+    v = core.metrics.registry.get_sample_value(
+        "tagstream_stage_duration_seconds_sum", {"stage": stage}
+    )
+    return float(v or 0.0)
+
+
+@contextmanager
+def _media_server(delay_ms: float) -> Iterator[str]:
+    """A local media store: one 320x240 JPEG per path, each answered after `delay_ms` (an
+    object store's first-byte latency), many at once."""
+    import io
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buf, "JPEG")
+    body = buf.getvalue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(delay_ms / 1000)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def bench_images(
+    broker: EmbeddedBroker,
+    encoder: OnnxEncoder,
+    ts: TagSystem,
+    image_model: Path,
+    payloads: list[bytes],
+    batch_size: int,
+    delay_ms: float,
+    step: Step,
+) -> dict[str, Any]:
+    """The same items end to end, text only and with a cover image each (fetched from a local
+    store answering after `delay_ms`), pipelined and not: what images cost, and whether their
+    fetches hide behind the encoder (`image_wait_fraction`: the share of the run the encode
+    thread still waited for fetches after encoding a batch's text)."""
+    from dataclasses import replace
+
+    from consumer.tagging.image_stage import ImageStage
+    from consumer.tagging.images import FetchPolicy
+    from models_onnx.clip import ClipEncoder
+    from tagsys import ImageSpace
+
+    clip = ClipEncoder(image_model)
+    space = ImageSpace(clip.name, clip.encode_texts([f"a photo of {t.name}." for t in ts.tags]))
+    ts_img = replace(ts, image=space)
+    out: dict[str, Any] = {"image_model": clip.id, "fetch_delay_ms": delay_ms}
+    text_core = TaggingCore(encoder, ts, metrics=Metrics(CollectorRegistry()))
+    out["text_items_per_s"] = round(
+        bench_e2e(broker, text_core, payloads, batch_size, step, "img-text").items_per_s, 1
+    )
+    text_core.close()
+    with _media_server(delay_ms) as base:
+        with_images = [
+            orjson.dumps({**orjson.loads(p), "cover_url": f"{base}/img/{i}.jpg"})
+            for i, p in enumerate(payloads)
+        ]
+        policy = FetchPolicy(hosts=(base.removeprefix("http://"),), schemes=("http",))
+        for phase, pipeline in (("img", True), ("img-serial", False)):
+            metrics = Metrics(CollectorRegistry())
+            core = TaggingCore(
+                encoder, ts_img, metrics=metrics, images=ImageStage(clip, policy, metrics)
+            )
+            t0 = time.perf_counter()
+            run = bench_e2e(broker, core, with_images, batch_size, step, phase, pipeline)
+            wall = time.perf_counter() - t0
+            key = "images_items_per_s" if pipeline else "images_no_pipeline_items_per_s"
+            out[key] = round(run.items_per_s, 1)
+            if pipeline:
+                out["image_wait_fraction"] = round(_stage_sum(core, "image_wait") / wall, 3)
+                out["image_encode_fraction"] = round(_stage_sum(core, "image_encode") / wall, 3)
+                fetched = metrics.registry.get_sample_value(
+                    "tagstream_image_fetches_total", {"result": "ok"}
+                )
+                out["images_fetched"] = int(fetched or 0)
+            core.close()
+    out["images_to_text_ratio"] = round(out["images_items_per_s"] / out["text_items_per_s"], 3)
+    return out
+
+
 def bench_latency(
     broker: EmbeddedBroker,
     core: TaggingCore,
@@ -496,6 +598,8 @@ def run_bench(
     show_progress: bool = True,
     sweep: list[int] | None = None,
     rounds: int = 3,
+    image_model: Path | None = None,
+    image_delay_ms: float = 50.0,
 ) -> BenchResult:
     from consumer.tagging.parts import sample_tag_system
 
@@ -529,6 +633,8 @@ def run_bench(
         tasks["shortlist"] = progress.add_task("shortlist", total=2 * 20 * batch_size)
         tasks["sweep"] = progress.add_task("sweep", total=len(texts) * len(sweep or []))
         tasks["scoring"] = progress.add_task("scoring", total=rounds * len(payloads))
+        if image_model is not None:
+            progress.update(tasks["e2e"], total=(rounds + 5) * len(payloads))
         torch_pass: TorchRun | None = None
         if torch:
             from models_onnx.registry import resolve_source, spec_for
@@ -561,6 +667,13 @@ def run_bench(
             p50, p95, p99 = bench_latency(broker, core, lat_payloads, batch_size, offered, step)
             scoring_ms = bench_scoring(core, payloads, batch_size, rounds, step)
             core.close()
+            images = (
+                bench_images(
+                    broker, encoder, ts, image_model, payloads, batch_size, image_delay_ms, step
+                )
+                if image_model is not None
+                else None
+            )
         sl, sl_numpy = bench_shortlist(encoder.dim, ts.gate.top_k, batch_size, 20, step)
         swept = {
             budget: bench_encoder(
@@ -588,4 +701,5 @@ def run_bench(
         batch_tokens_sweep=swept or None,
         tag_system=ts.version_id,
         scoring_ms_per_item=scoring_ms,
+        images=images,
     )

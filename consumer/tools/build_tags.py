@@ -88,7 +88,9 @@ class GuidedProposer:
     def propose(
         self, item: dict[str, Any], max_tags: int = 5, temperature: float = 0.7
     ) -> LLMAnswer:
-        return self.inner.propose(item, max_tags, temperature, guidance=self.guidance(item))
+        """`item`'s content_type picks the section; the LLM sees the item without it."""
+        shown = {k: v for k, v in item.items() if k != "content_type"}
+        return self.inner.propose(shown, max_tags, temperature, guidance=self.guidance(item))
 
 
 @dataclass
@@ -159,15 +161,16 @@ def _load_cache(
     return done, stale
 
 
-# not text the LLM proposes tags from (images go to the image model, not into the prompt)
-NOT_PROMPTED = ("cover_url", "frame_urls", "cover_b64")
+# not text the LLM proposes tags from (images go to the image model, not into the prompt;
+# content_type only picks a handbook section), so the proposal log's inputs stay the same
+NOT_PROMPTED = ("cover_url", "frame_urls", "cover_b64", "content_type")
 
 
-def _fields(item: Item, max_chars: int = 1500) -> dict[str, Any]:
+def _fields(item: Item, max_chars: int = 1500, *, keep: tuple[str, ...] = ()) -> dict[str, Any]:
     return {
         k: (v[:max_chars] if isinstance(v, str) else v)
         for k, v in item.fields.items()
-        if v and k not in NOT_PROMPTED
+        if v and (k not in NOT_PROMPTED or k in keep)
     }
 
 
@@ -197,8 +200,11 @@ def collect_proposals(
         for attempt in range(2):  # a second pass for the calls that failed
             failed: list[tuple[str, int]] = []
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                keep = ("content_type",) if isinstance(tagger, GuidedProposer) else ()
                 futs = {
-                    pool.submit(tagger.propose, _fields(by_id[i]), max_tags, temperature): (i, s)
+                    pool.submit(
+                        tagger.propose, _fields(by_id[i], keep=keep), max_tags, temperature
+                    ): (i, s)
                     for i, s in jobs
                 }
                 for fut in as_completed(futs):
@@ -273,7 +279,8 @@ def build_tags(
         raise TagSystemError(f"{data}: no items with text ({dict(ds.skipped)})")
     proposer = proposer or tagger
     if isinstance(proposer, GuidedProposer):
-        report.guided = sum(proposer.guidance(_fields(it)) is not None for it in ds.items)
+        guided = [proposer.guidance(_fields(it, keep=("content_type",))) for it in ds.items]
+        report.guided = sum(g is not None for g in guided)
     proposals = collect_proposals(
         ds.items,
         proposer,

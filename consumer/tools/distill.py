@@ -22,7 +22,7 @@ from consumer.tagging.core import TaggingCore
 from consumer.tagging.metrics import Metrics
 from consumer.tools.evaluate import DEFAULT_MODEL, embed_items, template_for, zero_shot
 from models_onnx import OnnxEncoder
-from tagsys import TagSystem, TagSystemError
+from tagsys import ImageSpace, TagSystem, TagSystemError
 from tagsys.datasets import DatasetError, Item, load
 from tagsys.distill import fit_head
 from tagsys.evaluation import (
@@ -39,6 +39,15 @@ Progress = Callable[[int, int], None]
 # a 40k-tag vocabulary would need 2.6 GB at that width
 MAX_TEXT_WEIGHTS = 256 * 2**20
 F32 = npt.NDArray[np.float32]
+
+
+def unfitted_image(ts: TagSystem) -> ImageSpace | None:
+    """A distilled head scores in probabilities, not the cosines an image space's scale and
+    shift were fitted against: until `calibrate --image-model` fits them again, the image
+    space stays (its vectors are the tags') but never decides (scale 0, shift -2)."""
+    if ts.image is None:
+        return None
+    return replace(ts.image, scale=0.0, shift=-2.0)
 
 
 def split_of(item_id: str, holdout: float) -> str:
@@ -120,6 +129,7 @@ def distill(
         bias=None,
         gate=replace(base.gate, lexical_boost=0.0, tag_thresholds={}),
         provenance=prov,
+        image=unfitted_image(base),
     )
     new = _calibrated(new, cal, target_precision)
     before_ts = _calibrated(base, cal, target_precision)

@@ -201,6 +201,7 @@ def embed_images(core: TaggingCore, items: list[Item]) -> ImageBatch | None:
         [n for p in parts for n in p.used],
         [n for p in parts for n in p.failed],
         [r for p in parts for r in p.reasons],
+        [u for p in parts for u in p.urls],
     )
 
 
