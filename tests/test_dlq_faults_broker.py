@@ -122,16 +122,22 @@ class PoisonCore(TaggingCore):
         texts: list[str],
         *,
         wait_llm: bool = True,
+        images: Any = None,
     ) -> list[TagResult]:
         if self.fail_all or any(e.id.startswith("poison") for e in events):
             raise RuntimeError("boom")
-        return super().decide(events, emb, texts, wait_llm=wait_llm)
+        return super().decide(events, emb, texts, wait_llm=wait_llm, images=images)
 
     def isolate(
-        self, events: list[UploadEvent], batch_exc: BaseException, *, wait_llm: bool = True
+        self,
+        events: list[UploadEvent],
+        batch_exc: BaseException,
+        *,
+        wait_llm: bool = True,
+        prep: Any = None,
     ) -> list[TagResult | BaseException]:
         self.isolated += 1
-        return super().isolate(events, batch_exc, wait_llm=wait_llm)
+        return super().isolate(events, batch_exc, wait_llm=wait_llm, prep=prep)
 
 
 def test_a_poison_item_goes_to_the_dlq_and_the_batch_goes_on(

@@ -44,11 +44,13 @@ class _OverlapProbe(TaggingCore):
         self.second_prepared = threading.Event()
         self.overlapped: bool | None = None
 
-    def prepare(self, events: list[UploadEvent], texts: list[str] | None = None) -> Prepared:
+    def prepare(
+        self, events: list[UploadEvent], texts: list[str] | None = None, **kw: Any
+    ) -> Prepared:
         self.prepared += 1
         if self.prepared == 2:
             self.second_prepared.set()
-        return super().prepare(events, texts)
+        return super().prepare(events, texts, **kw)
 
     def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
         if self.overlapped is None:  # the first batch: wait for the loop to read the next
