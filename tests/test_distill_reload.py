@@ -277,8 +277,16 @@ def test_distilling_keeps_the_image_space_but_not_its_fit(encoder: OnnxEncoder) 
 
     base, data = _labelled_toy(encoder)
     emb = np.eye(len(base.tags), 4, dtype=np.float32)
-    base = replace(base, image=ImageSpace("clip-a", emb, scale=4.0, shift=-0.6))
+    space = ImageSpace("clip-a", emb, rule="weighted", weight=0.5, scale=4.0, shift=-0.6)
+    base = replace(base, image=space)
     new, _ = distill(base, data, holdout=0.3, target_precision=0.9)
     assert new.image is not None and new.image.model == "clip-a"
-    assert (new.image.scale, new.image.shift) == (0.0, -2.0)
+    assert (new.image.rule, new.image.scale, new.image.shift) == ("max", 0.0, -2.0)
     assert np.array_equal(new.image.embeddings, base.image.embeddings)  # type: ignore[union-attr]
+    # never decides: the shortlist with a (perfectly matching) image is the text's own
+    img = emb[[0, 1, 2]]
+    idx, scores, won = new.shortlist_fused(
+        data.emb[:3], data.texts[:3], img, np.ones(3, dtype=bool)
+    )
+    plain_idx, plain_scores = new.shortlist(data.emb[:3], data.texts[:3])
+    assert not won.any() and (idx == plain_idx).all() and np.allclose(scores, plain_scores)

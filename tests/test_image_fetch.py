@@ -724,16 +724,18 @@ def test_stalled_read_ends_at_the_deadline_not_a_read_timeout_later(make: Make, 
 
 
 def test_a_fetch_stuck_in_dns_does_not_hold_up_interpreter_exit() -> None:
-    """The fetch threads are daemons: ThreadPoolExecutor's would be joined at exit, and a
-    resolver that hangs cannot be interrupted."""
+    """The fetch threads are daemons and close() does not join them: ThreadPoolExecutor's
+    would be joined at exit, and a resolver that hangs cannot be interrupted."""
     script = """
 import socket, threading, time
 from consumer.tagging.images import FetchPolicy, ImageFetcher
 socket.getaddrinfo = lambda *a, **k: time.sleep(30)
 fetcher = ImageFetcher(FetchPolicy(hosts=("stuck.test",), schemes=("http",)))
-urls = ["http://stuck.test/x.png"]
-threading.Thread(target=fetcher.fetch_many, args=(urls,), daemon=True).start()
+future = fetcher.submit("url", "http://stuck.test/x.png")  # the service's read-ahead path
 time.sleep(0.2)
+t0 = time.monotonic()
+fetcher.close()  # as the service does at every exit: must not wait for the stuck lookup
+assert time.monotonic() - t0 < 1.0, "close() waited for a fetch stuck in DNS"
 """
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=15, check=False)
@@ -895,7 +897,12 @@ def test_fetch_many_keeps_order_and_bounds_concurrency(
     assert sizes == [(i + 1, 1) for i in range(9)] + [None]
     assert results[-1].reason == "content_type"
     assert state.max_active == 3
-    assert not [t for t in threading.enumerate() if t.name.startswith("image-fetch")]
+    # close() does not join (a worker stuck in DNS must not hold a shutdown); idle workers
+    # still stop at once
+    deadline = time.monotonic() + 2.0
+    while [t for t in threading.enumerate() if t.name.startswith("image-fetch_")]:
+        assert time.monotonic() < deadline, "fetch workers still running after close()"
+        time.sleep(0.01)
 
 
 def test_on_result_is_called_once_per_fetch(local: tuple[str, ...], base: str) -> None:

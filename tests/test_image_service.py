@@ -76,6 +76,8 @@ class _Media(BaseHTTPRequestHandler):
             self._send(_png())
         elif path == "/big":
             self._send(b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000)
+        elif path in ("/gone", "/busy"):
+            self._send(b"", code=404 if path == "/gone" else 503)
         elif path == "/page":
             self._send(b"<html>not an image</html>", "text/html")
         elif path == "/bomb":
@@ -391,14 +393,40 @@ def test_an_image_only_item_whose_store_timed_out_is_replayable_not_no_content(
     encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
 ) -> None:
     core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip, media)
-    slow, page = core.process_isolating(
-        [
-            UploadEvent(id="s", cover_url=f"{media}/slow"),
-            UploadEvent(id="p", cover_url=f"{media}/page"),
-        ]
+    got = core.process_isolating(
+        [UploadEvent(id=p, cover_url=f"{media}/{p}") for p in ("slow", "busy", "gone", "page")]
     )
-    assert isinstance(slow, NoContentError) and slow.reason == "image_unavailable"
-    assert isinstance(page, NoContentError) and page.reason == "no_content"
+    assert all(isinstance(r, NoContentError) for r in got)
+    reasons = [r.reason for r in got if isinstance(r, NoContentError)]
+    # the store's fault (a timeout, a 503): replayable; the item's (a 404, not an image): not
+    assert reasons == ["image_unavailable", "image_unavailable", "no_content", "no_content"]
+    core.close()
+
+
+def test_a_batch_that_fails_to_tokenize_is_isolated_with_the_images_it_fetched(
+    encoder: OnnxEncoder,
+    sample_ts: TagSystem,
+    clip: ClipEncoder,
+    media: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tokenizing fails for the batch (before the encoder ran): its fetches had started with
+    it, so the items are decided one by one with those images, each fetched once."""
+    core = _core(encoder, _with_images(sample_ts, clip, shift=5.0), clip, media)
+    real = core.encoder.tokenize_sorted
+
+    def fails_for_batches(texts: list[str], **kw: Any) -> Any:
+        if len(texts) > 1:
+            raise RuntimeError("tokenizer fault")
+        return real(texts, **kw)
+
+    monkeypatch.setattr(core.encoder, "tokenize_sorted", fails_for_batches)
+    paths = [f"/cover-tok-{i}.png" for i in range(3)]
+    got = core.process_isolating(
+        [UploadEvent(id=f"t{i}", cover_url=f"{media}{p}") for i, p in enumerate(paths)]
+    )
+    assert all(not isinstance(r, BaseException) and r.inputs["images"] == 1 for r in got)  # type: ignore[union-attr, index]
+    assert [HITS[p] for p in paths] == [1, 1, 1]
     core.close()
 
 

@@ -23,7 +23,7 @@ import structlog
 
 from consumer.tagging.events import SCHEMA_VERSION, UploadEvent, event_text, now_iso
 from consumer.tagging.handbook import Handbook
-from consumer.tagging.image_stage import TRANSIENT, ImageBatch, ImageStage, PendingImages
+from consumer.tagging.image_stage import ImageBatch, ImageStage, PendingImages
 from consumer.tagging.llm import (
     PROMPT_VERSION,
     PROPOSE_PROMPT_VERSION,
@@ -229,6 +229,9 @@ class TaggingCore:
         """Texts and token batches. The Kafka runtime prepares the next batch while the
         encoder works on the current one (`encode_prepared`, in its encode thread)."""
         texts = texts if texts is not None else self.texts(events)
+        pending = None  # fetched while the encoder works (even if tokenizing fails: isolate)
+        if fetch_images and self.images is not None and any(ev.has_images for ev in events):
+            pending = self.images.start(events)
         try:
             with self._timed("tokenize"):
                 # content is the "query" side, tags the "passage" side (e5 prefixes; measured:
@@ -240,10 +243,7 @@ class TaggingCore:
                     max_batch=max(1, len(texts)),
                 )
         except Exception as e:  # `decide_isolating` then isolates the item that caused it
-            return Prepared(events, texts, [], e)
-        pending = None
-        if fetch_images and self.images is not None and any(ev.has_images for ev in events):
-            pending = self.images.start(events)  # fetched while the encoder works
+            return Prepared(events, texts, [], e, pending_images=pending)
         return Prepared(events, texts, plan, pending_images=pending)
 
     def encode_prepared(self, prep: Prepared) -> npt.NDArray[np.float32]:
@@ -445,12 +445,15 @@ class TaggingCore:
             ) from batch_exc
         log.warning("batch_failed_isolating_items", error=repr(batch_exc))
         images = self._batch_images(prep)
+        # no batch to take the images from (it failed before it was prepared): item by item
+        refetch = prep is None
         results: list[TagResult | BaseException] = []
         for k, ev in enumerate(events):
             try:  # without waiting on the LLM when the caller bounds that wait itself
-                one = self.prepare([ev], fetch_images=False)
+                one = self.prepare([ev], fetch_images=refetch)
                 emb = self.encode_prepared(one)
-                one.images = images.subset([k]) if images is not None else None
+                if not refetch:
+                    one.images = images.subset([k]) if images is not None else None
                 if not one.texts[0].strip() and not (one.images and one.images.used[0]):
                     results.append(_no_content(one, 0))
                     continue
@@ -467,7 +470,10 @@ class TaggingCore:
         if prep is None or self.images is None:
             return None
         if prep.images is None and prep.pending_images is not None:
-            prep.images = self.images.finish(prep.pending_images)
+            try:
+                prep.images = self.images.finish(prep.pending_images)
+            except Exception as e:  # the image model broke after the canary passed
+                raise CoreBrokenError(f"the image model fails: {e!r}") from e
         return prep.images
 
     def _canary_ok(self) -> bool:
@@ -690,6 +696,6 @@ def _no_content(prep: Prepared, i: int) -> NoContentError:
     elif prep.events[i].has_images:
         why = "; it has images, but no image model is configured"
     err = NoContentError(f"item {prep.events[i].id!r} has no text{why}")
-    if reasons and all(r in TRANSIENT for r in reasons):
+    if reasons and prep.images is not None and not prep.images.permanent[i]:
         err.reason = "image_unavailable"  # the store's fault, not the item's: replay it later
     return err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,7 +47,9 @@ class UploadEvent(BaseModel):
     created_at: str | None = None
     # images (optional, schema version 1 still): fetched only from --image-hosts
     cover_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
-    frame_urls: list[str] = Field(default_factory=list, max_length=MAX_FRAME_URLS)
+    frame_urls: list[Annotated[str, Field(max_length=MAX_URL_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_FRAME_URLS
+    )
     cover_b64: str | None = None
 
     @property

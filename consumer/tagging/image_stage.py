@@ -77,10 +77,8 @@ class ImageOptions:
         )
 
 
-# failures of the media store or the network, not of the item: an item left with nothing but
-# such failures is dead-lettered as `image_unavailable` (replayable once the store is back),
-# never as `no_content`
-TRANSIENT = frozenset({"timeout", "connect", "http_status", "error"})
+# the longest a batch waits for its fetches after its text is encoded, however many queue
+MAX_BATCH_WAIT_S = 30.0
 
 
 @dataclass
@@ -101,10 +99,25 @@ class ImageBatch:
     failed: list[int]
     reasons: list[list[str]] = field(default_factory=list)
     urls: list[list[str]] = field(default_factory=list)
+    # per item: whether some image failed for a reason fetching again will not mend; an item
+    # with no text whose images failed only for the store's reasons (timeouts, connections,
+    # 5xx) is dead-lettered as `image_unavailable`, replayable once the store is back
+    permanent: list[bool] = field(default_factory=list)
 
     @property
     def has_image(self) -> npt.NDArray[np.bool_]:
         return np.asarray([n > 0 for n in self.used], dtype=bool)
+
+    @classmethod
+    def concat(cls, parts: list[ImageBatch], dim: int) -> ImageBatch:
+        return cls(
+            np.concatenate([p.emb for p in parts]) if parts else np.zeros((0, dim), np.float32),
+            [n for p in parts for n in p.used],
+            [n for p in parts for n in p.failed],
+            [r for p in parts for r in p.reasons],
+            [u for p in parts for u in p.urls],
+            [x for p in parts for x in p.permanent],
+        )
 
     def subset(self, rows: list[int]) -> ImageBatch:
         return ImageBatch(
@@ -113,6 +126,7 @@ class ImageBatch:
             [self.failed[i] for i in rows],
             [self.reasons[i] for i in rows],
             [self.urls[i] for i in rows],
+            [self.permanent[i] for i in rows],
         )
 
 
@@ -127,11 +141,13 @@ class ImageStage:
         concurrency: int = 8,
         wait_s: float | None = None,
     ) -> None:
-        """`wait_s` bounds the wait for a batch's fetches after its text is encoded (default:
-        one fetch's whole budget, so a slow host costs a batch at most that)."""
+        """`wait_s`: the wait for a batch's fetches after its text is encoded, per round of
+        `concurrency` fetches (default: one fetch's whole budget, connect + read), at most
+        MAX_BATCH_WAIT_S in all: fetches queued behind others are not cut short for it."""
         self.encoder = encoder
         self.metrics = metrics
         self.max_images = max(1, max_images)
+        self.concurrency = max(1, concurrency)
         # fetches of the batch ahead run on its bounded pool while the encoder works
         self.fetcher = ImageFetcher(policy, concurrency=concurrency)
         self.wait_s = policy.read_timeout_s + policy.connect_timeout_s if wait_s is None else wait_s
@@ -168,15 +184,18 @@ class ImageStage:
         """Wait (at most `wait_s` from now) for the fetches, count each by result, embed the
         images; a fetch still running then counts as `timeout` and is not waited for."""
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.wait_s
+        n = sum(len(f) for f in pending.futures)
+        rounds = max(1, -(-n // self.concurrency))
+        deadline = time.monotonic() + min(self.wait_s * rounds, max(self.wait_s, MAX_BATCH_WAIT_S))
         images: list[Image] = []
         owner: list[int] = []
         used = [0] * len(pending.futures)
         failed = [0] * len(pending.futures)
         reasons: list[list[str]] = [[] for _ in pending.futures]
         urls: list[list[str]] = [[] for _ in pending.futures]
+        permanent = [False] * len(pending.futures)
         for i, futs in enumerate(pending.futures):
-            for fut, (kind, data) in zip(futs, pending.sources[i], strict=True):
+            for fut, (kind, _data) in zip(futs, pending.sources[i], strict=True):
                 try:
                     got = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 except FutureTimeout:
@@ -187,11 +206,12 @@ class ImageStage:
                 if got.image is not None:
                     images.append(got.image)
                     owner.append(i)
-                    if kind == "url":
-                        urls[i].append(data)
+                    if kind == "url" and got.url:
+                        urls[i].append(got.url)
                 else:
                     failed[i] += 1
                     reasons[i].append(got.reason or "error")
+                    permanent[i] = permanent[i] or got.permanent
                     self.metrics.image_fetches.labels(result=got.reason or "error").inc()
         t1 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="image_wait").observe(t1 - t0)
@@ -204,6 +224,7 @@ class ImageStage:
             else:  # fetched, but the image model could not read it
                 failed[i] += 1
                 reasons[i].append("encode_error")
+                permanent[i] = True
                 self.metrics.image_fetches.labels(result="encode_error").inc()
         if images:
             rows = [o for o, good in zip(owner, ok, strict=True) if good]
@@ -215,7 +236,7 @@ class ImageStage:
             self.metrics.stage_seconds.labels(stage="image_encode").observe(
                 time.perf_counter() - t1
             )
-        return ImageBatch(emb, used, failed, reasons, urls)
+        return ImageBatch(emb, used, failed, reasons, urls, permanent)
 
     def _encode(self, images: list[Image]) -> tuple[npt.NDArray[np.float32], list[bool]]:
         """All at once; if that fails, one by one, so one image the model cannot read costs
@@ -238,6 +259,8 @@ class ImageStage:
                     ok.append(True)
                 except Exception:
                     ok.append(False)
+            if not all(ok):  # a model that broke meanwhile is still no image's fault
+                self.encoder.encode_images([_plain_image()])
         return out, ok
 
     def check(self) -> None:

@@ -103,6 +103,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _SUPPORTED_SCHEMES: Final = frozenset({"http", "https"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+DECODE_SLOTS: Final = 2  # full-size decodes at once, per fetcher (memory, not network)
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 # Content-Type -> the Pillow format whose magic number the body must start with
 _CONTENT_TYPES: Final = {
@@ -188,16 +189,34 @@ class Fetched:
     reason: str | None  # one of REASONS when image is None
     detail: str = ""  # human-readable, for logs
     nbytes: int = 0
+    # the URL as checked and fetched (ASCII host, after redirects): what may be passed on
+    url: str = ""
+    # a failure that fetching again will not mend (refused, malformed, 4xx): the item's own
+    # fault, where a timeout, a refused connection or a 5xx is the store's
+    permanent: bool = False
+
+    @property
+    def transient(self) -> bool:
+        return self.image is None and not self.permanent
 
 
 class _Refused(Exception):
     """Internal: ends a fetch with a reason; turned into a Fetched at the top."""
 
-    def __init__(self, reason: str, detail: str, nbytes: int = 0) -> None:
+    def __init__(self, reason: str, detail: str, nbytes: int = 0, status: int = 0) -> None:
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
         self.nbytes = nbytes
+        self.status = status
+
+    @property
+    def permanent(self) -> bool:
+        if self.reason in ("timeout", "connect"):
+            return False
+        if self.reason == "http_status":  # 4xx but a timeout or rate limit: the item's
+            return 400 <= self.status < 500 and self.status not in (408, 425, 429)
+        return True
 
 
 def _refuse(reason: str, detail: str, nbytes: int = 0) -> NoReturn:
@@ -396,6 +415,14 @@ class _Target:
     is_ip: bool
     addresses: tuple[IPAddress, ...]  # every one checked; tried in order
 
+    @property
+    def canonical(self) -> str:
+        """The URL rebuilt from what was checked: the ASCII host an IDNA-aware endpoint would
+        otherwise read differently (ß, joiners, full-width forms)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if self.port == _DEFAULT_PORTS[self.scheme] else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.path}"
+
 
 def _sniff(head: bytes) -> str | None:
     """The image format the magic number announces, if it is one we decode."""
@@ -508,7 +535,7 @@ class _DaemonPool:
         return fut
 
     def shutdown(self) -> None:
-        """Cancel what is queued, let the running calls finish, stop and join the threads."""
+        """Cancel what is queued and let the threads stop after their running calls."""
         with self._lock:
             self._shutdown = True
             threads = list(self._threads)
@@ -521,9 +548,9 @@ class _DaemonPool:
                 item[0].cancel()
         for _ in threads:
             self._queue.put(None)
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join()
+        # not joined: a worker stuck in name resolution (no timeout of ours reaches it) must
+        # not hold up a shutdown; the threads are daemons, and each running call ends by its
+        # own deadline
 
     def _work(self) -> None:
         while True:
@@ -563,6 +590,7 @@ class ImageFetcher:
         self._on_result = on_result
         self._allow = _AllowList(policy.hosts)
         self._pool = _DaemonPool(concurrency, "image-fetch")
+        self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
@@ -572,10 +600,10 @@ class ImageFetcher:
         try:
             if self._closed:
                 _refuse("connect", "the image fetcher is closed")
-            image, nbytes = self._fetch(url)
-            result = Fetched(image, None, nbytes=nbytes)
+            image, nbytes, final = self._fetch(url)
+            result = Fetched(image, None, nbytes=nbytes, url=final)
         except _Refused as r:
-            result = Fetched(None, r.reason, r.detail, r.nbytes)
+            result = Fetched(None, r.reason, r.detail, r.nbytes, permanent=r.permanent)
         self._report("url", result.reason)
         return result
 
@@ -588,7 +616,7 @@ class ImageFetcher:
             image, nbytes = self._decode_b64(data)
             result = Fetched(image, None, nbytes=nbytes)
         except _Refused as r:
-            result = Fetched(None, r.reason, r.detail, r.nbytes)
+            result = Fetched(None, r.reason, r.detail, r.nbytes, permanent=True)
         self._report("b64", result.reason)
         return result
 
@@ -726,12 +754,12 @@ class ImageFetcher:
 
     # ---- the fetch --------------------------------------------------------------------------
 
-    def _fetch(self, url: str) -> tuple[Image.Image, int]:
+    def _fetch(self, url: str) -> tuple[Image.Image, int, str]:
         deadline = time.monotonic() + self.policy.read_timeout_s
         watchdog = _Watchdog(deadline)
         cut = f"cut at the {self.policy.read_timeout_s}s deadline"
         try:
-            data, declared = self._download(url, deadline, watchdog)
+            data, declared, final = self._download(url, deadline, watchdog)
         except _Refused as r:
             watchdog.cancel()  # from here on `fired` is final
             # a cut connection surfaces as whatever the half-read exchange looked like
@@ -742,10 +770,11 @@ class ImageFetcher:
             watchdog.cancel()
         if watchdog.fired:  # a body without Content-Length just ends where it was cut
             _refuse("timeout", f"{cut}; the body may be truncated", len(data))
-        return self._decode(data, declared), len(data)
+        return self._decode(data, declared), len(data), final
 
-    def _download(self, url: str, deadline: float, watchdog: _Watchdog) -> tuple[bytes, str]:
-        """The body of `url` (redirects followed) and the format its Content-Type declares."""
+    def _download(self, url: str, deadline: float, watchdog: _Watchdog) -> tuple[bytes, str, str]:
+        """The body of `url` (redirects followed), the format its Content-Type declares, and
+        the URL it came from as checked (ASCII host)."""
         target = self._check(url)
         hops = 0
         while True:
@@ -763,9 +792,11 @@ class ImageFetcher:
                         )
                     continue
                 if not 200 <= resp.status < 300:
-                    _refuse("http_status", f"HTTP {resp.status} from {target.url}")
+                    raise _Refused(
+                        "http_status", f"HTTP {resp.status} from {target.url}", status=resp.status
+                    )
                 declared = self._check_headers(resp)
-                return self._read_body(resp, deadline), declared
+                return self._read_body(resp, deadline), declared, target.canonical
 
     @contextmanager
     def _request(
@@ -886,6 +917,13 @@ class ImageFetcher:
         return self._decode(raw, None), len(raw)
 
     def _decode(self, data: bytes, declared: str | None) -> Image.Image:
+        """`_decode_one`, at most DECODE_SLOTS at a time: a PNG is decoded at full size before
+        it is shrunk (up to max_pixels x 4 bytes, twice over while converting), so eight at
+        once could take gigabytes; two bound what a batch of hostile images can take."""
+        with self._decode_slots:
+            return self._decode_one(data, declared)
+
+    def _decode_one(self, data: bytes, declared: str | None) -> Image.Image:
         """Magic number, size limits before decoding, a full decode to RGB, then a downscale.
 
         `declared` is the format the Content-Type named (None for base64): the bytes must be

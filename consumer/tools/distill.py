@@ -46,8 +46,8 @@ def unfitted_image(ts: TagSystem) -> ImageSpace | None:
     shift were fitted against: until `calibrate --image-model` fits them again, the image
     space stays (its vectors are the tags') but never decides (scale 0, shift -2)."""
     if ts.image is None:
-        return None
-    return replace(ts.image, scale=0.0, shift=-2.0)
+        return None  # the max rule: with scale 0, shift -2 the image never wins a tag
+    return replace(ts.image, rule="max", scale=0.0, shift=-2.0)
 
 
 def split_of(item_id: str, holdout: float) -> str:

@@ -194,15 +194,7 @@ def embed_images(core: TaggingCore, items: list[Item]) -> ImageBatch | None:
         core.images.finish(core.images.start([to_event(it) for it in batch]))
         for batch in _batches(items, 64)
     ]
-    return ImageBatch(
-        np.concatenate([p.emb for p in parts])
-        if parts
-        else np.zeros((0, core.images.dim), np.float32),
-        [n for p in parts for n in p.used],
-        [n for p in parts for n in p.failed],
-        [r for p in parts for r in p.reasons],
-        [u for p in parts for u in p.urls],
-    )
+    return ImageBatch.concat(parts, core.images.dim)
 
 
 def scored(
