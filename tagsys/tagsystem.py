@@ -323,6 +323,17 @@ class TagSystem:
             boost=self.gate.lexical_boost,
         )
 
+    def text_scores(
+        self, emb: npt.NDArray[np.float32], texts: Sequence[str]
+    ) -> npt.NDArray[np.float32]:
+        """(items, tags) scores before the lexical boost: the head's, else cosine − bias."""
+        if self.head is not None:
+            return self.head.scores(emb, texts)
+        out: npt.NDArray[np.float32] = (emb @ self.embeddings.T).astype(np.float32)
+        if self.bias is not None:
+            out -= self.bias[None, :]
+        return out
+
     def shortlist_fused(
         self,
         emb: npt.NDArray[np.float32],
@@ -335,12 +346,7 @@ class TagSystem:
         (indices, scores, whether each shortlisted tag's score came from the image)."""
         if self.image is None:
             raise TagSystemError(f"tag system {self.version_id} has no image embeddings")
-        if self.head is not None:
-            text = self.head.scores(emb, texts)
-        else:
-            text = (emb @ self.embeddings.T).astype(np.float32)
-            if self.bias is not None:
-                text -= self.bias[None, :]
+        text = self.text_scores(emb, texts)
         fused, won = self.image.fuse(text, self.image.scores(image_emb))
         rows = has_image.reshape(-1, 1)
         fused = np.where(rows, fused, text).astype(np.float32)

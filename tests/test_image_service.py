@@ -217,7 +217,8 @@ def test_fetches_overlap_the_encoder_and_a_slow_host_costs_one_budget(
     encoder: OnnxEncoder, sample_ts: TagSystem, clip: ClipEncoder, media: str
 ) -> None:
     """Fetches start when the batch is prepared; the encode thread waits for them only after
-    the text, and never longer than one fetch's budget, however many are slow."""
+    the text, and for one round of fetches (as many as run at once) no longer than one
+    fetch's budget, however slow the host."""
     core = _core(encoder, _with_images(sample_ts, clip, shift=0.0), clip, media)
     evs = [UploadEvent(id=f"s{i}", title="tea", cover_url=f"{media}/slow") for i in range(8)]
     t0 = time.monotonic()

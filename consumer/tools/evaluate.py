@@ -362,12 +362,7 @@ def fit_image_fusion(run: EvalRun, cut: int) -> tuple[TagSystem, dict[str, Any]]
     ts = run.tag_system
     assert ts.image is not None and run.images is not None and run.emb is not None
     emb, texts, images = run.emb[:cut], (run.texts or [])[:cut], run.images
-    if ts.head is not None:
-        text = ts.head.scores(emb, texts)
-    else:
-        text = (emb @ ts.embeddings.T).astype(np.float32)
-        if ts.bias is not None:
-            text -= ts.bias[None, :]
+    text = ts.text_scores(emb, texts)
     image_cos = (images.emb[:cut] @ ts.image.embeddings.T).astype(np.float32)
     gold = [o.gold for o in run.outcomes[:cut]]
     fit = fit_fusion(text, image_cos, gold, images.has_image[:cut])
