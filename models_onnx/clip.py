@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from models_onnx.encoder import CLIP_POOLING, Device, make_session, pick_variant, wants_cuda
 from models_onnx.manifest import Manifest, ModelNotFoundError, sha256_file
+from models_onnx.registry import model_path
 from tagsys.errors import TagstreamError
 
 if TYPE_CHECKING:
@@ -161,6 +162,13 @@ class Preprocess:
 def _normalise(v: F32) -> F32:
     norms = np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None)
     return np.ascontiguousarray(v / norms, dtype=np.float32)
+
+
+def clip_folder(name_or_path: str, model_dir: str | Path | None = None) -> Path:
+    """An exported pair: a folder as given, else the one `export-onnx --clip --name` wrote
+    under the model folder."""
+    p = Path(name_or_path)
+    return p if p.is_dir() else model_path(name_or_path, model_dir)
 
 
 class ClipEncoder:

@@ -883,19 +883,20 @@ def test_junk_input_never_raises(make: Make) -> None:
         assert f.decode_b64("").reason == "not_an_image"
 
 
-# ---- many, callback ----------------------------------------------------------------------------
+# ---- the pool ---------------------------------------------------------------------------------
 
 
-def test_fetch_many_keeps_order_and_bounds_concurrency(
+def test_submitted_fetches_keep_their_results_and_bound_concurrency(
     local: tuple[str, ...], base: str, state: ServerState
 ) -> None:
     urls = [f"{base}/slow?i={i}" for i in range(9)] + [f"{base}/html"]
     with ImageFetcher(FetchPolicy(hosts=local, schemes=("http",)), concurrency=3) as f:
-        results = f.fetch_many(urls)
+        futures = [f.submit("url", u) for u in urls] + [f.submit("b64", "%%%")]
+        results = [fut.result(timeout=30) for fut in futures]
         assert all(t.daemon for t in threading.enumerate() if t.name.startswith("image-fetch"))
     sizes = [r.image.size if r.image else None for r in results]
-    assert sizes == [(i + 1, 1) for i in range(9)] + [None]
-    assert results[-1].reason == "content_type"
+    assert sizes == [(i + 1, 1) for i in range(9)] + [None, None]
+    assert [r.reason for r in results[-2:]] == ["content_type", "bad_base64"]
     assert state.max_active == 3
     # close() does not join (a worker stuck in DNS must not hold a shutdown); idle workers
     # still stop at once
@@ -905,44 +906,10 @@ def test_fetch_many_keeps_order_and_bounds_concurrency(
         time.sleep(0.01)
 
 
-def test_on_result_is_called_once_per_fetch(local: tuple[str, ...], base: str) -> None:
-    seen: list[tuple[str, str | None]] = []
-    with ImageFetcher(
-        FetchPolicy(hosts=local, schemes=("http",)),
-        on_result=lambda source, reason: seen.append((source, reason)),
-    ) as f:
-        f.fetch(f"{base}/png")
-        f.fetch(f"{base}/redirect")
-        f.fetch(f"{base}/html")
-        f.decode_b64("%%%")
-        f.fetch_many([f"{base}/png", "http://elsewhere.test/"])
-    assert sorted(seen, key=str) == sorted(
-        [
-            ("url", None),
-            ("url", None),
-            ("url", "content_type"),
-            ("b64", "bad_base64"),
-            ("url", None),
-            ("url", "host"),
-        ],
-        key=str,
-    )
-
-
-def test_a_failing_on_result_hook_does_not_break_the_fetch(
-    local: tuple[str, ...], base: str
-) -> None:
-    def broken(source: str, reason: str | None) -> None:
-        raise RuntimeError("metrics down")
-
-    with ImageFetcher(FetchPolicy(hosts=local, schemes=("http",)), on_result=broken) as f:
-        assert f.fetch(f"{base}/png").reason is None
-
-
 def test_closed_fetcher_refuses(make: Make, base: str) -> None:
     f = make()
     f.close()
-    assert_refused(f.fetch_many([f"{base}/png"])[0], "connect", "closed")
+    assert_refused(f.submit("url", f"{base}/png").result(timeout=5), "connect", "closed")
 
 
 # ---- https -------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def bench(
 ) -> None:
     """Measure encoder vs end-to-end throughput, latency, PyTorch and the 40k-tag shortlist."""
     from consumer.tools.bench import run_bench
-    from consumer.tools.image_tags import image_model_folder
+    from models_onnx.clip import clip_folder
 
     logs.configure("warning")
     res = run_bench(  # in the order of the options
@@ -96,7 +96,7 @@ def bench(
         model_dir=model_dir,
         device=device.value,
         show_progress=sys.stderr.isatty() or not json,
-        image_model=image_model_folder(image_model, model_dir) if image_model else None,
+        image_model=clip_folder(image_model, model_dir) if image_model else None,
         image_delay_ms=image_delay_ms,
     )
     out = res.to_json()

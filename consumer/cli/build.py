@@ -207,10 +207,10 @@ def build_tags_cmd(
                 param_hint="--handbook-category",
             )
     if image_model is not None:  # a missing image model fails now, not after the LLM's hours
-        from consumer.tools.image_tags import image_model_folder
+        from models_onnx.clip import clip_folder
         from models_onnx.manifest import Manifest
 
-        Manifest.load(image_model_folder(image_model, model_dir))
+        Manifest.load(clip_folder(image_model, model_dir))
     settings = Settings()
     metrics = Metrics()
     encoder = OnnxEncoder(model or DEFAULT_MODEL[fmt.value], model_dir=model_dir)

@@ -24,7 +24,6 @@ import structlog
 from consumer.tagging.events import UploadEvent
 from consumer.tagging.images import Fetched, FetchPolicy, ImageFetcher
 from consumer.tagging.metrics import Metrics
-from models_onnx.registry import default_model_dir
 
 log = structlog.get_logger(__name__)
 
@@ -62,14 +61,11 @@ class ImageOptions:
     def stage(
         self, metrics: Metrics, model_dir: Path | None = None, device: str = "auto"
     ) -> ImageStage:
-        from models_onnx.clip import ClipEncoder
+        from models_onnx.clip import ClipEncoder, clip_folder
 
-        folder = Path(self.model)
-        if not folder.is_dir():
-            folder = (model_dir or default_model_dir()) / self.model
         policy = self.policy()  # a bad allow-list fails before the model loads
         return ImageStage(
-            ClipEncoder(folder, device=device),
+            ClipEncoder(clip_folder(self.model, model_dir), device=device),
             policy,
             metrics,
             max_images=self.max_images,

@@ -41,7 +41,7 @@ defaults are therefore closed:
   decoded at a reduced scale already), so a batch holds small images only.
 
 Every failure is a `Fetched` with `image=None` and one of `REASONS`, never an exception; the
-`on_result` hook sees each outcome (the service counts them in Prometheus).
+caller counts them (the service: `tagstream_image_fetches_total`, consumer/tagging/image_stage.py).
 
 DNS resolution (`socket.getaddrinfo`) cannot be interrupted, so it is bounded by the resolver's
 own timeout (resolv.conf), not by `read_timeout_s`. The fetch threads are daemon threads, so a
@@ -64,7 +64,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -571,7 +571,7 @@ class _DaemonPool:
 class ImageFetcher:
     """Fetches user-supplied image URLs under a `FetchPolicy`; thread-safe.
 
-    `fetch_many` runs on one bounded pool of `concurrency` daemon threads owned by the fetcher.
+    `submit` runs on one bounded pool of `concurrency` daemon threads owned by the fetcher.
     Each request gets its own urllib3 connection pool pinned to the checked IP (a shared
     PoolManager would resolve names again by itself), closed as soon as the response is read.
     """
@@ -581,13 +581,11 @@ class ImageFetcher:
         policy: FetchPolicy,
         *,
         concurrency: int = 8,
-        on_result: Callable[[str, str | None], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise TagstreamError(f"image fetch: concurrency must be >= 1, got {concurrency}")
         self.policy = policy
         self.concurrency = concurrency
-        self._on_result = on_result
         self._allow = _AllowList(policy.hosts)
         self._pool = _DaemonPool(concurrency, "image-fetch")
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -604,7 +602,6 @@ class ImageFetcher:
             result = Fetched(image, None, nbytes=nbytes, url=final)
         except _Refused as r:
             result = Fetched(None, r.reason, r.detail, r.nbytes, permanent=r.permanent)
-        self._report("url", result.reason)
         return result
 
     def decode_b64(self, data: str) -> Fetched:
@@ -617,7 +614,6 @@ class ImageFetcher:
             result = Fetched(image, None, nbytes=nbytes)
         except _Refused as r:
             result = Fetched(None, r.reason, r.detail, r.nbytes, permanent=True)
-        self._report("b64", result.reason)
         return result
 
     def submit(self, kind: str, data: str) -> Future[Fetched]:
@@ -630,28 +626,6 @@ class ImageFetcher:
             return self._pool.submit(call)
         except RuntimeError:  # closed concurrently
             return _done(call())
-
-    def fetch_many(self, urls: list[str]) -> list[Fetched]:
-        """Fetch `urls` concurrently (at most `concurrency` at once, shared with other callers);
-        results in input order; never raises."""
-        if self._closed:
-            return [self.fetch(u) for u in urls]  # each a cheap "closed" refusal
-        futures: list[Future[Fetched]] = []
-        for url in urls:
-            try:
-                futures.append(self._pool.submit(functools.partial(self.fetch, url)))
-            except RuntimeError:  # closed concurrently
-                futures.append(_done(self.fetch(url)))
-        results = []
-        for url, fut in zip(urls, futures, strict=True):
-            try:
-                results.append(fut.result())
-            except CancelledError:  # close() ran while this one still queued
-                results.append(Fetched(None, "connect", "the image fetcher is closed"))
-            except Exception as exc:  # a bug, not the URL; keep the batch alive
-                log.exception("image_fetch_bug", url=url)
-                results.append(Fetched(None, "connect", f"internal error: {exc!r}"))
-        return results
 
     def close(self) -> None:
         """Stop the worker threads (queued fetches are cancelled, running ones finish, each
@@ -971,14 +945,6 @@ class ImageFetcher:
                 f"{width}x{height} = {width * height} pixels > {self.policy.max_pixels}",
                 nbytes,
             )
-
-    def _report(self, source: str, reason: str | None) -> None:
-        if self._on_result is None:
-            return
-        try:
-            self._on_result(source, reason)
-        except Exception:  # a metrics hook must not turn a result into a crash
-            log.exception("image_fetch_on_result_failed", source=source, reason=reason)
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):

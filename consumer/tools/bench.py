@@ -399,9 +399,10 @@ class E2ERun:
     busy_fraction: float
 
 
-def _encode_seconds(core: TaggingCore) -> float:
+def _stage_sum(core: TaggingCore, stage: str) -> float:
+    """Seconds the core spent in a stage so far (its histogram's sum)."""
     v = core.metrics.registry.get_sample_value(
-        "tagstream_stage_duration_seconds_sum", {"stage": "encode"}
+        "tagstream_stage_duration_seconds_sum", {"stage": stage}
     )
     return float(v or 0.0)
 
@@ -417,7 +418,7 @@ def bench_e2e(
 ) -> E2ERun:
     """Send N events to a running service; time until N tag events are out. Also how long
     the encoder ran meanwhile (its stage histogram), to tell idle gaps from a slower encoder."""
-    encode_before = _encode_seconds(core)
+    encode_before = _stage_sum(core, "encode")
     with _service(broker, core, batch_size, phase, pipeline):
         reader = _out_reader(broker, f"{phase}-out")
         prod = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
@@ -434,14 +435,7 @@ def bench_e2e(
             step("e2e", got)
         elapsed = time.perf_counter() - t0
         reader.close()
-    return E2ERun(seen / elapsed, (_encode_seconds(core) - encode_before) / elapsed)
-
-
-def _stage_sum(core: TaggingCore, stage: str) -> float:
-    v = core.metrics.registry.get_sample_value(
-        "tagstream_stage_duration_seconds_sum", {"stage": stage}
-    )
-    return float(v or 0.0)
+    return E2ERun(seen / elapsed, (_stage_sum(core, "encode") - encode_before) / elapsed)
 
 
 @contextmanager

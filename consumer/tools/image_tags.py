@@ -8,14 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models_onnx.registry import default_model_dir
 from tagsys import DEFAULT_IMAGE_TEMPLATE, ImageSpace, TagSystem, check_template
-
-
-def image_model_folder(name_or_path: str, model_dir: Path | None = None) -> Path:
-    """A folder as given, else the exported model of that name under the model folder."""
-    p = Path(name_or_path)
-    return p if p.is_dir() else (model_dir or default_model_dir()) / name_or_path
 
 
 def with_image_space(
@@ -27,10 +20,10 @@ def with_image_space(
 ) -> TagSystem:
     """`ts` with its tags embedded by `image_model`'s text tower (fusion rule: max, image
     scores uncalibrated: scale 1, shift 0)."""
-    from models_onnx.clip import ClipEncoder
+    from models_onnx.clip import ClipEncoder, clip_folder
 
     check_template(template)
-    enc = ClipEncoder(image_model_folder(image_model, model_dir), device="cpu")
+    enc = ClipEncoder(clip_folder(image_model, model_dir), device="cpu")
     emb = enc.encode_texts([template.format(name=t.name) for t in ts.tags])
     space = ImageSpace(model=enc.name, embeddings=np.asarray(emb, dtype=np.float32))
     prov = {**ts.provenance, "image_template": template}
