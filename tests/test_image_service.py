@@ -387,6 +387,10 @@ def test_a_broken_image_model_stops_the_service_and_a_bad_image_costs_only_itsel
     monkeypatch.setattr(clip, "encode_images", broken)
     with pytest.raises(CoreBrokenError):  # not the items' fault: nothing dead-lettered
         core.process_isolating([UploadEvent(id="d", title="tea", cover_b64=cover)])
+    # the canary itself tries the image model: a batch that failed before it was prepared
+    # is not isolated into dead letters item by item either
+    with pytest.raises(CoreBrokenError):
+        core.isolate([UploadEvent(id="e", title="tea", cover_b64=cover)], RuntimeError("x"))
     core.close()
 
 
