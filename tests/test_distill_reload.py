@@ -25,7 +25,7 @@ from consumer.tools.broker import create_topics
 from consumer.tools.distill import Labelled, distill, labelled_from_decisions, split_of
 from consumer.tools.distill_topic import read_decisions
 from models_onnx import OnnxEncoder
-from tagsys import TagSystem
+from tagsys import TagSystem, TagSystemError
 from tagsys.distill import fit_head
 from tagsys.tagsystem import EMB_FILE
 from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of
@@ -59,6 +59,41 @@ def test_head_learns_what_the_names_miss() -> None:
     assert np.allclose(head.scores(x).sum(1), 1.0, atol=1e-5)
 
 
+def test_the_gate_is_calibrated_on_scores_of_items_the_head_never_saw(
+    encoder: OnnxEncoder,
+) -> None:
+    """Labels that are noise, on more dimensions than items: a head learns them by heart, so
+    its scores on the items it learnt from are confident and right, and a gate calibrated on
+    them would auto-accept most items. Out-of-fold, it finds next to nothing to trust."""
+    base, _ = _labelled_toy(encoder)
+    rng = np.random.default_rng(0)
+    n = 300
+    emb = rng.standard_normal((n, base.dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    gold = [frozenset({int(rng.integers(len(base.tags)))}) for _ in range(n)]
+    noise = Labelled([f"n{i}" for i in range(n)], emb, [""] * n, gold)
+    new, rep = distill(base, noise, holdout=0.2, target_precision=0.9)
+    assert new.head is not None
+    seen = [i for i in range(n) if split_of(f"n{i}", 0.2) == "train"]
+    right = new.head.scores(emb[seen]).argmax(1) == [min(gold[i]) for i in seen]
+    assert right.mean() > 0.95  # where it learnt, the head is right almost everywhere
+    assert new.provenance["calibrated"]["fit_items"] == rep["train_items"] > 200
+    assert new.provenance["calibrated"]["fit_auto_fraction"] < 0.1
+    assert rep["after"]["auto_fraction"] < 0.1
+
+
+def test_holdout_zero_learns_from_every_item_and_checks_out_of_fold(
+    encoder: OnnxEncoder,
+) -> None:
+    base, data = _labelled_toy(encoder)
+    _new, rep = distill(base, data, holdout=0.0, target_precision=0.9)
+    assert rep["checked_on"] == "out_of_fold" and rep["heldout_items"] == 0
+    assert rep["train_items"] == rep["calibration_items"] == len(data.ids)
+    assert rep["after"]["recall_at_1"] > 0.9 and rep["after"]["auto_precision"] >= 0.9
+    with pytest.raises(TagSystemError, match="cross"):
+        distill(base, data, holdout=0.0, target_precision=0.9, calibration="split")
+
+
 def _labelled_toy(encoder: OnnxEncoder) -> tuple[TagSystem, Labelled]:
     from consumer.tools.evaluate import zero_shot
 
@@ -84,7 +119,12 @@ def test_distill_writes_a_loadable_version_with_a_report(
     base, data = _labelled_toy(encoder)
     new, rep = distill(base, data, holdout=0.3, target_precision=0.9)
     assert new.head is not None and new.version_id != base.version_id
-    assert rep["heldout_items"] + rep["train_items"] + rep["calibration_items"] == len(data.ids)
+    # cross calibration: the head learns from every train item, the gate is fitted on them all
+    assert rep["calibration"] == "cross" and rep["checked_on"] == "heldout"
+    assert rep["train_items"] == rep["calibration_items"]
+    assert rep["heldout_items"] + rep["train_items"] == len(data.ids)
+    _, split = distill(base, data, holdout=0.3, target_precision=0.9, calibration="split")
+    assert split["heldout_items"] + split["train_items"] + split["calibration_items"] == 90
     assert rep["after"]["recall_at_1"] >= rep["before"]["recall_at_1"]
     for side in ("before", "after"):  # no gate auto-accepts more than the oracle's ceiling
         r = rep[side]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from consumer.tools.distill import labelled_from_file
-from consumer.tools.simulate import SimulatedLLM, report, run_loop
+from consumer.tools.simulate import SimulatedLLM, report, run_loop, shuffled
 from models_onnx import OnnxEncoder
 from tests.conftest import cli_exit
 
@@ -35,21 +35,21 @@ VERBS = {
 }
 
 
-def _toy(tmp: Path, n: int = 480, seed: int = 0) -> Path:
-    """A separable labelled stream: each item is about one of four topics."""
+def _toy(tmp: Path, n: int = 480, seed: int = 0, unique: bool = False) -> Path:
+    """A separable labelled stream: each item is about one of four topics. Texts repeat
+    unless `unique` (then the simulated LLM's mistakes cannot repeat either)."""
     rng = random.Random(seed)
     path = tmp / "toy.jsonl"
     with path.open("w") as f:
         for i in range(n):
             tag = rng.choice(sorted(TOPICS))
             text = rng.choice(VERBS[tag]).format(x=rng.choice(TOPICS[tag]))
+            text = f"{text} (question {i})" if unique else text
             f.write(json.dumps({"id": f"t{i}", "title": text, "labels": [tag]}) + "\n")
     return path
 
 
-@pytest.fixture(scope="module")
-def toy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = _toy(tmp_path_factory.mktemp("sim"))
+def _load(path: Path, model_dir: Path) -> Any:
     ts, data, items, _ = labelled_from_file(
         path,
         "jsonl",
@@ -61,6 +61,16 @@ def toy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         progress=None,
     )
     return ts, data, items, OnnxEncoder("all-MiniLM-L6-v2", model_dir=model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _load(_toy(tmp_path_factory.mktemp("sim")), model_dir)
+
+
+@pytest.fixture(scope="module")
+def toy_unique(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return _load(_toy(tmp_path_factory.mktemp("sim"), unique=True), model_dir)
 
 
 def _run(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> dict[str, Any]:
@@ -154,13 +164,27 @@ def test_simulate_cli_prints_the_report(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_audit_sample_measures_the_gate_against_the_llm(toy: Any) -> None:
-    """Auto-accepted items audited by a right LLM mostly agree, by a wrong one less (a head
-    that learnt the wrong LLM agrees with it where its mistakes repeat); the audit calls are
-    paid for (counted with the LLM calls)."""
+def test_the_audit_sample_measures_the_gate_against_the_llm(toy_unique: Any) -> None:
+    """Auto-accepted items audited by a right LLM mostly agree, by a wrong one less; the audit
+    calls are paid for (counted with the LLM calls). Texts are unique: a head learns a wrong
+    LLM's mistakes on repeated texts, and then agrees with it there."""
+    toy = toy_unique
     right, wrong, none = _run(toy, 1.0, audit=0.5), _run(toy, 0.0, audit=0.5), _run(toy, 1.0)
     assert right["audits"] > 20 and right["gate_agreement"] > 0.8
     assert wrong["audits"] > 0 and wrong["gate_agreement"] < right["gate_agreement"] - 0.2
     assert none["audits"] == 0 and none["gate_agreement"] is None
     routed = sum(w["llm_calls"] for w in right["windows"])
     assert right["llm_calls"] == routed + right["audits"]
+
+
+def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:
+    _ts, data, items, _enc = toy
+    a_items, a = shuffled(items, data, 3)
+    _b_items, b = shuffled(items, data, 3)
+    assert [it.id for it in a_items] == a.ids == b.ids  # the same order for the same seed
+    assert a.ids != data.ids and sorted(a.ids) == sorted(data.ids)
+    where = {x: i for i, x in enumerate(data.ids)}
+    for j in (0, 7, len(a.ids) - 1):
+        i = where[a.ids[j]]
+        assert (a.emb[j] == data.emb[i]).all() and a.gold[j] == data.gold[i]
+        assert a.texts[j] == data.texts[i]

@@ -11,6 +11,8 @@ from consumer.cli import logs
 from consumer.cli.options import (
     DATA_HELP,
     Bootstrap,
+    CalibrationChoice,
+    CalibrationOpt,
     DataFormat,
     EmbeddingCacheOpt,
     EvalModelOpt,
@@ -85,7 +87,13 @@ def distill_cmd(
     model: EvalModelOpt = None,
     model_dir: ModelDirOpt = None,
     holdout: Annotated[
-        float, typer.Option(min=0.05, max=0.9, help="Share of items held out (by id hash).")
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="Share of items held out (by id hash) for the before/after check. 0: learn "
+            "from every item, check out-of-fold (cross calibration only).",
+        ),
     ] = 0.3,
     target_precision: Annotated[
         float, precision_option("Auto-accept precision the gate aims at.")
@@ -107,6 +115,7 @@ def distill_cmd(
     text_buckets: Annotated[
         int, typer.Option(min=256, max=2**20, help="Hash buckets of --text-features.")
     ] = 16384,
+    calibration: CalibrationOpt = CalibrationChoice.cross,
     include_steerable: Annotated[
         bool,
         typer.Option(
@@ -168,6 +177,7 @@ def distill_cmd(
             target_precision=target_precision,
             version=version,
             text=TextFeatures(buckets=text_buckets) if text_features else None,
+            calibration=calibration.value,
             progress=progress,
         )
     new.save(out)

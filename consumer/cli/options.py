@@ -72,6 +72,7 @@ DeviceChoice = StrEnum("DeviceChoice", ["auto", "cpu", "cuda"])
 PromptStyle = StrEnum("PromptStyle", ["auto", "chat", "fewshot"])
 DataFormat = StrEnum("DataFormat", ["kuairec", "stackexchange", "jsonl"])
 VocabFormat = StrEnum("VocabFormat", ["json", "taggpt", "list", "hierarchy"])
+CalibrationChoice = StrEnum("CalibrationChoice", ["cross", "split"])
 
 
 class DescribeStyle(StrEnum):
@@ -125,6 +126,14 @@ AdaptOpt = Annotated[
     typer.Option(
         help="Adapt the zero-shot tags to the file's unlabelled text (lexical prototypes + "
         "hubness bias; no labels used)."
+    ),
+]
+CalibrationOpt = Annotated[
+    CalibrationChoice,
+    typer.Option(
+        help="How the distilled gate is calibrated: cross = on out-of-fold scores of every "
+        "train item, head fitted on all of them (5 folds, 6 fits); split = head on 80%, gate "
+        "on the other 20% (one fit; misses the target precision more often on small data)."
     ),
 ]
 TagTemplateOpt = Annotated[

@@ -9,6 +9,8 @@ import typer
 
 from consumer.cli import logs
 from consumer.cli.options import (
+    CalibrationChoice,
+    CalibrationOpt,
     DataOpt,
     EmbeddingCacheOpt,
     EvalModelOpt,
@@ -51,8 +53,14 @@ def simulate_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Items per batch (swaps between).")] = 64,
     windows: Annotated[int, typer.Option(min=1, help="Windows of the stream reported.")] = 10,
     holdout: Annotated[
-        float, typer.Option(min=0.05, max=0.9, help="Share of decisions each fit holds out.")
-    ] = 0.2,
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="Share of decisions each fit holds out for its check (0: learn from all, "
+            "check out-of-fold; cross calibration only).",
+        ),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM's mistakes.")] = 0,
     audit_fraction: Annotated[
         float,
@@ -63,6 +71,14 @@ def simulate_cmd(
             "agreement is reported, and the answers join the decisions each fit learns from.",
         ),
     ] = 0.0,
+    calibration: CalibrationOpt = CalibrationChoice.cross,
+    shuffle: Annotated[
+        int | None,
+        typer.Option(
+            help="Replay the file in a random order drawn from this seed instead of its own "
+            "(how much the figures owe to one order)."
+        ),
+    ] = None,
     limit: LimitOpt = None,
     tag_template: TagTemplateOpt = None,
     embedding_cache: EmbeddingCacheOpt = None,
@@ -78,7 +94,7 @@ def simulate_cmd(
     accepts nothing (no unearned confidence). Reports per window and overall: LLM share,
     auto-accept precision against gold, final precision / recall / F1, LLM calls saved."""
     from consumer.cli.distill import load_labelled
-    from consumer.tools.simulate import report, run_loop
+    from consumer.tools.simulate import report, run_loop, shuffled
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem
 
@@ -87,6 +103,8 @@ def simulate_cmd(
     start, labelled, items, counts = load_labelled(
         data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache
     )
+    if shuffle is not None:
+        items, labelled = shuffled(items, labelled, shuffle)
     encoder = OnnxEncoder(start.encoder, model_dir=model_dir)
     with tracked("simulating", "items") as progress:
         res = run_loop(
@@ -101,10 +119,17 @@ def simulate_cmd(
             holdout=holdout,
             seed=seed,
             audit_fraction=audit_fraction,
+            calibration=calibration.value,
             progress=progress,
         )
     out = report(res, labelled, start, target_precision=target_precision, windows=windows)
-    out.update(llm_accuracy=llm_accuracy, distill_every=distill_every, **counts)
+    out.update(
+        llm_accuracy=llm_accuracy,
+        distill_every=distill_every,
+        calibration=calibration.value,
+        shuffle=shuffle,
+        **counts,
+    )
     for k in ("items", "llm_calls", "llm_share", "llm_share_last_fifth", "auto_precision"):
         err.print(f"{k:<26} {_fmt(out[k])}")
     for k in ("auto_precision_last_fifth", "auto_ceiling", "calls_saved_fraction", "f1"):

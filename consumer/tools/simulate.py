@@ -121,9 +121,10 @@ def run_loop(
     distill_every: int,
     target_precision: float,
     batch_size: int = 64,
-    holdout: float = 0.2,
+    holdout: float = 0.0,
     seed: int = 0,
     audit_fraction: float = 0.0,
+    calibration: str = "cross",
     progress: Progress | None = None,
 ) -> SimResult:
     """Replay `items` (embedded in `data`, same order) through the core with the simulated
@@ -157,7 +158,7 @@ def run_loop(
             if progress:
                 progress(hi, len(events))
             if since_fit >= distill_every and hi < len(events):
-                fitted = _refit(start, records, holdout, target_precision, hi)
+                fitted = _refit(start, records, holdout, target_precision, hi, calibration)
                 if fitted is not None:
                     core.swap_tag_system(fitted.tag_system)  # between batches, as hot reload
                     res.fits.append(fitted)
@@ -176,17 +177,34 @@ def _refit(
     holdout: float,
     target: float,
     at: int,
+    calibration: str,
 ) -> Fit | None:
     """`distill --from-topic` on the decisions so far; None while they are too few."""
     labelled, _ = labelled_from_decisions(records, start)
     version = f"{start.version}+loop{at}"
     try:
         new, report = distill(
-            start, labelled, holdout=holdout, target_precision=target, version=version
+            start,
+            labelled,
+            holdout=holdout,
+            target_precision=target,
+            version=version,
+            calibration=calibration,
         )
     except DatasetError:
         return None
     return Fit(at, len(records), new, report)
+
+
+def shuffled(items: list[Item], data: Labelled, seed: int) -> tuple[list[Item], Labelled]:
+    """The items and their embeddings in one random order (the same for the same seed)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order], Labelled(
+        [data.ids[i] for i in order],
+        data.emb[order],
+        [data.texts[i] for i in order],
+        [data.gold[i] for i in order],
+    )
 
 
 def _agreed(r: TagResult) -> bool | None:
