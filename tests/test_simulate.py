@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from consumer.tools.distill import labelled_from_file
-from consumer.tools.simulate import SimulatedLLM, report, run_loop, shuffled
+from consumer.tools.simulate import Fit, SimulatedLLM, live_at, report, run_loop, shuffled
 from models_onnx import OnnxEncoder
 from tests.conftest import cli_exit
 
@@ -188,3 +190,34 @@ def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:
         i = where[a.ids[j]]
         assert (a.emb[j] == data.emb[i]).all() and a.gold[j] == data.gold[i]
         assert a.texts[j] == data.texts[i]
+
+
+def test_the_unseen_ceiling_uses_the_version_live_at_the_last_fifth(toy: Any) -> None:
+    """`auto_ceiling_unseen` scores the last fifth with the version that was tagging when it
+    began (it never learnt from those items), `auto_ceiling` with the last one."""
+    ts, data, items, enc = toy
+    res = run_loop(
+        ts,
+        enc,
+        items,
+        data,
+        llm_accuracy=1.0,
+        distill_every=60,
+        target_precision=0.9,
+        batch_size=32,
+    )
+    [first] = res.fits  # a perfect LLM on separable topics: one fit, then no more doubt
+    lo = len(items) - len(items) // 5
+    # the names' head with the names shuffled round: a scorer that ranks wrongly
+    swapped = replace(ts, version="late", embeddings=np.roll(ts.embeddings, 1, axis=0))
+    late = Fit(lo + 32, 999, swapped, first.report)
+    fits = [first, Fit(lo - 32, 999, replace(ts, version="mid"), first.report), late]
+    assert live_at(fits, lo) is fits[1].tag_system and live_at(fits, lo + 40) is late.tag_system
+    assert live_at(fits, first.at_item - 1) is None
+    out = report(res, data, ts, target_precision=0.9)
+    assert out["auto_ceiling_unseen"] == out["auto_ceiling"] > 0.9  # the same version
+    res.fits.append(late)
+    res.final = late.tag_system  # now the last version is the wrong one
+    worse = report(res, data, ts, target_precision=0.9)
+    assert worse["auto_ceiling_unseen"] == out["auto_ceiling_unseen"]
+    assert worse["auto_ceiling"] < out["auto_ceiling"]

@@ -92,7 +92,11 @@ def simulate_cmd(
     service's core, an LLM that answers from the gold labels (right with --llm-accuracy),
     re-distilled from its decisions every --distill-every. Until the first fit the gate
     accepts nothing (no unearned confidence). Reports per window and overall: LLM share,
-    auto-accept precision against gold, final precision / recall / F1, LLM calls saved."""
+    auto-accept precision against gold, final precision / recall / F1, LLM calls saved.
+
+    auto_ceiling: the most any gate could auto-accept at the target over the last fifth with
+    the last scorer (an oracle's pick; that scorer learnt from part of the last fifth);
+    auto_ceiling_unseen: the same with the version live when the last fifth began."""
     from consumer.cli.distill import load_labelled
     from consumer.tools.simulate import report, run_loop, shuffled
     from models_onnx import OnnxEncoder
@@ -132,7 +136,13 @@ def simulate_cmd(
     )
     for k in ("items", "llm_calls", "llm_share", "llm_share_last_fifth", "auto_precision"):
         err.print(f"{k:<26} {_fmt(out[k])}")
-    for k in ("auto_precision_last_fifth", "auto_ceiling", "calls_saved_fraction", "f1"):
+    for k in (
+        "auto_precision_last_fifth",
+        "auto_ceiling",
+        "auto_ceiling_unseen",
+        "calls_saved_fraction",
+        "f1",
+    ):
         err.print(f"{k:<26} {_fmt(out[k])}")
     for k in ("audits", "gate_agreement"):
         err.print(f"{k:<26} {_fmt(out[k])}")
