@@ -163,10 +163,11 @@ def distill_cmd(
             data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache
         )
         extra.update(counts)
-        heldout = out.with_name(out.name + ".heldout.jsonl")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        extra["heldout_file"] = str(heldout)
-        extra["heldout_written"] = write_heldout(items, holdout, heldout)
+        if holdout > 0:  # with 0 nothing is held out: the check is out-of-fold
+            heldout = out.with_name(out.name + ".heldout.jsonl")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            extra["heldout_file"] = str(heldout)
+            extra["heldout_written"] = write_heldout(items, holdout, heldout)
     from tagsys.textfeat import TextFeatures
 
     with tracked("fitting", "fit") as progress:
