@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from consumer.tools.distill import labelled_from_file
-from consumer.tools.simulate import Fit, SimulatedLLM, live_at, report, run_loop, shuffled
+from consumer.tools.simulate import (
+    Fit,
+    SimResult,
+    SimulatedLLM,
+    live_at,
+    report,
+    run_loop,
+    shuffled,
+)
 from models_onnx import OnnxEncoder
 from tests.conftest import cli_exit
 
@@ -75,9 +83,9 @@ def toy_unique(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any
     return _load(_toy(tmp_path_factory.mktemp("sim"), unique=True), model_dir)
 
 
-def _run(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> dict[str, Any]:
+def _loop(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> SimResult:
     ts, data, items, enc = toy
-    res = run_loop(
+    return run_loop(
         ts,
         enc,
         items,
@@ -88,6 +96,11 @@ def _run(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> dict
         batch_size=32,
         audit_fraction=audit,
     )
+
+
+def _run(toy: Any, accuracy: float, every: int = 60, audit: float = 0.0) -> dict[str, Any]:
+    ts, data, _items, _enc = toy
+    res = _loop(toy, accuracy, every, audit)
     out = report(res, data, ts, target_precision=0.9, windows=6)
     out["swapped_at"] = res.swapped_at
     out["routed"] = [o.routed_llm for o in res.outcomes]
@@ -195,17 +208,8 @@ def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:
 def test_the_unseen_ceiling_uses_the_version_live_at_the_last_fifth(toy: Any) -> None:
     """`auto_ceiling_unseen` scores the last fifth with the version that was tagging when it
     began (it never learnt from those items), `auto_ceiling` with the last one."""
-    ts, data, items, enc = toy
-    res = run_loop(
-        ts,
-        enc,
-        items,
-        data,
-        llm_accuracy=1.0,
-        distill_every=60,
-        target_precision=0.9,
-        batch_size=32,
-    )
+    ts, data, items, _enc = toy
+    res = _loop(toy, 1.0)
     [first] = res.fits  # a perfect LLM on separable topics: one fit, then no more doubt
     lo = len(items) - len(items) // 5
     # the names' head with the names shuffled round: a scorer that ranks wrongly
