@@ -86,12 +86,42 @@ def test_holdout_zero_learns_from_every_item_and_checks_out_of_fold(
     encoder: OnnxEncoder,
 ) -> None:
     base, data = _labelled_toy(encoder)
-    _new, rep = distill(base, data, holdout=0.0, target_precision=0.9)
+    new, rep = distill(base, data, holdout=0.0, target_precision=0.9)
     assert rep["checked_on"] == "out_of_fold" and rep["heldout_items"] == 0
     assert rep["train_items"] == rep["calibration_items"] == len(data.ids)
+    assert new.provenance["distilled"]["fit_items"] == len(data.ids)  # the live head: all
     assert rep["after"]["recall_at_1"] > 0.9 and rep["after"]["auto_precision"] >= 0.9
     with pytest.raises(TagSystemError, match="cross"):
         distill(base, data, holdout=0.0, target_precision=0.9, calibration="split")
+    with pytest.raises(TagSystemError, match="holdout"):
+        distill(base, data, holdout=0.01, target_precision=0.9)
+    _, quiet = distill(base, data, holdout=0.0, target_precision=0.9, check=False)
+    assert quiet["after"] is None and quiet["fit_auto_precision"] is not None
+
+
+def test_holdout_zero_judges_each_item_by_a_gate_fitted_without_it(
+    encoder: OnnxEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gate judged on the rows it was fitted to looks better than it is: with nothing held
+    out, each fold's items are judged by a gate calibrated on the other folds only."""
+    import consumer.tools.distill as d
+
+    base, data = _labelled_toy(encoder)
+    fitted: list[int] = []
+    judged: list[int] = []
+    real_cal, real_out = d.calibrated, d.gate_outcomes
+    monkeypatch.setattr(
+        d, "calibrated", lambda ts, i, s, g, t: fitted.append(len(g)) or real_cal(ts, i, s, g, t)
+    )
+    monkeypatch.setattr(
+        d, "gate_outcomes", lambda ts, i, s, g: judged.append(len(g)) or real_out(ts, i, s, g)
+    )
+    d.distill(base, data, holdout=0.0, target_precision=0.9)
+    n = len(data.ids)
+    assert fitted[0] == n  # the live gate: every item
+    checks = list(zip(fitted[1:], judged, strict=True))  # before: 5 folds, after: 5 folds
+    assert len(checks) == 10 and sum(j for _, j in checks) == 2 * n
+    assert all(f + j == n and j < n for f, j in checks)
 
 
 def _labelled_toy(encoder: OnnxEncoder) -> tuple[TagSystem, Labelled]:

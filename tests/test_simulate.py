@@ -156,10 +156,13 @@ def test_simulate_cli_prints_the_report(
     png = tmp_path / "loop.png"
     args = ["simulate", "--data", str(path), "--format", "jsonl", "--llm-accuracy", "1.0"]
     args += ["--distill-every", "60", "--target-precision", "0.9", "--json"]
-    args += ["--model-dir", str(model_dir), "--plot", str(png)]
+    args += ["--model-dir", str(model_dir), "--plot", str(png), "--shuffle", "1"]
     code = cli_exit(args)
     assert code in (0, None)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["shuffle"] == 1 and out["calibration"] == "cross"
+    assert out["fits"] and out["fits"][0]["fit_auto_precision"] is not None
+    assert out["fits"][0]["heldout_auto_precision"] is None  # --holdout 0: the stream checks
     for key in (
         "items",
         "llm_calls",
@@ -168,6 +171,7 @@ def test_simulate_cli_prints_the_report(
         "auto_precision",
         "auto_precision_last_fifth",
         "auto_ceiling",
+        "auto_ceiling_unseen",
         "calls_saved_fraction",
         "precision",
         "recall",
@@ -213,15 +217,43 @@ def test_the_unseen_ceiling_uses_the_version_live_at_the_last_fifth(toy: Any) ->
     [first] = res.fits  # a perfect LLM on separable topics: one fit, then no more doubt
     lo = len(items) - len(items) // 5
     # the names' head with the names shuffled round: a scorer that ranks wrongly
-    swapped = replace(ts, version="late", embeddings=np.roll(ts.embeddings, 1, axis=0))
-    late = Fit(lo + 32, 999, swapped, first.report)
-    fits = [first, Fit(lo - 32, 999, replace(ts, version="mid"), first.report), late]
-    assert live_at(fits, lo) is fits[1].tag_system and live_at(fits, lo + 40) is late.tag_system
-    assert live_at(fits, first.at_item - 1) is None
+    wrong = replace(ts, version="wrong", embeddings=np.roll(ts.embeddings, 1, axis=0))
+    mid = Fit(lo - 32, 999, wrong, first.report)  # live when the last fifth began
+    late = Fit(lo + 32, 999, first.tag_system, first.report)  # the right one again
+    assert live_at([first, mid, late], lo) is wrong
+    assert live_at([first, mid, late], lo + 40) is first.tag_system
+    assert live_at([first, mid, late], first.at_item - 1) is None
     out = report(res, data, ts, target_precision=0.9)
-    assert out["auto_ceiling_unseen"] == out["auto_ceiling"] > 0.9  # the same version
-    res.fits.append(late)
-    res.final = late.tag_system  # now the last version is the wrong one
-    worse = report(res, data, ts, target_precision=0.9)
-    assert worse["auto_ceiling_unseen"] == out["auto_ceiling_unseen"]
-    assert worse["auto_ceiling"] < out["auto_ceiling"]
+    assert out["auto_ceiling_unseen"] == out["auto_ceiling"] > 0.9  # one version: the same
+    res.fits += [mid, late]
+    res.final = late.tag_system
+    both = report(res, data, ts, target_precision=0.9)
+    assert both["auto_ceiling"] == out["auto_ceiling"]  # the last version: the right one
+    assert both["auto_ceiling_unseen"] < 0.5  # the one live at the last fifth: the wrong one
+
+
+def test_split_calibration_needs_a_holdout_and_runs_with_one(
+    toy: Any, model_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """Refused before any work without a hold-out; with one, each fit reports its check."""
+    path = _toy(tmp_path, 40, seed=2)
+    args = ["simulate", "--data", str(path), "--format", "jsonl", "--llm-accuracy", "1.0"]
+    args += ["--model-dir", str(model_dir), "--calibration", "split"]
+    assert cli_exit(args) not in (0, None)
+    assert "--holdout" in capsys.readouterr().err
+    ts, data, items, enc = toy
+    res = run_loop(
+        ts,
+        enc,
+        items,
+        data,
+        llm_accuracy=1.0,
+        distill_every=60,
+        target_precision=0.9,
+        batch_size=32,
+        holdout=0.2,
+        calibration="split",
+    )
+    fit = res.fits[0].report
+    assert fit["calibration"] == "split" and fit["checked_on"] == "heldout"
+    assert fit["after"]["auto_precision"] is not None

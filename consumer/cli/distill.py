@@ -132,6 +132,7 @@ def distill_cmd(
     auto_ceiling: the most any gate could auto-accept there at the target with that scorer
     (an oracle picking the items)."""
     from consumer.tools.distill import (
+        check_holdout,
         distill,
         labelled_from_decisions,
         write_heldout,
@@ -139,6 +140,7 @@ def distill_cmd(
     from tagsys import TagSystem, TagSystemError
 
     logs.configure("warning")
+    check_holdout(holdout, calibration.value)
     base = TagSystem.load(tag_system) if tag_system else None
     extra: dict[str, Any] = {}
     labelled: Any

@@ -98,11 +98,13 @@ def simulate_cmd(
     the last scorer (an oracle's pick; that scorer learnt from part of the last fifth);
     auto_ceiling_unseen: the same with the version live when the last fifth began."""
     from consumer.cli.distill import load_labelled
+    from consumer.tools.distill import check_holdout
     from consumer.tools.simulate import report, run_loop, shuffled
     from models_onnx import OnnxEncoder
     from tagsys import TagSystem
 
     logs.configure("warning")
+    check_holdout(holdout, calibration.value)
     base = TagSystem.load(tag_system) if tag_system else None
     start, labelled, items, counts = load_labelled(
         data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache

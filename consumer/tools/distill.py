@@ -156,6 +156,43 @@ def _out_of_fold(
     return idx, scores
 
 
+def check_holdout(holdout: float, calibration: str) -> None:
+    """Refused before any work (embedding a file takes minutes): a share too small to check
+    anything on, or no hold-out where only one would make a check."""
+    if 0 < holdout < 0.05 or holdout >= 1:
+        raise TagSystemError(f"--holdout must be 0 or in [0.05, 1), not {holdout}")
+    if holdout == 0 and calibration != "cross":
+        raise TagSystemError(
+            "--holdout 0 needs --calibration cross (its check is out-of-fold); give "
+            "--calibration split a --holdout above 0, e.g. 0.2"
+        )
+
+
+def _nested(
+    ts: TagSystem,
+    idx: npt.NDArray[np.int64],
+    scores: F32,
+    d: Labelled,
+    folds: int,
+    target: float,
+) -> list[Outcome]:
+    """Each item judged by a gate calibrated without it (on the other folds' rows): a gate
+    measured on the rows it was fitted to looks better than it is."""
+    fold = np.array([_fold_of(x, folds) for x in d.ids])
+    top = ts.gate.top_k
+    out: dict[int, Outcome] = {}
+    for f in range(folds):
+        rows, rest = np.nonzero(fold == f)[0], np.nonzero(fold != f)[0]
+        if not len(rows) or not len(rest):
+            continue
+        gated, _ = calibrated(
+            ts, idx[rest, :top], scores[rest, :top], [d.gold[i] for i in rest], target
+        )
+        judged = gate_outcomes(gated, idx[rows], scores[rows], [d.gold[i] for i in rows])
+        out.update(zip(rows.tolist(), judged, strict=True))
+    return [out[i] for i in sorted(out)]
+
+
 def distill(
     base: TagSystem,
     data: Labelled,
@@ -165,15 +202,17 @@ def distill(
     version: str | None = None,
     text: TextFeatures | None = None,
     calibration: str = "cross",
+    check: bool = True,
     progress: Progress | None = None,
 ) -> tuple[TagSystem, dict[str, Any]]:
     """Fit the head and calibrate its gate on the train part, compare with the base (its gate
     calibrated on the same items) on the held-out part. With `text`, the head also reads the
     items' hashed character n-grams.
 
-    With `holdout` 0 (cross calibration only) every item is learnt from and the report's
-    "after" is checked on the out-of-fold scores instead: what the learning loop does, where
-    each LLM decision costs a call.
+    With `holdout` 0 (cross calibration only) every item is learnt from, and the report's
+    before/after are measured out-of-fold instead: each item scored by a head, and judged by
+    a gate, fitted without it. That is what the learning loop runs, where each LLM decision
+    costs a call. `check=False` skips before/after (the loop's own measure is the stream).
 
     `calibration`: "cross" (the default) fits the head on every train item and calibrates the
     gate on out-of-fold scores of every train item (5 folds); "split" fits on 80% and
@@ -187,8 +226,7 @@ def distill(
             f"{size / 2**20:,.0f} MiB of n-gram weights (fitting needs about 4x that; limit "
             f"{MAX_TEXT_WEIGHTS // 2**20} MiB): use fewer --text-buckets"
         )
-    if holdout == 0 and calibration != "cross":
-        raise TagSystemError("holdout 0 needs cross calibration (its check is out-of-fold)")
+    check_holdout(holdout, calibration)
     train = [i for i, x in enumerate(data.ids) if holdout == 0 or split_of(x, holdout) == "train"]
     held = [i for i, x in enumerate(data.ids) if holdout > 0 and split_of(x, holdout) == "heldout"]
     if len(train) < 10 or (holdout > 0 and not held):
@@ -217,9 +255,34 @@ def distill(
         "calibration": calibration,
         "text_features": asdict(text) if text else None,
     }
-    new = _head_system(base, head, name, distilled)
-    new = calibrated(new, idx, scores, cal.gold, target_precision)[0]
-    before_ts = _calibrated(base, cal, target_precision)
+    unfitted = _head_system(base, head, name, distilled)
+    new, fitted = calibrated(unfitted, idx, scores, cal.gold, target_precision)
+    report: dict[str, Any] = {
+        "calibration": calibration,
+        "train_items": len(fit.ids),
+        "calibration_items": len(cal.ids),
+        "heldout_items": len(held),
+        "checked_on": None,
+        "target_precision": target_precision,
+        # the gate's own figures on the items it was fitted to: optimistic, not a check
+        "fit_auto_fraction": fitted.auto_fraction,
+        "fit_auto_precision": fitted.auto_precision,
+        "reached": fitted.reached,
+        "before": None,
+        "after": None,
+        "tag_system": new.version_id,
+    }
+    if not check:
+        return new, report
+    if held:
+        before_ts = _calibrated(base, cal, target_precision)
+        before_out, after_out = _outcomes(before_ts, test), _outcomes(new, test)
+    else:  # holdout 0: out-of-fold scores, each judged by a gate fitted without it
+        assert oof is not None
+        k = min(max(20, base.gate.top_k), len(base.tags))
+        b_idx, b_scores = base.shortlist(cal.emb, cal.texts, k=k)
+        before_out = _nested(base, b_idx, b_scores, cal, FOLDS, target_precision)
+        after_out = _nested(unfitted, oof[0], oof[1], cal, FOLDS, target_precision)
     keys = (
         "auto_fraction",
         "auto_precision",
@@ -232,28 +295,13 @@ def distill(
         "recall",
         "f1",
     )
-    if held:
-        before_out, after_out = _outcomes(before_ts, test), _outcomes(new, test)
-    else:  # holdout 0: every item was learnt from; the check is on out-of-fold scores
-        assert oof is not None
-        before_out = _outcomes(before_ts, cal)
-        after_out = gate_outcomes(new, oof[0], oof[1], cal.gold)
-    before = compute(before_out, len(base.tags))
-    after = compute(after_out, len(new.tags))
-    # the most any gate could auto-accept at the target with each scorer (an oracle's)
-    before["auto_ceiling"] = auto_ceiling(before_out, target_precision)
-    after["auto_ceiling"] = auto_ceiling(after_out, target_precision)
-    report = {
-        "calibration": calibration,
-        "train_items": len(fit.ids),
-        "calibration_items": len(cal.ids),
-        "heldout_items": len(held),
-        "checked_on": "heldout" if held else "out_of_fold",
-        "target_precision": target_precision,
-        "before": {k: before[k] for k in keys},
-        "after": {k: after[k] for k in keys},
-        "tag_system": new.version_id,
-    }
+    sides = {}
+    for side, outs in (("before", before_out), ("after", after_out)):
+        m = compute(outs, len(base.tags))
+        # the most any gate could auto-accept at the target with this scorer (an oracle's)
+        m["auto_ceiling"] = auto_ceiling(outs, target_precision)
+        sides[side] = {k: m[k] for k in keys}
+    report.update(sides, checked_on="heldout" if held else "out_of_fold")
     return new, report
 
 
