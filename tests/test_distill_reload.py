@@ -22,7 +22,13 @@ from consumer.tagging.events import load_schema
 from consumer.tagging.llm import SelectiveTagger
 from consumer.tagging.metrics import Metrics
 from consumer.tools.broker import create_topics
-from consumer.tools.distill import Labelled, distill, labelled_from_decisions, split_of
+from consumer.tools.distill import (
+    Labelled,
+    distill,
+    folds_of,
+    labelled_from_decisions,
+    split_of,
+)
 from consumer.tools.distill_topic import read_decisions
 from models_onnx import OnnxEncoder
 from tagsys import TagSystem, TagSystemError
@@ -122,6 +128,19 @@ def test_holdout_zero_judges_each_item_by_a_gate_fitted_without_it(
     checks = list(zip(fitted[1:], judged, strict=True))  # before: 5 folds, after: 5 folds
     assert len(checks) == 10 and sum(j for _, j in checks) == 2 * n
     assert all(f + j == n and j < n for f, j in checks)
+
+
+def test_copies_of_a_text_share_a_fold_and_textless_items_spread() -> None:
+    """A re-upload decided twice must not be learnt in one fold and checked in another."""
+    n = 200
+    texts = [f"post {i % 40}" for i in range(n)] + [""] * n  # five copies of each; no text
+    ids = [f"i{i}" for i in range(2 * n)]
+    d = Labelled(ids, np.zeros((2 * n, 4), np.float32), texts, [frozenset({0})] * (2 * n))
+    fold = folds_of(d, 5)
+    for t in {x for x in texts if x}:
+        assert len({int(fold[i]) for i, x in enumerate(texts) if x == t}) == 1
+    assert len(set(fold[:n].tolist())) == 5  # the texts spread over every fold
+    assert len(set(fold[n:].tolist())) == 5  # items without text by their ids
 
 
 def _labelled_toy(encoder: OnnxEncoder) -> tuple[TagSystem, Labelled]:

@@ -84,8 +84,18 @@ CALIBRATIONS = ("cross", "split")
 FOLDS = 5
 
 
-def _fold_of(item_id: str, folds: int) -> int:
-    return int.from_bytes(hashlib.sha256((item_id + "#fold").encode()).digest()[:4], "big") % folds
+def folds_of(d: Labelled, folds: int) -> npt.NDArray[np.int64]:
+    """Each item's fold, from a hash of its text (of its id when it has none): the same text
+    decided twice (a re-upload) lands in one fold, so no head is checked on a copy of what it
+    learnt."""
+    keys = [t if t.strip() else f"id:{i}" for i, t in zip(d.ids, d.texts, strict=True)]
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256((k + "#fold").encode()).digest()[:4], "big") % folds
+            for k in keys
+        ],
+        dtype=np.int64,
+    )
 
 
 def _head_system(
@@ -137,7 +147,7 @@ def _out_of_fold(
     scores are as honest as those of new items."""
     # wide enough for recall@20 in an out-of-fold report
     k = min(max(20, base.gate.top_k), len(base.tags))
-    fold = np.array([_fold_of(x, folds) for x in d.ids])
+    fold = folds_of(d, folds)
     idx = np.zeros((len(d.ids), k), np.int64)
     scores = np.zeros((len(d.ids), k), np.float32)
     for f in range(folds):
@@ -178,7 +188,7 @@ def _nested(
 ) -> list[Outcome]:
     """Each item judged by a gate calibrated without it (on the other folds' rows): a gate
     measured on the rows it was fitted to looks better than it is."""
-    fold = np.array([_fold_of(x, folds) for x in d.ids])
+    fold = folds_of(d, folds)
     top = ts.gate.top_k
     out: dict[int, Outcome] = {}
     for f in range(folds):
