@@ -64,7 +64,8 @@ class Labelled:
     gold: list[frozenset[int]]
 
 
-def _outcomes(ts: TagSystem, d: Labelled) -> list[Outcome]:
+def outcomes_of(ts: TagSystem, d: Labelled) -> list[Outcome]:
+    """The gate of `ts` on labelled items, shortlists wide enough for recall@20."""
     idx, scores = ts.shortlist(d.emb, d.texts, k=max(20, ts.gate.top_k))
     return gate_outcomes(ts, idx, scores, d.gold)
 
@@ -74,7 +75,7 @@ def _calibrated(ts: TagSystem, d: Labelled, target: float) -> TagSystem:
     return calibrated(ts, idx, scores, d.gold, target)[0]
 
 
-def _subset(d: Labelled, rows: list[int]) -> Labelled:
+def subset(d: Labelled, rows: list[int]) -> Labelled:
     return Labelled(
         [d.ids[i] for i in rows], d.emb[rows], [d.texts[i] for i in rows], [d.gold[i] for i in rows]
     )
@@ -158,9 +159,9 @@ def _out_of_fold(
         if not fit_rows:  # too few items for this many folds: score with the names' head
             ts = base
         else:
-            head = _fit(_subset(d, fit_rows), base, text, _stage(progress, f, folds + 1))
+            head = _fit(subset(d, fit_rows), base, text, _stage(progress, f, folds + 1))
             ts = _head_system(base, head, base.version)
-        part = _subset(d, rows)
+        part = subset(d, rows)
         i, s = ts.shortlist(part.emb, part.texts, k=k)
         idx[rows], scores[rows] = i, s
     return idx, scores
@@ -237,22 +238,22 @@ def distill(
             f"{MAX_TEXT_WEIGHTS // 2**20} MiB): use fewer --text-buckets"
         )
     check_holdout(holdout, calibration)
-    train = [i for i, x in enumerate(data.ids) if holdout == 0 or split_of(x, holdout) == "train"]
-    held = [i for i, x in enumerate(data.ids) if holdout > 0 and split_of(x, holdout) == "heldout"]
+    train = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "train"]
+    held = [i for i, x in enumerate(data.ids) if split_of(x, holdout) == "heldout"]
     if len(train) < 10 or (holdout > 0 and not held):
         raise DatasetError(f"too few items to distil ({len(train)} train, {len(held)} held out)")
     name = version or f"{base.version}+distilled"
-    test = _subset(data, held)
+    test = subset(data, held)
     oof: tuple[npt.NDArray[np.int64], F32] | None = None
     if calibration == "cross":
-        fit = cal = _subset(data, train)
+        fit = cal = subset(data, train)
         oof = _out_of_fold(base, fit, text, FOLDS, progress)
         idx, scores = oof[0][:, : base.gate.top_k], oof[1][:, : base.gate.top_k]
         head = _fit(fit, base, text, _stage(progress, FOLDS, FOLDS + 1))
     else:
         fit_rows = [i for i in train if split_of(data.ids[i] + "#cal", 0.2) == "train"]
         cal_rows = [i for i in train if i not in set(fit_rows)]
-        fit, cal = _subset(data, fit_rows), _subset(data, cal_rows)
+        fit, cal = subset(data, fit_rows), subset(data, cal_rows)
         head = _fit(fit, base, text, progress)
         idx, scores = _head_system(base, head, name).shortlist(
             cal.emb, cal.texts, k=base.gate.top_k
@@ -286,11 +287,10 @@ def distill(
         return new, report
     if held:
         before_ts = _calibrated(base, cal, target_precision)
-        before_out, after_out = _outcomes(before_ts, test), _outcomes(new, test)
+        before_out, after_out = outcomes_of(before_ts, test), outcomes_of(new, test)
     else:  # holdout 0: out-of-fold scores, each judged by a gate fitted without it
         assert oof is not None
-        k = min(max(20, base.gate.top_k), len(base.tags))
-        b_idx, b_scores = base.shortlist(cal.emb, cal.texts, k=k)
+        b_idx, b_scores = base.shortlist(cal.emb, cal.texts, k=max(20, base.gate.top_k))
         before_out = _nested(base, b_idx, b_scores, cal, FOLDS, target_precision)
         after_out = _nested(unfitted, oof[0], oof[1], cal, FOLDS, target_precision)
     keys = (

@@ -35,13 +35,20 @@ import orjson
 from consumer.tagging.core import TaggingCore, TagResult, llm_item
 from consumer.tagging.llm import LLMAnswer
 from consumer.tagging.metrics import Metrics
-from consumer.tools.distill import Labelled, check_holdout, distill, labelled_from_decisions
+from consumer.tools.distill import (
+    Labelled,
+    check_holdout,
+    distill,
+    labelled_from_decisions,
+    outcomes_of,
+    subset,
+)
 from consumer.tools.evaluate import to_event
 from models_onnx import OnnxEncoder
 from tagsys import Decision, TagSystem
 from tagsys.datasets import DatasetError, Item
 from tagsys.errors import TagstreamError
-from tagsys.evaluation import Outcome, auto_ceiling, compute, gate_outcomes
+from tagsys.evaluation import Outcome, auto_ceiling, compute
 
 Progress = Callable[[int, int], None]
 
@@ -203,13 +210,8 @@ def _refit(
 
 def shuffled(items: list[Item], data: Labelled, seed: int) -> tuple[list[Item], Labelled]:
     """The items and their embeddings in one random order (the same for the same seed)."""
-    order = np.random.default_rng(seed).permutation(len(items))
-    return [items[i] for i in order], Labelled(
-        [data.ids[i] for i in order],
-        data.emb[order],
-        [data.texts[i] for i in order],
-        [data.gold[i] for i in order],
-    )
+    order = np.random.default_rng(seed).permutation(len(items)).tolist()
+    return [items[i] for i in order], subset(data, order)
 
 
 def _agreed(r: TagResult) -> bool | None:
@@ -267,8 +269,7 @@ def live_at(fits: list[Fit], pos: int) -> TagSystem | None:
 def _ceiling(ts: TagSystem | None, tail: Labelled, target: float) -> float | None:
     if ts is None:
         return None
-    idx, scores = ts.shortlist(tail.emb, tail.texts, k=max(20, ts.gate.top_k))
-    return auto_ceiling(gate_outcomes(ts, idx, scores, tail.gold), target)
+    return auto_ceiling(outcomes_of(ts, tail), target)
 
 
 def report(
@@ -292,7 +293,7 @@ def report(
     overall = _window(res.outcomes, res.audits, n_tags, 0, n)
     last = _window(res.outcomes, res.audits, n_tags, n - max(1, n // 5), n)
     lo = n - max(1, n // 5)
-    tail = Labelled(data.ids[lo:], data.emb[lo:], data.texts[lo:], data.gold[lo:])
+    tail = subset(data, list(range(lo, n)))
     ceiling = _ceiling(res.final if res.fits else None, tail, target_precision)
     unseen = _ceiling(live_at(res.fits, lo), tail, target_precision)
     return {
