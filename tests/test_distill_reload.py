@@ -86,6 +86,10 @@ def test_the_gate_is_calibrated_on_scores_of_items_the_head_never_saw(
     assert new.provenance["calibrated"]["fit_items"] == rep["train_items"] > 200
     assert new.provenance["calibrated"]["fit_auto_fraction"] < 0.1
     assert rep["after"]["auto_fraction"] < 0.1
+    # with nothing held out, the live head learns every item (by heart, here)
+    every, _ = distill(base, noise, holdout=0.0, target_precision=0.9)
+    assert every.head is not None
+    assert (every.head.scores(emb).argmax(1) == [min(g) for g in gold]).mean() > 0.95
 
 
 def test_holdout_zero_learns_from_every_item_and_checks_out_of_fold(

@@ -235,8 +235,10 @@ def test_the_unseen_ceiling_uses_the_version_live_at_the_last_fifth(toy: Any) ->
 def test_split_calibration_needs_a_holdout_and_runs_with_one(
     toy: Any, model_dir: Path, tmp_path: Path, capsys: Any
 ) -> None:
-    """Refused before any work without a hold-out; with one, each fit reports its check."""
-    path = _toy(tmp_path, 40, seed=2)
+    """Refused before any work without a hold-out (before the file is even read: this one has
+    no items); with one, each fit reports its check."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
     args = ["simulate", "--data", str(path), "--format", "jsonl", "--llm-accuracy", "1.0"]
     args += ["--model-dir", str(model_dir), "--calibration", "split"]
     assert cli_exit(args) not in (0, None)
