@@ -238,14 +238,19 @@ def gate_outcomes(
     idx: npt.NDArray[np.int64],
     scores: npt.NDArray[np.float32],
     gold: Sequence[frozenset[int]],
+    *,
+    trust_unfitted: bool = True,
 ) -> list[Outcome]:
     """The gate of `ts` over precomputed shortlists (at least `ts.gate.top_k` wide), without
-    the LLM: what auto-accepts and what it emits, for held-out reports."""
+    the LLM: what auto-accepts and what it emits, for held-out reports. With
+    `trust_unfitted=False` a gate the service does not trust (`TagSystem.gate_fitted`)
+    auto-accepts nothing, as in the service by default."""
     k = ts.gate.top_k
+    trusted = trust_unfitted or ts.gate_fitted
     outs = []
     for i in range(len(gold)):
         g = decide(idx[i, :k], scores[i, :k], ts.tag_ids, ts.gate)
-        auto = g.decision_hint is Decision.ENCODER
+        auto = trusted and g.decision_hint is Decision.ENCODER
         outs.append(
             Outcome(gold[i], [int(j) for j in idx[i]], auto, not auto, [j for j, _ in g.tags])
         )

@@ -385,8 +385,12 @@ class TagSystem:
     @property
     def gate_fitted(self) -> bool:
         """Whether the gate's thresholds were fitted on labels or LLM decisions (`calibrate`,
-        `distill`): only then is its confidence measured rather than assumed."""
-        return "calibrated" in self.provenance
+        `distill`) and reached the precision they were fitted for: only then is its
+        confidence measured rather than assumed. A fit that fell short keeps its most precise
+        setting (for reports), but its "sure" is below the operator's target, so it is not
+        trusted either. Versions written before `reached` was recorded count as reached."""
+        cal = self.provenance.get("calibrated")
+        return isinstance(cal, dict) and cal.get("reached", True) is not False
 
     def check_encoder(self, encoder_name: str, dim: int) -> None:
         if encoder_name != self.encoder:

@@ -58,6 +58,12 @@ def test_an_unfitted_gate_accepts_nothing(
     (res,) = core.process([CLEAR])
     assert res.decision is Decision.ENCODER and not res.needs_review
     assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 1
+    # a fit that fell short of its target precision is not trusted either
+    short = {"target_precision": 0.9, "reached": False}
+    core.swap_tag_system(replace(sample_ts, provenance={**fitted.provenance, "calibrated": short}))
+    (res,) = core.process([CLEAR])
+    assert res.decision is Decision.REVIEW and res.needs_review
+    assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 0
     core.close()
 
 

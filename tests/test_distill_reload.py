@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -34,7 +35,14 @@ from models_onnx import OnnxEncoder
 from tagsys import TagSystem, TagSystemError
 from tagsys.distill import fit_head
 from tagsys.tagsystem import EMB_FILE
-from tests.conftest import FakeOpenAI, Responder, completion, shortlist_of
+from tests.conftest import (
+    FakeOpenAI,
+    Responder,
+    cli_ok,
+    completion,
+    shortlist_of,
+    write_labelled_jsonl,
+)
 from tests.kafka_helpers import (
     KafkaKit,
     make_events,
@@ -92,6 +100,32 @@ def test_the_gate_is_calibrated_on_scores_of_items_the_head_never_saw(
     assert (every.head.scores(emb).argmax(1) == [min(g) for g in gold]).mean() > 0.95
 
 
+def test_a_gate_short_of_its_target_is_reported_as_the_service_runs_it(
+    encoder: OnnxEncoder,
+) -> None:
+    """Noisy labels (a share replaced at random, seeds picked so that no setting reaches
+    0.95): the fit keeps its most precise setting, but the version is not trusted, and the
+    report's check shows what the service will do with it: accept nothing. Out-of-fold,
+    each fold's own gate is judged the same way."""
+    base, data = _labelled_toy(encoder)
+
+    def noisy(share: float, seed: int) -> Labelled:
+        rng = np.random.default_rng(seed)
+        gold = [
+            frozenset({int(rng.integers(len(base.tags)))}) if rng.random() < share else g
+            for g in data.gold
+        ]
+        return Labelled(data.ids, data.emb, data.texts, gold)
+
+    for share, seed, holdout in ((0.3, 3, 0.3), (0.5, 0, 0.0)):
+        new, rep = distill(base, noisy(share, seed), holdout=holdout, target_precision=0.95)
+        assert not rep["reached"] and not new.gate_fitted
+        assert rep["fit_auto_fraction"] > 0.05  # the kept gate would accept items...
+        assert rep["after"]["auto_fraction"] == 0.0  # ...which the service does not trust
+    fitted, ok = distill(base, data, holdout=0.3, target_precision=0.9)
+    assert ok["reached"] and fitted.gate_fitted and ok["after"]["auto_fraction"] > 0.2
+
+
 def test_holdout_zero_learns_from_every_item_and_checks_out_of_fold(
     encoder: OnnxEncoder,
 ) -> None:
@@ -123,9 +157,12 @@ def test_holdout_zero_judges_each_item_by_a_gate_fitted_without_it(
     monkeypatch.setattr(
         d, "calibrated", lambda ts, i, s, g, t: fitted.append(len(g)) or real_cal(ts, i, s, g, t)
     )
-    monkeypatch.setattr(
-        d, "gate_outcomes", lambda ts, i, s, g: judged.append(len(g)) or real_out(ts, i, s, g)
-    )
+
+    def judge(ts: TagSystem, i: Any, s: Any, g: Any, **kw: Any) -> Any:
+        judged.append(len(g))
+        return real_out(ts, i, s, g, **kw)
+
+    monkeypatch.setattr(d, "gate_outcomes", judge)
     d.distill(base, data, holdout=0.0, target_precision=0.9)
     n = len(data.ids)
     assert fitted[0] == n  # the live gate: every item
@@ -383,3 +420,25 @@ def test_distilling_keeps_the_image_space_but_not_its_fit(encoder: OnnxEncoder) 
     )
     plain_idx, plain_scores = new.shortlist(data.emb[:3], data.texts[:3])
     assert not won.any() and (idx == plain_idx).all() and np.allclose(scores, plain_scores)
+
+
+def test_cli_distill_warns_when_no_gate_reaches_the_target(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Labels drawn at random: no gate agrees with them at 0.95, so the operator is told
+    that the version it wrote will auto-accept nothing, and the version says so too."""
+    rng = np.random.default_rng(0)
+    words = ["bread", "knife", "rice", "coffee", "steak", "soup", "salt", "oven"]
+    rows = [
+        (
+            f"{rng.choice(words)} and {rng.choice(words)}, question {i}",
+            [str(rng.choice(["a", "b"]))],
+        )
+        for i in range(150)
+    ]
+    data = write_labelled_jsonl(tmp_path / "random.jsonl", rows)
+    out = tmp_path / "R"
+    args = ["distill", "--data", str(data), "--format", "jsonl", "--out", str(out)]
+    cli_ok(*args, "--model-dir", str(model_dir), "--target-precision", "0.95")
+    assert "auto-accepts nothing" in capsys.readouterr().err.replace("\n", " ")
+    assert not TagSystem.load(out).gate_fitted

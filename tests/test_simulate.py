@@ -184,16 +184,41 @@ def test_simulate_cli_prints_the_report(
 
 
 def test_the_audit_sample_measures_the_gate_against_the_llm(toy_unique: Any) -> None:
-    """Auto-accepted items audited by a right LLM mostly agree, by a wrong one less; the audit
-    calls are paid for (counted with the LLM calls). Texts are unique: a head learns a wrong
-    LLM's mistakes on repeated texts, and then agrees with it there."""
-    toy = toy_unique
-    right, wrong, none = _run(toy, 1.0, audit=0.5), _run(toy, 0.0, audit=0.5), _run(toy, 1.0)
+    """Auto-accepted items audited by a right LLM mostly agree; when the LLM's answers turn
+    wrong under a trusted gate (drift), the agreement falls. The audit calls are paid for
+    (counted with the LLM calls). Texts are unique: a head learns a wrong LLM's mistakes on
+    repeated texts, and then agrees with it there."""
+    ts, data, items, enc = toy = toy_unique
+    right, none = _run(toy, 1.0, audit=0.5), _run(toy, 1.0)
     assert right["audits"] > 20 and right["gate_agreement"] > 0.8
-    assert wrong["audits"] > 0 and wrong["gate_agreement"] < right["gate_agreement"] - 0.2
     assert none["audits"] == 0 and none["gate_agreement"] is None
     routed = sum(w["llm_calls"] for w in right["windows"])
     assert right["llm_calls"] == routed + right["audits"]
+    # the right loop's last version stays live (no re-fit) and the LLM now answers wrongly
+    live = _loop(toy, 1.0).final
+    assert live is not None and live.gate_fitted
+    drift = run_loop(
+        live,
+        enc,
+        items,
+        data,
+        llm_accuracy=0.0,
+        distill_every=len(items) + 1,
+        target_precision=0.9,
+        batch_size=32,
+        audit_fraction=0.5,
+    )
+    out = report(drift, data, ts, target_precision=0.9)
+    assert out["audits"] > 20 and out["gate_agreement"] < 0.2
+
+
+def test_a_fit_short_of_its_target_accepts_nothing(toy_unique: Any) -> None:
+    """No gate agrees 90% with an LLM that is always wrong (on unique texts it cannot be
+    learnt): every fit falls short, and none is trusted to auto-accept."""
+    out = _run(toy_unique, 0.0, audit=0.5)
+    assert out["fits"] and not any(f["reached"] for f in out["fits"])
+    assert all(out["routed"]) and out["auto_precision"] is None
+    assert out["audits"] == 0 and out["llm_calls"] == out["items"]
 
 
 def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:

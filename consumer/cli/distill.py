@@ -22,6 +22,7 @@ from consumer.cli.options import (
     ModelDirOpt,
     TagTemplateOpt,
     emit_json,
+    err,
     precision_option,
     print_table,
     tracked,
@@ -184,6 +185,13 @@ def distill_cmd(
             progress=progress,
         )
     new.save(out)
+    if not rep["reached"]:
+        err.print(
+            f"[yellow]warning:[/] no gate reaches precision {target_precision} on these "
+            "decisions: this version auto-accepts nothing (items go to the LLM, or out as "
+            "review) unless the service runs with --unfitted-gate trust. Lower "
+            "--target-precision, or improve the labels (docs/OPERATIONS.md)."
+        )
     res = {**rep, **extra, "out": str(out)}
     print_table(res, 20)
     if json:

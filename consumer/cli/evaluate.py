@@ -99,8 +99,8 @@ def eval_cmd(
         UnfittedChoice,
         env_option(
             "unfitted_gate",
-            "As `run`: 'llm' (a zero-shot gate auto-accepts nothing) or 'trust' (measure what "
-            "its label-free thresholds would accept).",
+            "As `run`: 'llm' (a zero-shot gate, or one short of its target, auto-accepts "
+            "nothing) or 'trust' (measure what its thresholds would accept).",
         ),
     ] = UnfittedChoice.llm,
     llm_handbook: Annotated[
@@ -196,8 +196,10 @@ def calibrate_cmd(
     ts.save(out)
     if not cal.reached:
         err.print(
-            f"[yellow]warning:[/] no gate reaches precision {target_precision} on the fit part; "
-            "kept the most precise one (held_out_auto_ceiling says how far any gate could go)"
+            f"[yellow]warning:[/] no gate reaches precision {target_precision} on the fit part: "
+            "the service auto-accepts nothing with this tag system (`--unfitted-gate trust` "
+            "would use the most precise gate, kept in it; held_out_auto_ceiling says how far "
+            "any gate could go)"
         )
     res = {
         "tag_system": ts.version_id,

@@ -100,8 +100,9 @@ def run(
         env_option(
             "unfitted_gate",
             "A tag system whose gate was never fitted on labels or LLM decisions (zero-shot, "
-            "the sample): 'llm' auto-accepts nothing (items go to the LLM, or out as review), "
-            "'trust' applies its thresholds anyway. Fit one with calibrate or distill.",
+            "the sample), or whose fit fell short of its target precision (reached: false): "
+            "'llm' auto-accepts nothing (items go to the LLM, or out as review), 'trust' "
+            "applies its thresholds anyway. Fit one with calibrate or distill.",
         ),
     ] = UnfittedChoice.llm,
     llm_handbook: Annotated[

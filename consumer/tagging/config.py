@@ -38,9 +38,9 @@ class Settings(BaseSettings):
     # when the LLM is unavailable: "review" (encoder tags, needs_review) or "pause" (pause the
     # partition, re-read from the item later, quix-streams style)
     llm_unavailable: Literal["review", "pause"] = "review"
-    # a gate never fitted on labels or LLM decisions (zero-shot, the sample): "llm" accepts
-    # nothing on its own (items go to the LLM, or out as review); "trust" applies its
-    # thresholds anyway
+    # a gate never fitted on labels or LLM decisions (zero-shot, the sample), or fitted but
+    # short of its target precision: "llm" accepts nothing on its own (items go to the LLM,
+    # or out as review); "trust" applies its thresholds anyway
     unfitted_gate: Literal["llm", "trust"] = "llm"
     # a share of auto-accepted items the LLM is asked about too: agreement per tag-system
     # version (tagstream_gate_agreement), and decision records a re-fit learns from

@@ -217,8 +217,9 @@ class Metrics:
         )
         self.gate_fitted = Gauge(
             "tagstream_gate_fitted",
-            "1 when the running tag system's gate was fitted on labels or LLM decisions; 0: "
-            "its confidence is unmeasured and it auto-accepts nothing (TAGSTREAM_UNFITTED_GATE).",
+            "1 when the running tag system's gate was fitted on labels or LLM decisions and "
+            "reached its target precision; 0: its confidence is unmeasured or short of its "
+            "target, and it auto-accepts nothing (TAGSTREAM_UNFITTED_GATE).",
             registry=r,
         )
         self.image_fetches = Counter(

@@ -65,9 +65,10 @@ class Labelled:
 
 
 def outcomes_of(ts: TagSystem, d: Labelled) -> list[Outcome]:
-    """The gate of `ts` on labelled items, shortlists wide enough for recall@20."""
+    """The gate of `ts` on labelled items as the service runs it (a gate short of its target
+    accepts nothing), shortlists wide enough for recall@20."""
     idx, scores = ts.shortlist(d.emb, d.texts, k=max(20, ts.gate.top_k))
-    return gate_outcomes(ts, idx, scores, d.gold)
+    return gate_outcomes(ts, idx, scores, d.gold, trust_unfitted=False)
 
 
 def _calibrated(ts: TagSystem, d: Labelled, target: float) -> TagSystem:
@@ -199,7 +200,9 @@ def _nested(
         gated, _ = calibrated(
             ts, idx[rest, :top], scores[rest, :top], [d.gold[i] for i in rest], target
         )
-        judged = gate_outcomes(gated, idx[rows], scores[rows], [d.gold[i] for i in rows])
+        judged = gate_outcomes(
+            gated, idx[rows], scores[rows], [d.gold[i] for i in rows], trust_unfitted=False
+        )
         out.update(zip(rows.tolist(), judged, strict=True))
     return [out[i] for i in sorted(out)]
 

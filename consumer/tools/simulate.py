@@ -11,7 +11,7 @@ tag system between batches as hot reload does.
 
 No unearned confidence, as in the service (`unfitted_gate`): a zero-shot tag system's gate was
 never fitted, so until the first distil nothing is auto-accepted and every item goes to the
-LLM.
+LLM; a distil whose gate falls short of the target precision accepts nothing either.
 
 What comes out, per window of items and overall: the LLM's share, the precision of what the
 gate auto-accepted (against the gold labels), final precision / recall / F1, LLM calls and the
@@ -150,7 +150,8 @@ def run_loop(
         k = _key(llm_item(ev, 2000))
         gold_names[k] = gold_names.get(k, frozenset()) | {start.names[j] for j in g}
     llm = SimulatedLLM(gold_names, llm_accuracy, seed=seed)
-    # the service's own rule: an unfitted gate (zero-shot) accepts nothing; each fit is trusted
+    # the service's own rule: an unfitted gate (zero-shot) accepts nothing, and neither does
+    # a fit that fell short of its target; each fit that reached it is trusted
     core = TaggingCore(encoder, start, tagger=llm, metrics=Metrics(), audit_fraction=audit_fraction)
     res = SimResult(outcomes=[])
     records: list[dict[str, Any]] = []
@@ -318,6 +319,9 @@ def report(
                 "decisions": f.decisions,
                 "tag_system": f.tag_system.version_id,
                 "fit_items": f.report["train_items"],
+                # False: no gate reached the target on the decisions, so this version
+                # auto-accepts nothing (the service's rule, `TagSystem.gate_fitted`)
+                "reached": f.report["reached"],
                 # the gate on the decisions it was fitted to (LLM answers, not gold):
                 # optimistic; the stream's windows are the measure
                 "fit_auto_fraction": f.report["fit_auto_fraction"],
