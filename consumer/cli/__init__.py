@@ -7,6 +7,7 @@ once in `options`. The commands are registered here, in the order `--help` lists
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any
 
 import typer
@@ -56,6 +57,32 @@ app.add_typer(handbook, name="handbook")
 app.command("llm-serve")(llm.llm_serve)
 
 
+def prose(text: str | None) -> str | None:
+    """A docstring as `--help` should show it: each paragraph one line, for rich to wrap
+    (typer keeps the source's line breaks after the first paragraph)."""
+    if not text:
+        return text
+    paras = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paras)
+
+
+def _reflow(group: typer.Typer) -> None:
+    for cmd in group.registered_commands:
+        cmd.help = prose(cmd.help or (cmd.callback.__doc__ if cmd.callback else None))
+        cmd.epilog = prose(cmd.epilog)
+
+
+_reflow(app)
+_reflow(handbook)
+
+
+_ROOT_HELP = """Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist,
+selective LLM, tag events out.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 configuration or input error,
+4 a broker or endpoint unreachable (or refusing the credentials)."""
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -64,7 +91,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(help=prose(_ROOT_HELP))
 def _root(
     version: Annotated[
         bool,
@@ -73,11 +100,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, selective LLM,
-    tag events out.
-
-    Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 configuration or input error,
-    4 a broker or endpoint unreachable (or refusing the credentials)."""
+    pass
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -128,7 +128,9 @@ def distill_cmd(
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
     decisions, recalibrate the gate, write a new tag-system version; report before/after on
-    held-out items (written to OUT.heldout.jsonl when --data is used).
+    held-out items (written to OUT.heldout.jsonl when --data is used), or out-of-fold with
+    --holdout 0. A version whose gate reaches no setting at --target-precision (reached:
+    false) auto-accepts nothing in the service.
 
     auto_ceiling: the most any gate could auto-accept there at the target with that scorer
     (an oracle picking the items)."""
