@@ -155,3 +155,22 @@ def test_an_unreadable_key_file_is_a_named_setting_error(
     assert cli_exit(["run"]) == EXIT_CONFIG
     said = " ".join(capsys.readouterr().err.split())
     assert "invalid setting: " in said and "cannot read llm_api_key_file" in said
+
+
+def test_help_paragraphs_are_reflowed_not_cut_at_the_source_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Typer keeps a docstring's line breaks after its first paragraph; every command's help
+    is one line per paragraph, so rich wraps it to the terminal."""
+    from consumer.cli import handbook, prose
+
+    assert prose("one\n  two\n\nthree\nfour") == "one two\n\nthree four"
+    assert prose("\b\nkept\nas is") == "\b\nkept\nas is"
+    commands = app.registered_commands + handbook.registered_commands
+    assert len(commands) > 10
+    for cmd in commands:
+        assert cmd.help, cmd.name
+        assert all("\n" not in p or p.startswith("\b") for p in cmd.help.split("\n\n")), cmd.name
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 200)
+    wide = runner.invoke(app, ["distill", "--help"]).output
+    assert "with that scorer (an oracle picking the items)" in wide

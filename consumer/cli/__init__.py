@@ -63,7 +63,9 @@ def prose(text: str | None) -> str | None:
     if not text:
         return text
     paras = inspect.cleandoc(text).split("\n\n")
-    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paras)
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.split("\n")) for p in paras
+    )
 
 
 def _reflow(group: typer.Typer) -> None:
