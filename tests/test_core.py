@@ -60,11 +60,17 @@ def test_an_unfitted_gate_accepts_nothing(
     assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 1
     # a fit that fell short of its target precision is not trusted either
     short = {"target_precision": 0.9, "reached": False}
-    core.swap_tag_system(replace(sample_ts, provenance={**fitted.provenance, "calibrated": short}))
+    short_ts = replace(sample_ts, provenance={**fitted.provenance, "calibrated": short})
+    core.swap_tag_system(short_ts)
     (res,) = core.process([CLEAR])
     assert res.decision is Decision.REVIEW and res.needs_review
     assert metrics.registry.get_sample_value("tagstream_gate_fitted") == 0
     core.close()
+    # --unfitted-gate trust: the operator's choice applies the kept thresholds anyway
+    trusting = TaggingCore(encoder, short_ts, metrics=metrics, trust_unfitted_gate=True)
+    (res,) = trusting.process([CLEAR])
+    assert res.decision is Decision.ENCODER and not res.needs_review
+    trusting.close()
 
 
 def test_confident_item_gets_encoder_tags(

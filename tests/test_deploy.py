@@ -583,6 +583,8 @@ def test_learning_loop_cronjob_publishes_atomically(tmp_path: Path) -> None:
     calls = (root / "calls").read_text().splitlines()
     assert all(f"--tag-system {root}/base" in c and "--from-topic decisions" in c for c in calls)
     assert all("--holdout 0 " in c for c in calls)  # each LLM decision is learnt from
+    # a version short of its target would accept nothing: distil refuses to write it
+    assert all("--require-reached" in c for c in calls)
     (root / "fail").touch()
     assert run() != 0
     assert (root / "current").resolve() == published[-1]  # the old version keeps tagging

@@ -314,6 +314,7 @@ def test_eval_and_calibrate_cli_on_toy_data(
     ts = TagSystem.load(cal_dir)
     assert ts.provenance["calibrated"]["target_precision"] == 0.8
     assert res["tag_system"] == ts.version_id
+    assert res["trusted"] is ts.gate_fitted is res["reached"]  # as the service will treat it
     ceiling, after = res["held_out_auto_ceiling"], res["held_out_after"]
     assert ceiling is not None and 0.0 <= ceiling <= 1.0
     if after["auto_precision"] is not None and after["auto_precision"] >= 0.8:

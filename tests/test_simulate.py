@@ -217,8 +217,10 @@ def test_a_fit_short_of_its_target_accepts_nothing(toy_unique: Any) -> None:
     learnt): every fit falls short, and none is trusted to auto-accept."""
     out = _run(toy_unique, 0.0, audit=0.5)
     assert out["fits"] and not any(f["reached"] for f in out["fits"])
-    assert all(out["routed"]) and out["auto_precision"] is None
-    assert out["audits"] == 0 and out["llm_calls"] == out["items"]
+    # each kept its most precise setting; some would have accepted items...
+    assert any(f["fit_auto_fraction"] > 0 for f in out["fits"])
+    # ...but none was trusted: every item went to the LLM, none was audited
+    assert all(out["routed"]) and out["audits"] == 0
 
 
 def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:

@@ -63,6 +63,10 @@ def load_labelled(
         )
 
 
+def _figure(fraction: float, precision: float | None) -> str:
+    return "no item accepted" if precision is None else f"{fraction:.3f} at {precision:.3f}"
+
+
 def distill_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the distilled tag system to.")],
     data: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
@@ -124,13 +128,22 @@ def distill_cmd(
             "could steer the tags: left out by default, counted under skipped.steerable)."
         ),
     ] = False,
+    require_reached: Annotated[
+        bool,
+        typer.Option(
+            help="Write nothing and exit 3 when no gate reaches --target-precision (such a "
+            "version would auto-accept nothing): the chart's CronJob runs with it, so the "
+            "live version keeps tagging."
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Fit a light head on the encoder embeddings from labelled data or recorded LLM
     decisions, recalibrate the gate, write a new tag-system version; report before/after on
-    held-out items (written to OUT.heldout.jsonl when --data is used), or out-of-fold with
-    --holdout 0. A version whose gate reaches no setting at --target-precision (reached:
-    false) auto-accepts nothing in the service.
+    held-out items (written to OUT.heldout.jsonl when --data is used).
+
+    With --holdout 0 the check is out-of-fold. A version whose gate reaches no setting at
+    --target-precision (reached: false) auto-accepts nothing in the service.
 
     auto_ceiling: the most any gate could auto-accept there at the target with that scorer
     (an oracle picking the items)."""
@@ -185,6 +198,13 @@ def distill_cmd(
             text=TextFeatures(buckets=text_buckets) if text_features else None,
             calibration=calibration.value,
             progress=progress,
+        )
+    if not rep["reached"] and require_reached:
+        raise TagSystemError(
+            f"no gate reaches precision {target_precision} on these "
+            f"{rep['calibration_items']} items (the most precise kept: "
+            f"{_figure(rep['fit_auto_fraction'], rep['fit_auto_precision'])}); no version written "
+            f"(--require-reached). Lower --target-precision, or improve the labels"
         )
     new.save(out)
     if not rep["reached"]:

@@ -172,6 +172,9 @@ def calibrate_cmd(
     """Fit the gate (threshold, margin, max tags, per-tag thresholds) for a target auto-accept
     precision on labelled data; report it on held-out items; write a new tag-system version.
 
+    held_out_after: the fitted gate's own figures. trusted: false when no setting reaches the
+    target (reached: false): the service then auto-accepts nothing with this version.
+
     held_out_auto_ceiling: the most any gate could auto-accept there at the target with this
     scorer (an oracle picking the items); below the share you want, improve the scorer."""
     from consumer.tools.evaluate import run_calibrate
@@ -205,6 +208,7 @@ def calibrate_cmd(
         "tag_system": ts.version_id,
         "out": str(out),
         "reached": cal.reached,
+        "trusted": ts.gate_fitted,
         "gate": ts.gate.to_dict() | {"tag_thresholds": len(ts.gate.tag_thresholds)},
         "held_out_before": {
             k: before[k] for k in ("auto_fraction", "auto_precision", "llm_fraction")

@@ -90,13 +90,15 @@ def simulate_cmd(
 ) -> None:
     """Run the learning loop on labelled data: the file replayed in order through the
     service's core, an LLM that answers from the gold labels (right with --llm-accuracy),
-    re-distilled from its decisions every --distill-every. Until the first fit the gate
-    accepts nothing (no unearned confidence), and neither does a fit short of its target.
-    Reports per window and overall: LLM share, auto-accept precision against gold, final
-    precision / recall / F1, LLM calls saved. auto_ceiling: the most any gate could
-    auto-accept at the target over the last fifth with the last scorer (an oracle's pick;
-    that scorer learnt from part of the last fifth); auto_ceiling_unseen: the same with the
-    version live when the last fifth began."""
+    re-distilled from its decisions every --distill-every.
+
+    Until the first fit the gate accepts nothing (no unearned confidence), and neither does a
+    fit short of its target. Reports per window and overall: LLM share, auto-accept precision
+    against gold, final precision / recall / F1, LLM calls saved.
+
+    auto_ceiling: the most any gate could auto-accept at the target over the last fifth with
+    the last scorer (an oracle's pick; that scorer learnt from part of the last fifth);
+    auto_ceiling_unseen: the same with the version live when the last fifth began."""
     from consumer.cli.distill import load_labelled
     from consumer.tools.distill import check_holdout
     from consumer.tools.simulate import report, run_loop, shuffled

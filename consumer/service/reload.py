@@ -83,5 +83,12 @@ class TagSystemWatcher:
             return None  # touched, not changed
         self.current_hash = ts.content_hash
         self.metrics.tag_system_reloads.labels(result="ok").inc()
-        log.info("tag_system_reloaded", path=str(self.folder), version=ts.version_id)
+        # gate_trusted false: this version auto-accepts nothing (never fitted, or short of
+        # its target), so every item goes to the LLM
+        log.info(
+            "tag_system_reloaded",
+            path=str(self.folder),
+            version=ts.version_id,
+            gate_trusted=ts.gate_fitted,
+        )
         return ts

@@ -296,6 +296,8 @@ def distill(
         b_idx, b_scores = base.shortlist(cal.emb, cal.texts, k=max(20, base.gate.top_k))
         before_out = _nested(base, b_idx, b_scores, cal, FOLDS, target_precision)
         after_out = _nested(unfitted, oof[0], oof[1], cal, FOLDS, target_precision)
+        if not new.gate_fitted:  # the fold gates estimate a gate the service will not use
+            after_out = [replace(o, auto=False, routed_llm=True) for o in after_out]
     keys = (
         "auto_fraction",
         "auto_precision",
