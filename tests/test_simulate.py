@@ -124,7 +124,7 @@ def test_a_perfect_llm_drives_the_llm_share_towards_zero(toy: Any) -> None:
 def test_swaps_happen_between_batches_only(toy: Any) -> None:
     out = _run(toy, 1.0, every=50)
     assert out["swapped_at"] and all(pos % 32 == 0 for pos in out["swapped_at"])
-    assert [f["at_item"] for f in out["fits"]] == out["swapped_at"]
+    assert [f["at_item"] for f in out["fits"] if f["published"]] == out["swapped_at"]
     assert len({f["tag_system"] for f in out["fits"]}) == len(out["fits"])  # new versions
 
 
@@ -216,11 +216,42 @@ def test_a_fit_short_of_its_target_accepts_nothing(toy_unique: Any) -> None:
     """No gate agrees 90% with an LLM that is always wrong (on unique texts it cannot be
     learnt): every fit falls short, and none is trusted to auto-accept."""
     out = _run(toy_unique, 0.0, audit=0.5)
-    assert out["fits"] and not any(f["reached"] for f in out["fits"])
+    assert out["fits"] and not any(f["reached"] or f["published"] for f in out["fits"])
+    assert out["swapped_at"] == [] and out["auto_ceiling"] is None  # the zero-shot start stayed
     # each kept its most precise setting; some would have accepted items...
     assert any(f["fit_auto_fraction"] > 0 for f in out["fits"])
     # ...but none was trusted: every item went to the LLM, none was audited
     assert all(out["routed"]) and out["audits"] == 0
+
+
+def test_a_fit_short_of_its_target_is_not_published(
+    toy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the CronJob (`distill --require-reached`): the version live (here the zero-shot
+    start, which accepts nothing) keeps tagging, and the next fit is tried after as many new
+    decisions."""
+    import consumer.tools.simulate as sim
+
+    real = sim._refit
+    tried: list[int] = []
+
+    def first_short(*args: Any) -> Fit | None:
+        fit = real(*args)
+        if fit is not None:
+            tried.append(fit.at_item)
+            fit.published = len(tried) > 1
+        return fit
+
+    monkeypatch.setattr(sim, "_refit", first_short)
+    res = _loop(toy, 1.0, every=40)
+    assert len(res.fits) >= 2 and [f.at_item for f in res.fits] == tried
+    short, second = res.fits[:2]
+    assert not short.published and second.published
+    assert res.swapped_at[0] == second.at_item  # the short one never went live
+    assert live_at(res.fits, short.at_item + 1) is None  # the start kept tagging
+    assert all(o.routed_llm for o in res.outcomes[: second.at_item])  # so nothing accepted
+    assert not all(o.routed_llm for o in res.outcomes[second.at_item :])
+    assert second.decisions - short.decisions >= 40  # tried again after as many decisions
 
 
 def test_shuffle_keeps_each_item_with_its_vector_and_labels(toy: Any) -> None:

@@ -92,9 +92,10 @@ def simulate_cmd(
     service's core, an LLM that answers from the gold labels (right with --llm-accuracy),
     re-distilled from its decisions every --distill-every.
 
-    Until the first fit the gate accepts nothing (no unearned confidence), and neither does a
-    fit short of its target. Reports per window and overall: LLM share, auto-accept precision
-    against gold, final precision / recall / F1, LLM calls saved.
+    Until the first fit the gate accepts nothing (no unearned confidence); as the chart's
+    CronJob, a fit short of its target is not published (the version live keeps tagging).
+    Reports per window and overall: LLM share, auto-accept precision against gold, final
+    precision / recall / F1, LLM calls saved.
 
     auto_ceiling: the most any gate could auto-accept at the target over the last fifth with
     the last scorer (an oracle's pick; that scorer learnt from part of the last fifth);
@@ -150,7 +151,8 @@ def simulate_cmd(
         err.print(f"{k:<26} {_fmt(out[k])}")
     for k in ("audits", "gate_agreement"):
         err.print(f"{k:<26} {_fmt(out[k])}")
-    err.print(f"{'fits':<26} {len(out['fits'])}")
+    live = sum(f["published"] for f in out["fits"])
+    err.print(f"{'fits (published)':<26} {len(out['fits'])} ({live})")
     err.print("window      items  llm_share  auto_precision  f1")
     for w in out["windows"]:
         err.print(
@@ -192,7 +194,8 @@ def draw(out: dict[str, Any], path: Path, *, title: str) -> None:
         label="auto-accept precision (gold)",
     )
     for f in out["fits"]:
-        ax.axvline(f["at_item"], color="grey", linewidth=0.5)
+        if f["published"]:
+            ax.axvline(f["at_item"], color="grey", linewidth=0.5)
     ax.axhline(out["target_precision"], color="grey", linestyle="--", linewidth=0.8, label="target")
     ax.set_xlabel("items seen (grey: a re-distilled tag system goes live)")
     ax.set_ylim(0, 1.02)

@@ -7,11 +7,13 @@ it was shown, and with probability 1 - P a wrong tag from that shortlist instead
 sees tags off the shortlist, as a selective-mode LLM never does. Its decisions are recorded as
 the service records them (`decision_record`), and every N decisions the loop re-distils with
 the code `distill --from-topic` runs (`labelled_from_decisions`, then `distill`), swapping the
-tag system between batches as hot reload does.
+tag system between batches as hot reload does. As the chart's CronJob (`distill
+--require-reached`), a fit whose gate reaches no setting at the target is not published: the
+version live keeps tagging.
 
 No unearned confidence, as in the service (`unfitted_gate`): a zero-shot tag system's gate was
 never fitted, so until the first distil nothing is auto-accepted and every item goes to the
-LLM; a distil whose gate falls short of the target precision accepts nothing either.
+LLM.
 
 What comes out, per window of items and overall: the LLM's share, the precision of what the
 gate auto-accepted (against the gold labels), final precision / recall / F1, LLM calls and the
@@ -106,8 +108,11 @@ class SimulatedLLM:
 class Fit:
     at_item: int
     decisions: int
-    tag_system: TagSystem  # the version that went live
+    tag_system: TagSystem  # the version fitted
     report: dict[str, Any]
+    # whether it went live: as the chart's CronJob (`distill --require-reached`), a fit short
+    # of its target is not published and the version live keeps tagging
+    published: bool = True
 
 
 @dataclass
@@ -115,10 +120,10 @@ class SimResult:
     outcomes: list[Outcome]
     # per item: None when not audited, else whether the LLM's answer was the encoder's tags
     audits: list[bool | None] = field(default_factory=list)
-    fits: list[Fit] = field(default_factory=list)
+    fits: list[Fit] = field(default_factory=list)  # every attempt, published or not
     llm_calls: int = 0
     swapped_at: list[int] = field(default_factory=list)  # item positions: batch starts only
-    final: TagSystem | None = None
+    final: TagSystem | None = None  # the version live at the end
 
 
 def run_loop(
@@ -150,8 +155,8 @@ def run_loop(
         k = _key(llm_item(ev, 2000))
         gold_names[k] = gold_names.get(k, frozenset()) | {start.names[j] for j in g}
     llm = SimulatedLLM(gold_names, llm_accuracy, seed=seed)
-    # the service's own rule: an unfitted gate (zero-shot) accepts nothing, and neither does
-    # a fit that fell short of its target; each fit that reached it is trusted
+    # the service's own rule: an unfitted gate (zero-shot) accepts nothing; only fits that
+    # reached their target are published, and trusted
     core = TaggingCore(encoder, start, tagger=llm, metrics=Metrics(), audit_fraction=audit_fraction)
     res = SimResult(outcomes=[])
     records: list[dict[str, Any]] = []
@@ -172,10 +177,11 @@ def run_loop(
             if since_fit >= distill_every and hi < len(events):
                 fitted = _refit(start, records, holdout, target_precision, hi, calibration)
                 if fitted is not None:
-                    core.swap_tag_system(fitted.tag_system)  # between batches, as hot reload
                     res.fits.append(fitted)
-                    res.swapped_at.append(hi)
-                    since_fit = 0
+                    since_fit = 0  # the next run comes after as many new decisions
+                    if fitted.published:
+                        core.swap_tag_system(fitted.tag_system)  # between batches, as reload
+                        res.swapped_at.append(hi)
         res.final = core.tag_system
     finally:
         core.close()
@@ -206,7 +212,7 @@ def _refit(
         )
     except DatasetError:
         return None
-    return Fit(at, len(records), new, report)
+    return Fit(at, len(records), new, report, published=bool(report["reached"]))
 
 
 def shuffled(items: list[Item], data: Labelled, seed: int) -> tuple[list[Item], Labelled]:
@@ -263,7 +269,7 @@ def _window(
 
 def live_at(fits: list[Fit], pos: int) -> TagSystem | None:
     """The fitted version that was tagging when the stream reached item `pos`."""
-    live = [f for f in fits if f.at_item <= pos]
+    live = [f for f in fits if f.at_item <= pos and f.published]
     return live[-1].tag_system if live else None
 
 
@@ -295,7 +301,8 @@ def report(
     last = _window(res.outcomes, res.audits, n_tags, n - max(1, n // 5), n)
     lo = n - max(1, n // 5)
     tail = subset(data, list(range(lo, n)))
-    ceiling = _ceiling(res.final if res.fits else None, tail, target_precision)
+    published = any(f.published for f in res.fits)
+    ceiling = _ceiling(res.final if published else None, tail, target_precision)
     unseen = _ceiling(live_at(res.fits, lo), tail, target_precision)
     return {
         "items": n,
@@ -319,9 +326,10 @@ def report(
                 "decisions": f.decisions,
                 "tag_system": f.tag_system.version_id,
                 "fit_items": f.report["train_items"],
-                # False: no gate reached the target on the decisions, so this version
-                # auto-accepts nothing (the service's rule, `TagSystem.gate_fitted`)
+                # False: no gate reached the target on the decisions; such a version would
+                # auto-accept nothing (`TagSystem.gate_fitted`), so it is not published
                 "reached": f.report["reached"],
+                "published": f.published,
                 # the gate on the decisions it was fitted to (LLM answers, not gold):
                 # optimistic; the stream's windows are the measure
                 "fit_auto_fraction": f.report["fit_auto_fraction"],
