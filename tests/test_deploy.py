@@ -548,6 +548,10 @@ def test_learning_loop_cronjob_publishes_atomically(tmp_path: Path) -> None:
     job = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     c = job["containers"][0]
     assert c["command"] == ["/bin/sh", "-ec"] and job["restartPolicy"] == "Never"
+    # exit 3 (input, settings, or no gate at the target) is not retried: same topic, same end
+    [rule] = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [3]
+    assert rule["onExitCodes"]["containerName"] == c["name"]
     assert docs["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
     assert docs["ConfigMap"]["data"]["TAGSTREAM_TAG_SYSTEM"] == "/tag-systems/current"
     assert docs["ConfigMap"]["data"]["TAGSTREAM_DECISIONS_TOPIC"] == "decisions"

@@ -239,14 +239,15 @@ def test_a_fit_short_of_its_target_is_not_published(
         fit = real(*args)
         if fit is not None:
             tried.append(fit.at_item)
-            fit.published = len(tried) > 1
+            if len(tried) == 1:  # as `_refit` makes a fit short of its target
+                fit = replace(fit, report={**fit.report, "reached": False}, published=False)
         return fit
 
     monkeypatch.setattr(sim, "_refit", first_short)
     res = _loop(toy, 1.0, every=40)
     assert len(res.fits) >= 2 and [f.at_item for f in res.fits] == tried
     short, second = res.fits[:2]
-    assert not short.published and second.published
+    assert not short.published and second.published and second.report["reached"]
     assert res.swapped_at[0] == second.at_item  # the short one never went live
     assert live_at(res.fits, short.at_item + 1) is None  # the start kept tagging
     assert all(o.routed_llm for o in res.outcomes[: second.at_item])  # so nothing accepted
@@ -276,18 +277,24 @@ def test_the_unseen_ceiling_uses_the_version_live_at_the_last_fifth(toy: Any) ->
     lo = len(items) - len(items) // 5
     # the names' head with the names shuffled round: a scorer that ranks wrongly
     wrong = replace(ts, version="wrong", embeddings=np.roll(ts.embeddings, 1, axis=0))
-    mid = Fit(lo - 32, 999, wrong, first.report)  # live when the last fifth began
-    late = Fit(lo + 32, 999, first.tag_system, first.report)  # the right one again
+    mid = Fit(lo - 32, 999, wrong, first.report, True)  # live when the last fifth began
+    late = Fit(lo + 32, 999, first.tag_system, first.report, True)  # the right one again
+    short = Fit(lo + 64, 999, wrong, {**first.report, "reached": False}, False)  # never live
     assert live_at([first, mid, late], lo) is wrong
     assert live_at([first, mid, late], lo + 40) is first.tag_system
+    assert live_at([first, mid, late, short], lo + 80) is first.tag_system
     assert live_at([first, mid, late], first.at_item - 1) is None
     out = report(res, data, ts, target_precision=0.9)
     assert out["auto_ceiling_unseen"] == out["auto_ceiling"] > 0.9  # one version: the same
-    res.fits += [mid, late]
-    res.final = late.tag_system
+    res.fits += [mid, late, short]
+    res.final = late.tag_system  # as run_loop leaves it: the short fit never went live
     both = report(res, data, ts, target_precision=0.9)
-    assert both["auto_ceiling"] == out["auto_ceiling"]  # the last version: the right one
+    assert both["auto_ceiling"] == out["auto_ceiling"]  # the last live version: the right one
     assert both["auto_ceiling_unseen"] < 0.5  # the one live at the last fifth: the wrong one
+    assert [f["published"] for f in both["fits"]] == [True, True, True, False]
+    res.fits = [short]  # nothing ever went live: no scorer to bound
+    none = report(res, data, ts, target_precision=0.9)
+    assert none["auto_ceiling"] is None and none["auto_ceiling_unseen"] is None
 
 
 def test_split_calibration_needs_a_holdout_and_runs_with_one(

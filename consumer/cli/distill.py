@@ -160,6 +160,7 @@ def distill_cmd(
     base = TagSystem.load(tag_system) if tag_system else None
     extra: dict[str, Any] = {}
     labelled: Any
+    items: list[Any] = []
     if from_topic:
         if base is None:
             raise TagSystemError("--from-topic needs --tag-system (the vocabulary decided over)")
@@ -181,11 +182,6 @@ def distill_cmd(
             data, fmt, level, base, model, model_dir, limit, tag_template, embedding_cache
         )
         extra.update(counts)
-        if holdout > 0:  # with 0 nothing is held out: the check is out-of-fold
-            heldout = out.with_name(out.name + ".heldout.jsonl")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            extra["heldout_file"] = str(heldout)
-            extra["heldout_written"] = write_heldout(items, holdout, heldout)
     from tagsys.textfeat import TextFeatures
 
     with tracked("fitting", "fit") as progress:
@@ -207,6 +203,10 @@ def distill_cmd(
             f"(--require-reached). Lower --target-precision, or improve the labels"
         )
     new.save(out)
+    if items and holdout > 0:  # with 0 nothing is held out: the check is out-of-fold
+        heldout = out.with_name(out.name + ".heldout.jsonl")
+        extra["heldout_file"] = str(heldout)
+        extra["heldout_written"] = write_heldout(items, holdout, heldout)
     if not rep["reached"]:
         err.print(
             f"[yellow]warning:[/] no gate reaches precision {target_precision} on these "

@@ -98,8 +98,9 @@ def simulate_cmd(
     precision / recall / F1, LLM calls saved.
 
     auto_ceiling: the most any gate could auto-accept at the target over the last fifth with
-    the last scorer (an oracle's pick; that scorer learnt from part of the last fifth);
-    auto_ceiling_unseen: the same with the version live when the last fifth began."""
+    the scorer live at the end (an oracle's pick; a version published during the last fifth
+    learnt from part of it); auto_ceiling_unseen: the same with the version live when the
+    last fifth began. Both are empty when no fit was published."""
     from consumer.cli.distill import load_labelled
     from consumer.tools.distill import check_holdout
     from consumer.tools.simulate import report, run_loop, shuffled

@@ -18,9 +18,10 @@ LLM.
 What comes out, per window of items and overall: the LLM's share, the precision of what the
 gate auto-accepted (against the gold labels), final precision / recall / F1, LLM calls and the
 share of calls saved against sending every item to the LLM. `auto_ceiling` is `calibrate`'s
-oracle bound for the last distilled scorer on the last fifth of the stream, which that scorer
-partly learnt from (the LLM's decisions there); `auto_ceiling_unseen` is the same bound for
-the version that was live when the last fifth began, on items it never learnt from.
+oracle bound for the scorer live at the end on the last fifth of the stream, which it partly
+learnt from when it was published during that fifth (the LLM's decisions there);
+`auto_ceiling_unseen` is the same bound for the version that was live when the last fifth
+began, on items it never learnt from. Both are None when no fit was published.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Fit:
     report: dict[str, Any]
     # whether it went live: as the chart's CronJob (`distill --require-reached`), a fit short
     # of its target is not published and the version live keeps tagging
-    published: bool = True
+    published: bool
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _refit(
         )
     except DatasetError:
         return None
-    return Fit(at, len(records), new, report, published=bool(report["reached"]))
+    return Fit(at, len(records), new, report, bool(report["reached"]))
 
 
 def shuffled(items: list[Item], data: Labelled, seed: int) -> tuple[list[Item], Labelled]:
