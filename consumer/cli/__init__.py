@@ -78,13 +78,6 @@ _reflow(app)
 _reflow(handbook)
 
 
-_ROOT_HELP = """Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist,
-selective LLM, tag events out.
-
-Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 configuration or input error,
-4 a broker or endpoint unreachable (or refusing the credentials)."""
-
-
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -93,7 +86,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback(help=prose(_ROOT_HELP))
+@app.callback()
 def _root(
     version: Annotated[
         bool,
@@ -102,7 +95,15 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    pass
+    """Real-time tagging of uploaded content: Kafka in, ONNX encoder shortlist, selective LLM,
+    tag events out.
+
+    Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 configuration or input error,
+    4 a broker or endpoint unreachable (or refusing the credentials)."""
+
+
+assert app.registered_callback is not None
+app.registered_callback.help = prose(_root.__doc__)
 
 
 def main(argv: list[str] | None = None) -> Any:

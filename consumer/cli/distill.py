@@ -195,10 +195,12 @@ def distill_cmd(
             calibration=calibration.value,
             progress=progress,
         )
+    short = (
+        f"no gate reaches precision {target_precision} on these {rep['calibration_items']} items"
+    )
     if not rep["reached"] and require_reached:
         raise TagSystemError(
-            f"no gate reaches precision {target_precision} on these "
-            f"{rep['calibration_items']} items (the most precise kept: "
+            f"{short} (the most precise kept: "
             f"{_figure(rep['fit_auto_fraction'], rep['fit_auto_precision'])}); no version written "
             f"(--require-reached). Lower --target-precision, or improve the labels"
         )
@@ -209,9 +211,8 @@ def distill_cmd(
         extra["heldout_written"] = write_heldout(items, holdout, heldout)
     if not rep["reached"]:
         err.print(
-            f"[yellow]warning:[/] no gate reaches precision {target_precision} on these "
-            "decisions: this version auto-accepts nothing (items go to the LLM, or out as "
-            "review) unless the service runs with --unfitted-gate trust. Lower "
+            f"[yellow]warning:[/] {short}: this version auto-accepts nothing (items go to the "
+            "LLM, or out as review) unless the service runs with --unfitted-gate trust. Lower "
             "--target-precision, or improve the labels (docs/OPERATIONS.md)."
         )
     res = {**rep, **extra, "out": str(out)}

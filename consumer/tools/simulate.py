@@ -302,8 +302,7 @@ def report(
     last = _window(res.outcomes, res.audits, n_tags, n - max(1, n // 5), n)
     lo = n - max(1, n // 5)
     tail = subset(data, list(range(lo, n)))
-    published = any(f.published for f in res.fits)
-    ceiling = _ceiling(res.final if published else None, tail, target_precision)
+    ceiling = _ceiling(live_at(res.fits, n), tail, target_precision)  # the one live at the end
     unseen = _ceiling(live_at(res.fits, lo), tail, target_precision)
     return {
         "items": n,
